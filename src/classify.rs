@@ -1,0 +1,568 @@
+//! What a failed attempt means: retry later, try another provider, or stop.
+//!
+//! Classification looks at error *kinds* first and text last:
+//!
+//! 1. an HTTP status (429 is rate-limited, 5xx transient, 4xx the client's);
+//! 2. `reqwest::Error` flags: a connect failure or a connect timeout is
+//!    transient (the upstream never saw the request); a timeout after the
+//!    request was accepted is a *response* timeout, not retried by default;
+//! 3. `std::io::ErrorKind`s and hyper's flags found by walking the
+//!    `source()` chain: every send-time failure displays as "error sending
+//!    request for url (...)", the cause is only in the chain;
+//! 4. for opaque errors only, the policy's keywords, matched
+//!    ASCII-case-insensitively on the raw text of the whole chain.
+//!
+//! Gateways classify their own error types by implementing [`Classify`],
+//! usually by delegating to [`Rules::error_chain`] or [`Rules::status`].
+
+use std::error::Error as StdError;
+use std::io;
+use std::time::Duration;
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+
+use crate::policy::ClassifyPolicy;
+
+/// What the pool does after a failed attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Classification {
+    /// Try the other providers now; retry this one after the round's delay.
+    Transient,
+    /// The provider is overloaded (429): retry it no earlier than
+    /// `retry_after` (when it said) or the policy's rate-limited delay.
+    RateLimited {
+        /// The provider's Retry-After, if it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// This provider cannot serve this request (e.g. model not found, an
+    /// unparseable response): try the next provider, never retry this one.
+    TryNext,
+    /// The request itself is bad: stop now and return the error.
+    Permanent,
+}
+
+impl Classification {
+    /// Whether the same provider may be tried again in a later round.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Classification::Transient | Classification::RateLimited { .. }
+        )
+    }
+}
+
+/// The evidence behind a [`Classification`]: a fixed set, used as the
+/// metric label and in logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Cause {
+    /// The connection was refused (nothing listening, backlog overflow).
+    ConnectRefused,
+    /// Another failure while connecting (DNS, unreachable, reset in handshake).
+    Connect,
+    /// The connect did not complete in time (a full accept queue).
+    ConnectTimeout,
+    /// The connection was reset, aborted, or closed mid-message.
+    Reset,
+    /// The request was handed back unsent (a pooled connection went away).
+    NotSent,
+    /// An operating-system timeout on an established connection.
+    Timeout,
+    /// No response headers before the attempt's time limit.
+    ResponseTimeout,
+    /// Reading the response body failed.
+    Body,
+    /// The response could not be decoded (not a transport failure).
+    Decode,
+    /// An HTTP 5xx.
+    Status5xx,
+    /// A non-5xx status the policy lists as retryable (e.g. 408).
+    StatusRetryable,
+    /// HTTP 429.
+    RateLimited,
+    /// A 4xx, a 5xx the policy marks permanent, or a client-error keyword.
+    ClientError,
+    /// A status or keyword that means "not served here" (e.g. 404).
+    NextProvider,
+    /// An opaque error text that matched a transient keyword.
+    Keyword,
+    /// An opaque error with nothing recognisable in it.
+    Opaque,
+}
+
+impl Cause {
+    /// Every cause, in declaration order (for pre-registering metrics).
+    pub const ALL: [Cause; 16] = [
+        Cause::ConnectRefused,
+        Cause::Connect,
+        Cause::ConnectTimeout,
+        Cause::Reset,
+        Cause::NotSent,
+        Cause::Timeout,
+        Cause::ResponseTimeout,
+        Cause::Body,
+        Cause::Decode,
+        Cause::Status5xx,
+        Cause::StatusRetryable,
+        Cause::RateLimited,
+        Cause::ClientError,
+        Cause::NextProvider,
+        Cause::Keyword,
+        Cause::Opaque,
+    ];
+
+    /// A stable snake_case name, used as a metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::ConnectRefused => "connect_refused",
+            Cause::Connect => "connect",
+            Cause::ConnectTimeout => "connect_timeout",
+            Cause::Reset => "reset",
+            Cause::NotSent => "not_sent",
+            Cause::Timeout => "timeout",
+            Cause::ResponseTimeout => "response_timeout",
+            Cause::Body => "body",
+            Cause::Decode => "decode",
+            Cause::Status5xx => "status_5xx",
+            Cause::StatusRetryable => "status_retryable",
+            Cause::RateLimited => "rate_limited",
+            Cause::ClientError => "client_error",
+            Cause::NextProvider => "next_provider",
+            Cause::Keyword => "keyword",
+            Cause::Opaque => "opaque",
+        }
+    }
+
+    /// Whether a failure with this cause says something about the
+    /// provider's health. Client errors, "not served here" and rate limits
+    /// do not: the provider answered, correctly.
+    pub fn is_provider_fault(self) -> bool {
+        !matches!(
+            self,
+            Cause::ClientError | Cause::NextProvider | Cause::RateLimited
+        )
+    }
+}
+
+/// A classification with its cause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Verdict {
+    /// What the pool does next.
+    pub class: Classification,
+    /// Why.
+    pub cause: Cause,
+}
+
+impl Verdict {
+    /// A verdict from its parts.
+    pub const fn new(class: Classification, cause: Cause) -> Self {
+        Verdict { class, cause }
+    }
+
+    const fn transient(cause: Cause) -> Self {
+        Verdict::new(Classification::Transient, cause)
+    }
+}
+
+/// Implemented by error types the pool can classify.
+///
+/// Implementations exist for [`reqwest::Error`], [`std::io::Error`],
+/// [`reqwest::StatusCode`], [`str`]/[`String`] (opaque text),
+/// boxed errors, and [`crate::upstream::UpstreamError`].
+pub trait Classify {
+    /// Classifies `self` under the policy's `rules`.
+    fn classify(&self, rules: &Rules) -> Verdict;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeywordGroup {
+    ClientError = 0,
+    NextProvider = 1,
+    Transient = 2,
+}
+
+/// A [`ClassifyPolicy`] compiled for matching: one case-insensitive
+/// automaton for all keyword lists and status lookup tables.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    keywords: Option<AhoCorasick>,
+    groups: Vec<KeywordGroup>,
+    retryable: Vec<u16>,
+    permanent: Vec<u16>,
+    next_provider: Vec<u16>,
+    retry_response_timeout: bool,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules::new(&ClassifyPolicy::default())
+    }
+}
+
+impl Rules {
+    /// Compiles a classification policy.
+    pub fn new(policy: &ClassifyPolicy) -> Rules {
+        let mut patterns = Vec::new();
+        let mut groups = Vec::new();
+        for (group, words) in [
+            (KeywordGroup::ClientError, &policy.client_error_keywords),
+            (KeywordGroup::NextProvider, &policy.next_provider_keywords),
+            (KeywordGroup::Transient, &policy.transient_keywords),
+        ] {
+            for w in words {
+                patterns.push(w.as_str());
+                groups.push(group);
+            }
+        }
+        let keywords = if patterns.is_empty() {
+            None
+        } else {
+            // Validated keywords are short and few; building cannot fail,
+            // but a failure must not take the gateway down: match nothing.
+            AhoCorasickBuilder::new()
+                .ascii_case_insensitive(true)
+                .match_kind(MatchKind::Standard)
+                .build(&patterns)
+                .ok()
+        };
+        Rules {
+            keywords,
+            groups,
+            retryable: policy.retryable_statuses.clone(),
+            permanent: policy.permanent_statuses.clone(),
+            next_provider: policy.next_provider_statuses.clone(),
+            retry_response_timeout: policy.retry_response_timeout,
+        }
+    }
+
+    /// The strongest keyword group found in `text`: client error beats
+    /// "next provider" beats transient.
+    fn keyword(&self, text: &str) -> Option<KeywordGroup> {
+        let ac = self.keywords.as_ref()?;
+        let mut best: Option<KeywordGroup> = None;
+        for m in ac.find_overlapping_iter(text) {
+            let g = self.groups[m.pattern().as_usize()];
+            if best.is_none_or(|b| (g as u8) < (b as u8)) {
+                best = Some(g);
+                if g == KeywordGroup::ClientError {
+                    break;
+                }
+            }
+        }
+        best
+    }
+
+    /// Classifies an opaque error text by the policy's keywords.
+    pub fn text(&self, text: &str) -> Verdict {
+        match self.keyword(text) {
+            Some(KeywordGroup::ClientError) => {
+                Verdict::new(Classification::Permanent, Cause::ClientError)
+            }
+            Some(KeywordGroup::NextProvider) => {
+                Verdict::new(Classification::TryNext, Cause::NextProvider)
+            }
+            Some(KeywordGroup::Transient) => Verdict::transient(Cause::Keyword),
+            None => Verdict::new(Classification::TryNext, Cause::Opaque),
+        }
+    }
+
+    /// Classifies an HTTP status, with the provider's Retry-After and (part
+    /// of) the response body when the caller has them.
+    pub fn status(&self, code: u16, retry_after: Option<Duration>, body: &str) -> Verdict {
+        if code == 429 {
+            return Verdict::new(Classification::RateLimited { retry_after }, Cause::RateLimited);
+        }
+        let keyword = if body.is_empty() {
+            None
+        } else {
+            self.keyword(body)
+        };
+        if keyword == Some(KeywordGroup::ClientError) || self.permanent.contains(&code) {
+            return Verdict::new(Classification::Permanent, Cause::ClientError);
+        }
+        if self.next_provider.contains(&code) || keyword == Some(KeywordGroup::NextProvider) {
+            return Verdict::new(Classification::TryNext, Cause::NextProvider);
+        }
+        if self.retryable.contains(&code) {
+            return Verdict::transient(Cause::StatusRetryable);
+        }
+        match code {
+            500..=599 => Verdict::transient(Cause::Status5xx),
+            400..=499 => Verdict::new(Classification::Permanent, Cause::ClientError),
+            _ => Verdict::new(Classification::TryNext, Cause::Opaque),
+        }
+    }
+
+    /// The verdict for an attempt that got no response headers in time.
+    pub fn response_timeout(&self) -> Verdict {
+        if self.retry_response_timeout {
+            Verdict::transient(Cause::ResponseTimeout)
+        } else {
+            Verdict::new(Classification::TryNext, Cause::ResponseTimeout)
+        }
+    }
+
+    /// Classifies an io error kind, if the kind means anything.
+    pub fn io_kind(&self, kind: io::ErrorKind) -> Option<Verdict> {
+        use io::ErrorKind as K;
+        let cause = match kind {
+            K::ConnectionRefused => Cause::ConnectRefused,
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                Cause::Reset
+            }
+            K::NotConnected | K::AddrNotAvailable | K::HostUnreachable | K::NetworkUnreachable => {
+                Cause::Connect
+            }
+            K::TimedOut => Cause::Timeout,
+            _ => return None,
+        };
+        Some(Verdict::transient(cause))
+    }
+
+    /// Classifies any error by walking its `source()` chain: a
+    /// `reqwest::Error`, an `io::Error` or a hyper error anywhere in the
+    /// chain decides; otherwise the keywords on the whole chain's text.
+    pub fn error_chain(&self, err: &(dyn StdError + 'static)) -> Verdict {
+        let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+        while let Some(e) = cur {
+            if let Some(r) = e.downcast_ref::<reqwest::Error>() {
+                return self.reqwest(r);
+            }
+            if let Some(v) = self.kind_of(e) {
+                return v;
+            }
+            cur = next_in_chain(e);
+        }
+        self.text(&chain_text(err))
+    }
+
+    /// One level of the chain: an io kind or a hyper flag.
+    fn kind_of(&self, e: &(dyn StdError + 'static)) -> Option<Verdict> {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return self.io_kind(io.kind());
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_canceled() {
+                return Some(Verdict::transient(Cause::NotSent));
+            }
+            if h.is_incomplete_message() {
+                return Some(Verdict::transient(Cause::Reset));
+            }
+            if h.is_timeout() {
+                return Some(self.response_timeout());
+            }
+        }
+        None
+    }
+
+    /// The first io kind or hyper flag below `err` that means something.
+    fn cause_below(&self, err: &(dyn StdError + 'static)) -> Option<Verdict> {
+        let mut cur = next_in_chain(err);
+        while let Some(e) = cur {
+            if let Some(v) = self.kind_of(e) {
+                return Some(v);
+            }
+            cur = next_in_chain(e);
+        }
+        None
+    }
+
+    /// Classifies a reqwest error (see the module docs for the order).
+    pub fn reqwest(&self, err: &reqwest::Error) -> Verdict {
+        if let Some(status) = err.status() {
+            return self.status(status.as_u16(), None, "");
+        }
+        if err.is_connect() {
+            if err.is_timeout() {
+                return Verdict::transient(Cause::ConnectTimeout);
+            }
+            return match self.cause_below(err) {
+                Some(v) if v.cause == Cause::ConnectRefused => v,
+                Some(v) if v.cause == Cause::Timeout => Verdict::transient(Cause::ConnectTimeout),
+                _ => Verdict::transient(Cause::Connect),
+            };
+        }
+        // A timeout while waiting for headers or reading the body: the
+        // upstream had the request. Checked before decode, which reqwest
+        // also reports for a body cut short by its timer.
+        if err.is_timeout() {
+            return self.response_timeout();
+        }
+        if let Some(v) = self.cause_below(err) {
+            return v;
+        }
+        if err.is_body() {
+            return Verdict::transient(Cause::Body);
+        }
+        if err.is_decode() {
+            return Verdict::new(Classification::TryNext, Cause::Decode);
+        }
+        if err.is_builder() {
+            return Verdict::new(Classification::TryNext, Cause::Opaque);
+        }
+        self.text(&chain_text(err))
+    }
+}
+
+/// The next error below `e`. An `io::Error` wrapping a custom error
+/// reports that error's *source* as its own, skipping the wrapped error
+/// itself: step into it with `get_ref` instead.
+fn next_in_chain<'e>(e: &'e (dyn StdError + 'static)) -> Option<&'e (dyn StdError + 'static)> {
+    if let Some(inner) = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+        return Some(inner);
+    }
+    e.source()
+}
+
+/// The raw text of an error and all its sources, joined by ": ".
+pub(crate) fn chain_text(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cur = next_in_chain(err);
+    while let Some(e) = cur {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cur = next_in_chain(e);
+    }
+    text
+}
+
+impl Classify for reqwest::Error {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        rules.reqwest(self)
+    }
+}
+
+impl Classify for io::Error {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        rules.error_chain(self)
+    }
+}
+
+impl Classify for reqwest::StatusCode {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        rules.status(self.as_u16(), None, "")
+    }
+}
+
+impl Classify for str {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        rules.text(self)
+    }
+}
+
+impl Classify for String {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        rules.text(self)
+    }
+}
+
+impl Classify for Box<dyn StdError + Send + Sync> {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        rules.error_chain(self.as_ref())
+    }
+}
+
+impl<T: Classify + ?Sized> Classify for &T {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        (**self).classify(rules)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules::default()
+    }
+
+    #[test]
+    fn statuses() {
+        let r = rules();
+        let v = r.status(429, Some(Duration::from_secs(3)), "");
+        assert_eq!(
+            v.class,
+            Classification::RateLimited {
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        assert_eq!(r.status(502, None, "").class, Classification::Transient);
+        assert_eq!(r.status(502, None, "").cause, Cause::Status5xx);
+        assert_eq!(r.status(408, None, "").class, Classification::Transient);
+        assert_eq!(r.status(400, None, "").class, Classification::Permanent);
+        assert_eq!(r.status(401, None, "").class, Classification::Permanent);
+        assert_eq!(r.status(404, None, "").class, Classification::TryNext);
+        assert_eq!(r.status(501, None, "").class, Classification::Permanent);
+        // a 5xx caused by the client's own input
+        let v = r.status(500, None, "upstream: Failed To Fetch Image from url");
+        assert_eq!(v.class, Classification::Permanent);
+        assert_eq!(v.cause, Cause::ClientError);
+        // a 400 that says the model is not here
+        let v = r.status(400, None, "{\"error\":\"Model Not Found\"}");
+        assert_eq!(v.class, Classification::TryNext);
+    }
+
+    #[test]
+    fn keywords_are_case_insensitive_and_ranked() {
+        let r = rules();
+        assert_eq!(r.text("Connection RESET by peer").class, Classification::Transient);
+        assert_eq!(r.text("Connection RESET by peer").cause, Cause::Keyword);
+        assert_eq!(r.text("BROKEN PIPE").class, Classification::Transient);
+        assert_eq!(r.text("expected value at line 1 column 1").class, Classification::TryNext);
+        assert_eq!(r.text("expected value at line 1 column 1").cause, Cause::Opaque);
+        // a client-error keyword wins over a transient one in the same text
+        let v = r.text("connection ok but could not fetch image");
+        assert_eq!(v.class, Classification::Permanent);
+        assert_eq!(r.text("unknown model foo").cause, Cause::NextProvider);
+    }
+
+    #[test]
+    fn policy_keywords_replace_defaults() {
+        let policy = ClassifyPolicy {
+            transient_keywords: vec!["Flaky".into()],
+            ..ClassifyPolicy::default()
+        };
+        let r = Rules::new(&policy);
+        assert_eq!(r.text("it was FLAKY").class, Classification::Transient);
+        assert_eq!(r.text("connection refused").class, Classification::TryNext);
+    }
+
+    #[test]
+    fn io_kinds_in_the_chain() {
+        let r = rules();
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(refused.classify(&r).cause, Cause::ConnectRefused);
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(reset.classify(&r).cause, Cause::Reset);
+        // wrapped: the kind is found below an opaque layer
+        let wrapped = io::Error::other(reset);
+        assert_eq!(wrapped.classify(&r).cause, Cause::Reset);
+        let boxed: Box<dyn StdError + Send + Sync> =
+            Box::new(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(boxed.classify(&r).class, Classification::Transient);
+        // an io error with a meaningless kind falls back to its text
+        let other = io::Error::other("weird thing");
+        assert_eq!(other.classify(&r).cause, Cause::Opaque);
+    }
+
+    #[test]
+    fn response_timeout_follows_policy() {
+        assert_eq!(rules().response_timeout().class, Classification::TryNext);
+        let r = Rules::new(&ClassifyPolicy {
+            retry_response_timeout: true,
+            ..ClassifyPolicy::default()
+        });
+        assert_eq!(r.response_timeout().class, Classification::Transient);
+    }
+
+    #[test]
+    fn empty_keyword_lists_match_nothing() {
+        let r = Rules::new(&ClassifyPolicy {
+            transient_keywords: vec![],
+            next_provider_keywords: vec![],
+            client_error_keywords: vec![],
+            ..ClassifyPolicy::default()
+        });
+        assert_eq!(r.text("connection reset").cause, Cause::Opaque);
+    }
+}

@@ -1,0 +1,72 @@
+//! retryctl: a retry layer for LLM inference gateways.
+//!
+//! A gateway with one provider per model saw ~9,500 "all providers failed"
+//! errors a day, nearly all transient TCP failures: a listen backlog of 1
+//! in a VM network stack, nginx reloads, Docker bridge churn. One more
+//! round after 500 ms fixed most of them. This crate is that retry layer
+//! done right:
+//!
+//! * a [`Pool`] routes each request for a model across its providers in
+//!   rounds, with no wait between *different* providers and a jittered
+//!   wait before retrying the *same* one;
+//! * every failed attempt is [classified](classify) from error kinds first
+//!   (HTTP status, reqwest flags, io kinds in the `source()` chain) and from
+//!   keywords only for opaque text;
+//! * retries are paid from a lock-free [`RetryBudget`] and never wait past
+//!   the request's deadline;
+//! * provider health is counted once per request, and a demoted provider
+//!   comes back through a probe instead of being dropped;
+//! * the [`Policy`] is plain TOML-friendly data, swapped atomically in a
+//!   [`LivePolicy`] while requests run; each request uses one snapshot.
+//!
+//! ```
+//! use retryctl::{Classification, LivePolicy, Pool};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let pool = Pool::builder()
+//!     .provider("gpt-oss-120b", "proxy", ())
+//!     .policy(LivePolicy::default())
+//!     .build()
+//!     .unwrap();
+//! // The first attempt is refused (a transient failure), the retry succeeds.
+//! let mut calls = 0;
+//! let served = pool
+//!     .call("gpt-oss-120b", |_| {
+//!         calls += 1;
+//!         let n = calls;
+//!         async move {
+//!             if n == 1 {
+//!                 Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+//!             } else {
+//!                 Ok("hello")
+//!             }
+//!         }
+//!     })
+//!     .await
+//!     .unwrap();
+//! assert_eq!((served.value, served.attempts(), served.rounds()), ("hello", 2, 2));
+//! let failure = &served.report.failures()[0];
+//! assert_eq!(failure.verdict.class, Classification::Transient);
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
+
+pub mod budget;
+pub mod classify;
+mod health;
+mod live;
+pub mod policy;
+pub mod pool;
+pub mod upstream;
+
+pub use budget::RetryBudget;
+pub use classify::{Cause, Classification, Classify, Rules, Verdict};
+pub use health::HealthSnapshot;
+pub use live::{ActivePolicy, LivePolicy};
+pub use policy::{BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, Timeouts};
+pub use pool::{
+    AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder,
+    PoolError, ProviderStatus, Report, Served,
+};

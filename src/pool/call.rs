@@ -1,0 +1,514 @@
+//! `Pool::call`: rounds over the providers with exact accounting.
+
+use std::future::Future;
+use std::time::Duration;
+
+use smallvec::SmallVec;
+use tokio::time::Instant;
+
+use super::order::{self, ProbeGuard};
+use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
+use super::{Model, Pool};
+use crate::classify::{Classification, Classify, Verdict};
+use crate::health::HealthEvent;
+use crate::live::ActivePolicy;
+use crate::policy::Policy;
+
+/// Per-call options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallOptions {
+    /// An absolute deadline for the whole call.
+    pub deadline: Option<Instant>,
+    /// A time limit for the whole call, from its start (used when
+    /// `deadline` is unset). Default: the policy's `timeouts.request`.
+    pub timeout: Option<Duration>,
+}
+
+impl CallOptions {
+    /// Options with an absolute deadline.
+    pub fn deadline(deadline: Instant) -> Self {
+        CallOptions {
+            deadline: Some(deadline),
+            timeout: None,
+        }
+    }
+
+    /// Options with a time limit from the call's start.
+    pub fn timeout(timeout: Duration) -> Self {
+        CallOptions {
+            deadline: None,
+            timeout: Some(timeout),
+        }
+    }
+}
+
+/// The mutable state of one request.
+struct Request<'a, E> {
+    model: &'a str,
+    /// Providers whose failure was already counted against their health.
+    counted: u64,
+    report: Report,
+    last: Option<AttemptError<E>>,
+    probe: Option<ProbeGuard<'a>>,
+}
+
+/// How one attempt ended.
+enum Attempted<T> {
+    Served(T),
+    Failed(Verdict),
+    /// The call's deadline ended the attempt (or left no time to start it).
+    Expired,
+}
+
+/// A provider to retry in the next round, and the wait it needs.
+#[derive(Clone, Copy)]
+struct Retry {
+    index: u8,
+    wait: Duration,
+}
+
+/// `base x backoff^(retry - 1)`, capped.
+fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
+    let scaled = base.as_secs_f64() * factor.powi(retry.saturating_sub(1).min(64) as i32);
+    if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
+        cap
+    } else {
+        Duration::from_secs_f64(scaled)
+    }
+}
+
+/// Spreads `wait` uniformly over `wait x (1 +/- jitter)`.
+fn jittered(wait: Duration, jitter: f64) -> Duration {
+    if jitter <= 0.0 || wait.is_zero() {
+        return wait;
+    }
+    let factor = 1.0 + jitter * (2.0 * fastrand::f64() - 1.0);
+    wait.mul_f64(factor.max(0.0))
+}
+
+/// The waits before retry number `retry` (1-based) of the given providers,
+/// in the order they become due; providers whose Retry-After exceeds the
+/// policy's cap are left out and reported.
+fn schedule(
+    policy: &Policy,
+    retry: u32,
+    pending: &[(u8, Classification)],
+) -> (SmallVec<[Retry; 8]>, Option<Duration>) {
+    let transient = jittered(
+        backoff(policy.delay, policy.backoff, retry, policy.max_delay),
+        policy.jitter,
+    );
+    let mut too_long = None;
+    let mut out: SmallVec<[Retry; 8]> = SmallVec::new();
+    for &(index, class) in pending {
+        let wait = match class {
+            Classification::RateLimited { retry_after } => {
+                if let Some(ra) = retry_after.filter(|ra| *ra > policy.max_retry_after) {
+                    too_long = Some(ra);
+                    continue;
+                }
+                let own = jittered(
+                    backoff(
+                        policy.rate_limited_delay,
+                        policy.backoff,
+                        retry,
+                        policy.max_retry_after,
+                    ),
+                    policy.jitter,
+                );
+                own.max(retry_after.unwrap_or_default())
+            }
+            _ => transient,
+        };
+        out.push(Retry { index, wait });
+    }
+    // Stable: equal waits keep the round's provider order.
+    out.sort_by_key(|r| r.wait);
+    (out, too_long)
+}
+
+impl<P> Pool<P> {
+    /// Calls `op` with a provider of `model` until it succeeds or the policy
+    /// says stop. See the [module docs](crate::pool) for the exact rules.
+    pub async fn call<T, E, F, Fut>(&self, model: &str, op: F) -> Result<Served<T>, PoolError<E>>
+    where
+        F: FnMut(&P) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Classify + std::fmt::Display,
+    {
+        self.call_with(model, CallOptions::default(), op).await
+    }
+
+    /// [`Pool::call`] with a per-call deadline.
+    pub async fn call_with<T, E, F, Fut>(
+        &self,
+        model: &str,
+        options: CallOptions,
+        mut op: F,
+    ) -> Result<Served<T>, PoolError<E>>
+    where
+        F: FnMut(&P) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Classify + std::fmt::Display,
+    {
+        let Some(m) = self.model(model) else {
+            let mut name = model.to_owned();
+            if name.len() > 128 {
+                let mut cut = 128;
+                while !name.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                name.truncate(cut);
+            }
+            return Err(PoolError {
+                reason: FailReason::UnknownModel { model: name },
+                last: None,
+                report: Report::default(),
+            });
+        };
+        let active = self.policy.load();
+        let policy = active.policy();
+        let start = Instant::now();
+        let deadline = options
+            .deadline
+            .or_else(|| options.timeout.and_then(|t| start.checked_add(t)))
+            .or_else(|| start.checked_add(policy.timeouts.request))
+            .unwrap_or(start + Duration::from_secs(86_400));
+        m.budget.deposit(start, &policy.budget);
+        let (order, probe) = order::plan(m.routes.iter().map(|r| &r.health), &m.rr, start);
+        let mut req = Request {
+            model: &m.name,
+            counted: 0,
+            report: Report::default(),
+            last: None,
+            probe,
+        };
+
+        // Round 1: every provider once, no waiting between them.
+        req.report.rounds = 1;
+        let mut pending: SmallVec<[(u8, Classification); 8]> = SmallVec::new();
+        let mut now = start;
+        for (k, &i) in order.iter().enumerate() {
+            if k > 0 {
+                now = Instant::now();
+            }
+            match attempt(m, i, 1, now, deadline, &mut op, &active, &mut req).await {
+                Attempted::Served(value) => {
+                    return Ok(served(m, i, order[0] != i, value, req, start));
+                }
+                Attempted::Failed(v) => match v.class {
+                    Classification::Permanent => {
+                        return Err(fail(req, FailReason::Permanent, start));
+                    }
+                    c if c.is_retryable() => pending.push((i, c)),
+                    _ => {}
+                },
+                Attempted::Expired => {
+                    return Err(fail(req, FailReason::DeadlineExceeded { wait: None }, start));
+                }
+            }
+        }
+
+        // Further rounds over the providers whose own error was retryable.
+        let mut round = 1;
+        let mut stopped: Option<FailReason> = None;
+        loop {
+            let round_end = Instant::now();
+            if pending.is_empty() {
+                let reason = stopped.take().unwrap_or(FailReason::NotRetryable);
+                return Err(fail(req, reason, start));
+            }
+            if round >= policy.max_rounds {
+                return Err(fail(req, FailReason::RoundsExhausted, start));
+            }
+            let (plan, too_long) = schedule(policy, round, &pending);
+            if let Some(retry_after) = too_long {
+                stopped = Some(FailReason::RetryAfterTooLong { retry_after });
+            }
+            round += 1;
+            pending.clear();
+            if let Some(first) = plan.first() {
+                tracing::info!(
+                    target: "retryctl",
+                    model = req.model,
+                    round,
+                    attempts = req.report.attempts,
+                    providers = plan.len(),
+                    delay_ms = first.wait.as_millis() as u64,
+                    "retrying after transient failure"
+                );
+            }
+            let mut started_round = false;
+            for r in &plan {
+                let ready = round_end + r.wait;
+                if ready >= deadline {
+                    tracing::info!(
+                        target: "retryctl",
+                        model = req.model,
+                        wait_ms = r.wait.as_millis() as u64,
+                        left_ms = deadline.saturating_duration_since(round_end).as_millis() as u64,
+                        "retry skipped: the wait would pass the deadline"
+                    );
+                    stopped = Some(FailReason::DeadlineExceeded { wait: Some(r.wait) });
+                    break;
+                }
+                if !m.budget.withdraw(Instant::now(), &policy.budget) {
+                    tracing::warn!(
+                        target: "retryctl",
+                        model = req.model,
+                        attempts = req.report.attempts,
+                        "retry refused by the retry budget"
+                    );
+                    stopped = Some(FailReason::BudgetExhausted);
+                    break;
+                }
+                if !started_round {
+                    req.report.rounds = round;
+                    started_round = true;
+                }
+                let before = Instant::now();
+                if ready > before {
+                    tokio::time::sleep_until(ready).await;
+                    req.report.waited += ready - before;
+                    now = ready;
+                } else {
+                    now = before;
+                }
+                match attempt(m, r.index, round, now, deadline, &mut op, &active, &mut req).await {
+                    Attempted::Served(value) => {
+                        return Ok(served(m, r.index, order[0] != r.index, value, req, start));
+                    }
+                    Attempted::Failed(v) => match v.class {
+                        Classification::Permanent => {
+                            return Err(fail(req, FailReason::Permanent, start));
+                        }
+                        c if c.is_retryable() => pending.push((r.index, c)),
+                        _ => {}
+                    },
+                    Attempted::Expired => {
+                        let reason = FailReason::DeadlineExceeded { wait: None };
+                        return Err(fail(req, reason, start));
+                    }
+                }
+            }
+            if !started_round {
+                let reason = stopped.take().unwrap_or(FailReason::NotRetryable);
+                return Err(fail(req, reason, start));
+            }
+        }
+    }
+}
+
+/// Runs one attempt under the attempt's time limit, records its outcome in
+/// the request's accounting and in the provider's health.
+#[allow(clippy::too_many_arguments)]
+async fn attempt<'a, P, T, E, F, Fut>(
+    m: &'a Model<P>,
+    i: u8,
+    round: u32,
+    now: Instant,
+    deadline: Instant,
+    op: &mut F,
+    active: &ActivePolicy,
+    req: &mut Request<'a, E>,
+) -> Attempted<T>
+where
+    F: FnMut(&P) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Classify,
+{
+    let policy = active.policy();
+    let route = &m.routes[i as usize];
+    let remaining = deadline.saturating_duration_since(now);
+    if remaining.is_zero() {
+        return Attempted::Expired;
+    }
+    let limit = policy.timeouts.attempt.min(remaining);
+    req.report.attempts += 1;
+    if round > 1 {
+        req.report.retries += 1;
+    }
+    let was_probe = req.probe.as_ref().is_some_and(|g| g.index == i);
+    let result = tokio::time::timeout(limit, op(&route.provider)).await;
+    let (verdict, expired) = match result {
+        Ok(Ok(value)) => {
+            if was_probe {
+                req.probe = None;
+            }
+            if route.health.on_success() == HealthEvent::Recovered {
+                tracing::info!(
+                    target: "retryctl",
+                    model = req.model,
+                    provider = &*route.name,
+                    probe = was_probe,
+                    "provider recovered"
+                );
+            }
+            return Attempted::Served(value);
+        }
+        Ok(Err(e)) => {
+            let v = e.classify(active.rules());
+            req.last = Some(AttemptError::Upstream(e));
+            (v, false)
+        }
+        Err(_) => {
+            req.last = Some(AttemptError::TimedOut(limit));
+            (active.rules().response_timeout(), limit < policy.timeouts.attempt)
+        }
+    };
+    let ended = Instant::now();
+    req.report.failures.push(FailedAttempt {
+        provider: route.name.clone(),
+        round,
+        verdict,
+        elapsed: ended.saturating_duration_since(now),
+    });
+    tracing::debug!(
+        target: "retryctl",
+        model = req.model,
+        provider = &*route.name,
+        round,
+        cause = verdict.cause.as_str(),
+        "attempt failed"
+    );
+    // A deadline cut says nothing about the provider; neither does a
+    // client error. Each provider counts at most once per request.
+    let bit = 1u64 << i;
+    if !expired
+        && verdict.class != Classification::Permanent
+        && verdict.cause.is_provider_fault()
+        && req.counted & bit == 0
+    {
+        req.counted |= bit;
+        match route.health.on_failure(ended, &policy.health, was_probe) {
+            HealthEvent::Demoted => tracing::warn!(
+                target: "retryctl",
+                model = req.model,
+                provider = &*route.name,
+                after = policy.health.demote_after,
+                "provider demoted after consecutive failed requests"
+            ),
+            HealthEvent::ProbeFailed => tracing::info!(
+                target: "retryctl",
+                model = req.model,
+                provider = &*route.name,
+                "probe of demoted provider failed"
+            ),
+            HealthEvent::Unchanged | HealthEvent::Recovered => {}
+        }
+    }
+    if was_probe {
+        req.probe = None;
+    }
+    if expired {
+        Attempted::Expired
+    } else {
+        Attempted::Failed(verdict)
+    }
+}
+
+fn served<P, T, E>(
+    m: &Model<P>,
+    i: u8,
+    fell_back: bool,
+    value: T,
+    mut req: Request<'_, E>,
+    start: Instant,
+) -> Served<T> {
+    req.report.elapsed = Instant::now().saturating_duration_since(start);
+    Served {
+        value,
+        provider: m.routes[i as usize].name.clone(),
+        fell_back,
+        report: req.report,
+    }
+}
+
+fn fail<E: std::fmt::Display>(
+    mut req: Request<'_, E>,
+    reason: FailReason,
+    start: Instant,
+) -> PoolError<E> {
+    req.report.elapsed = Instant::now().saturating_duration_since(start);
+    let level_warn = !matches!(reason, FailReason::Permanent);
+    let last = req.last.as_ref().map(|e| e.to_string()).unwrap_or_default();
+    if level_warn {
+        tracing::warn!(
+            target: "retryctl",
+            model = req.model,
+            attempts = req.report.attempts,
+            rounds = req.report.rounds,
+            reason = reason.as_str(),
+            elapsed_ms = req.report.elapsed.as_millis() as u64,
+            last_error = %last,
+            "all providers failed"
+        );
+    } else {
+        tracing::debug!(
+            target: "retryctl",
+            model = req.model,
+            attempts = req.report.attempts,
+            last_error = %last,
+            "request rejected by the upstream (not retried)"
+        );
+    }
+    PoolError {
+        reason,
+        last: req.last,
+        report: req.report,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let s = Duration::from_millis(500);
+        let cap = Duration::from_secs(4);
+        let waits: Vec<_> = (1..=5).map(|r| backoff(s, 2.0, r, cap)).collect();
+        assert_eq!(
+            waits,
+            [500, 1000, 2000, 4000, 4000].map(Duration::from_millis).to_vec()
+        );
+    }
+
+    #[test]
+    fn jitter_stays_in_band() {
+        let d = Duration::from_millis(500);
+        for _ in 0..1000 {
+            let j = jittered(d, 0.2);
+            assert!(j >= Duration::from_millis(400) && j <= Duration::from_millis(600));
+        }
+        assert_eq!(jittered(d, 0.0), d);
+    }
+
+    #[test]
+    fn schedule_honours_retry_after_and_drops_excessive_ones() {
+        let policy = Policy {
+            jitter: 0.0,
+            ..Policy::default()
+        };
+        let pending = [
+            (
+                0,
+                Classification::RateLimited {
+                    retry_after: Some(Duration::from_secs(3)),
+                },
+            ),
+            (1, Classification::Transient),
+            (
+                2,
+                Classification::RateLimited {
+                    retry_after: Some(Duration::from_secs(600)),
+                },
+            ),
+            (3, Classification::RateLimited { retry_after: None }),
+        ];
+        let (plan, too_long) = schedule(&policy, 1, &pending);
+        let got: Vec<_> = plan.iter().map(|r| (r.index, r.wait.as_millis())).collect();
+        assert_eq!(got, vec![(1, 500), (3, 1000), (0, 3000)]);
+        assert_eq!(too_long, Some(Duration::from_secs(600)));
+    }
+}

@@ -1,0 +1,284 @@
+//! The provider pool: per model, an ordered set of providers, tried in
+//! rounds under one policy snapshot per request.
+//!
+//! # The path of one request
+//!
+//! [`Pool::call`] looks up the model (an unknown model is a typed error and
+//! touches no state), loads **one** policy snapshot, reads the clock once,
+//! deposits into the model's retry budget and plans the order (healthy
+//! providers round-robin, demoted ones last, a due probe first). Round 1
+//! tries every provider once with no wait between them. Each failure is
+//! classified; a permanent one ends the call at once. When the round fails
+//! and some provider's *own* error was retryable, the next round retries
+//! just those providers after the policy's jittered delay (or the
+//! provider's Retry-After), if the budget and the deadline allow.
+//!
+//! Health is updated as attempts finish, but each provider is counted at
+//! most once per request, and only for failures that are its fault.
+//!
+//! # What is retried, and what is not
+//!
+//! The pool retries until the operation *returns*. For an HTTP upstream
+//! that is the response headers (or, for streaming, the first event: see
+//! the gateway). The body or stream that follows belongs to the caller and
+//! is never replayed by the pool: once a byte has reached the client, a
+//! retry would duplicate it.
+//!
+//! # Cancellation
+//!
+//! Dropping the future returned by [`Pool::call`] cancels the wait or the
+//! attempt in progress. Health only ever moves on a finished attempt, a
+//! probe slot is released by a guard, and a budget token is spent just
+//! before the retry it pays for, so every counter stays consistent.
+
+mod call;
+mod order;
+mod outcome;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use tokio::time::Instant;
+
+use crate::budget::RetryBudget;
+use crate::health::{HealthSnapshot, ProviderHealth};
+use crate::live::LivePolicy;
+
+pub use self::call::CallOptions;
+pub use self::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
+
+/// The most providers one model may have (per-request state is a 64-bit
+/// set).
+pub const MAX_PROVIDERS_PER_MODEL: usize = 64;
+
+/// A provider serving one model, with its health for that model.
+///
+/// Health is per route (model x provider): a backend that lost one model
+/// must not demote the provider for the models it still serves.
+#[derive(Debug)]
+struct Route<P> {
+    name: Arc<str>,
+    provider: P,
+    health: ProviderHealth,
+}
+
+#[derive(Debug)]
+struct Model<P> {
+    name: Arc<str>,
+    routes: Box<[Route<P>]>,
+    rr: AtomicUsize,
+    budget: RetryBudget,
+}
+
+/// Routes requests for each model across its providers, retrying transient
+/// failures under a [`LivePolicy`].
+///
+/// `P` is whatever the operation needs to reach one provider (a client and
+/// a base URL, say); the pool hands the operation a `&P` per attempt.
+///
+/// ```
+/// use retryctl::{Pool, LivePolicy};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = Pool::builder()
+///     .provider("gpt-oss-120b", "proxy-a", "http://10.0.0.1")
+///     .provider("gpt-oss-120b", "proxy-b", "http://10.0.0.2")
+///     .policy(LivePolicy::default())
+///     .build()?;
+/// let served = pool
+///     .call("gpt-oss-120b", |base_url: &&str| {
+///         let url = format!("{base_url}/v1/chat/completions");
+///         async move { Ok::<_, std::io::Error>(url) }
+///     })
+///     .await?;
+/// assert_eq!(served.value, "http://10.0.0.1/v1/chat/completions");
+/// assert_eq!((served.attempts(), served.rounds(), served.fell_back), (1, 1, false));
+/// # Ok(()) }
+/// ```
+pub struct Pool<P> {
+    models: Vec<Model<P>>,
+    index: HashMap<Arc<str>, usize>,
+    policy: LivePolicy,
+}
+
+impl<P> fmt::Debug for Pool<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("models", &self.index.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Pool`].
+pub struct PoolBuilder<P> {
+    models: Vec<(Arc<str>, Vec<(Arc<str>, P)>)>,
+    policy: Option<LivePolicy>,
+}
+
+impl<P> fmt::Debug for PoolBuilder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBuilder").finish_non_exhaustive()
+    }
+}
+
+/// A pool that cannot be built.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// No provider was added.
+    #[error("the pool has no providers")]
+    Empty,
+    /// A model or provider name is empty.
+    #[error("model and provider names must not be empty")]
+    EmptyName,
+    /// The same provider name was added twice for one model.
+    #[error("provider {provider:?} is listed twice for model {model:?}")]
+    DuplicateProvider {
+        /// The model.
+        model: String,
+        /// The provider.
+        provider: String,
+    },
+    /// A model has more than [`MAX_PROVIDERS_PER_MODEL`] providers.
+    #[error("model {model:?} has {count} providers; at most {MAX_PROVIDERS_PER_MODEL} are allowed")]
+    TooManyProviders {
+        /// The model.
+        model: String,
+        /// How many it has.
+        count: usize,
+    },
+}
+
+impl<P> Default for PoolBuilder<P> {
+    fn default() -> Self {
+        PoolBuilder {
+            models: Vec::new(),
+            policy: None,
+        }
+    }
+}
+
+impl<P> PoolBuilder<P> {
+    /// Adds `provider`, named `name`, to the end of `model`'s order.
+    pub fn provider(mut self, model: &str, name: &str, provider: P) -> Self {
+        let entry = match self.models.iter_mut().position(|(m, _)| &**m == model) {
+            Some(i) => &mut self.models[i].1,
+            None => {
+                self.models.push((Arc::from(model), Vec::new()));
+                &mut self.models.last_mut().expect("just pushed").1
+            }
+        };
+        entry.push((Arc::from(name), provider));
+        self
+    }
+
+    /// The policy handle (default: [`LivePolicy::default`]).
+    pub fn policy(mut self, policy: LivePolicy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Checks the routes and builds the pool.
+    pub fn build(self) -> Result<Pool<P>, BuildError> {
+        if self.models.is_empty() {
+            return Err(BuildError::Empty);
+        }
+        let mut models = Vec::with_capacity(self.models.len());
+        let mut index = HashMap::with_capacity(self.models.len());
+        for (name, providers) in self.models {
+            if name.is_empty() || providers.iter().any(|(p, _)| p.is_empty()) {
+                return Err(BuildError::EmptyName);
+            }
+            if providers.len() > MAX_PROVIDERS_PER_MODEL {
+                return Err(BuildError::TooManyProviders {
+                    model: name.to_string(),
+                    count: providers.len(),
+                });
+            }
+            for (i, (p, _)) in providers.iter().enumerate() {
+                if providers[..i].iter().any(|(q, _)| q == p) {
+                    return Err(BuildError::DuplicateProvider {
+                        model: name.to_string(),
+                        provider: p.to_string(),
+                    });
+                }
+            }
+            let routes = providers
+                .into_iter()
+                .map(|(name, provider)| Route {
+                    name,
+                    provider,
+                    health: ProviderHealth::new(),
+                })
+                .collect();
+            index.insert(name.clone(), models.len());
+            models.push(Model {
+                name,
+                routes,
+                rr: AtomicUsize::new(0),
+                budget: RetryBudget::new(),
+            });
+        }
+        Ok(Pool {
+            models,
+            index,
+            policy: self.policy.unwrap_or_default(),
+        })
+    }
+}
+
+/// The state of one provider for one model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderStatus {
+    /// The model.
+    pub model: Arc<str>,
+    /// The provider.
+    pub provider: Arc<str>,
+    /// Its health.
+    pub health: HealthSnapshot,
+}
+
+impl<P> Pool<P> {
+    /// Starts building a pool.
+    pub fn builder() -> PoolBuilder<P> {
+        PoolBuilder::default()
+    }
+
+    /// The policy handle: store a new policy here to change behaviour live.
+    pub fn policy(&self) -> &LivePolicy {
+        &self.policy
+    }
+
+    /// The configured model names, in the order they were added.
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.models.iter().map(|m| &*m.name)
+    }
+
+    /// Health of every provider of every model.
+    pub fn health(&self) -> Vec<ProviderStatus> {
+        let now = Instant::now();
+        self.models
+            .iter()
+            .flat_map(|m| {
+                m.routes.iter().map(move |r| ProviderStatus {
+                    model: m.name.clone(),
+                    provider: r.name.clone(),
+                    health: r.health.snapshot(now),
+                })
+            })
+            .collect()
+    }
+
+    /// Retries the model's budget could pay for right now.
+    pub fn budget_available(&self, model: &str) -> Option<f64> {
+        let m = &self.models[*self.index.get(model)?];
+        let active = self.policy.load();
+        Some(m.budget.available(Instant::now(), &active.policy().budget))
+    }
+
+    fn model(&self, name: &str) -> Option<&Model<P>> {
+        self.index.get(name).map(|&i| &self.models[i])
+    }
+}

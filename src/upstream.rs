@@ -1,0 +1,189 @@
+//! Glue for HTTP upstreams called with `reqwest`.
+//!
+//! A pool operation usually sends a request and turns a non-success status
+//! into an error the pool can classify. [`UpstreamError`] is that error:
+//! either the transport failed (`reqwest::Error`, classified from its
+//! `source()` chain) or the upstream answered with a failing status (kept
+//! with its Retry-After and the start of the body, so a 5xx caused by the
+//! client's own input can be told apart from an upstream fault).
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{Response, StatusCode};
+
+use crate::classify::{Classify, Rules, Verdict};
+use crate::policy::Timeouts;
+
+/// How much of a failing response's body is kept for classification and
+/// error messages.
+pub const BODY_SNIPPET_LIMIT: usize = 4096;
+
+/// A failed upstream call.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// The request could not be sent or the response could not be read.
+    Transport(reqwest::Error),
+    /// The upstream answered with a non-success status.
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// The parsed Retry-After header, if any.
+        retry_after: Option<Duration>,
+        /// The start of the body (at most [`BODY_SNIPPET_LIMIT`] bytes).
+        body: String,
+    },
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Transport(e) => write!(f, "{e}"),
+            UpstreamError::Status { status, body, .. } => {
+                write!(f, "upstream returned {status}")?;
+                if !body.is_empty() {
+                    let short: String = body.chars().take(200).collect();
+                    write!(f, ": {short}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UpstreamError::Transport(e) => Some(e),
+            UpstreamError::Status { .. } => None,
+        }
+    }
+}
+
+impl From<reqwest::Error> for UpstreamError {
+    fn from(e: reqwest::Error) -> Self {
+        UpstreamError::Transport(e)
+    }
+}
+
+impl Classify for UpstreamError {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        match self {
+            UpstreamError::Transport(e) => rules.reqwest(e),
+            UpstreamError::Status {
+                status,
+                retry_after,
+                body,
+            } => rules.status(status.as_u16(), *retry_after, body),
+        }
+    }
+}
+
+impl UpstreamError {
+    /// The HTTP status, when the upstream answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            UpstreamError::Transport(e) => e.status(),
+            UpstreamError::Status { status, .. } => Some(*status),
+        }
+    }
+}
+
+/// Passes a success response through; turns any other status into
+/// [`UpstreamError::Status`], reading at most [`BODY_SNIPPET_LIMIT`] bytes
+/// of its body.
+pub async fn check(response: Response) -> Result<Response, UpstreamError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = retry_after(response.headers());
+    let body = read_snippet(response).await;
+    Err(UpstreamError::Status {
+        status,
+        retry_after,
+        body,
+    })
+}
+
+async fn read_snippet(mut response: Response) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < BODY_SNIPPET_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = BODY_SNIPPET_LIMIT - buf.len();
+                buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Parses a Retry-After header (delta-seconds or an HTTP-date).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    parse_retry_after(headers.get(RETRY_AFTER)?.to_str().ok()?, SystemTime::now())
+}
+
+/// Parses a Retry-After value relative to `now`. A date in the past means
+/// "now" (zero); anything unparseable is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(u32::MAX as u64)));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// A `reqwest` client builder with the policy's connect timeout set.
+///
+/// The connect timeout matters: reqwest reports a stuck connect as a
+/// *connect* timeout (safe to retry, the upstream never saw the request)
+/// only when `connect_timeout` is set; with only an overall timeout it looks
+/// like a slow response. The pool applies `timeouts.attempt` itself.
+pub fn client_builder(timeouts: &Timeouts) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(timeouts.connect)
+        .tcp_nodelay(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-3", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+    }
+
+    #[test]
+    fn status_errors_classify_with_body() {
+        let rules = Rules::default();
+        let e = UpstreamError::Status {
+            status: StatusCode::BAD_GATEWAY,
+            retry_after: None,
+            body: String::new(),
+        };
+        assert!(e.classify(&rules).class.is_retryable());
+        let e = UpstreamError::Status {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            retry_after: None,
+            body: "could not fetch image https://x".into(),
+        };
+        assert_eq!(
+            e.classify(&rules).class,
+            crate::Classification::Permanent
+        );
+    }
+}
