@@ -93,7 +93,10 @@ impl RetryBudget {
         loop {
             let (e, v) = unpack(cur);
             let base = if e == epoch { v as i64 } else { 0 };
-            let next = pack(epoch, (base + delta).clamp(i32::MIN as i64, i32::MAX as i64) as i32);
+            let next = pack(
+                epoch,
+                (base + delta).clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+            );
             match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return,
                 Err(actual) => cur = actual,

@@ -28,8 +28,9 @@ use crate::policy::ClassifyPolicy;
 pub enum Classification {
     /// Try the other providers now; retry this one after the round's delay.
     Transient,
-    /// The provider is overloaded (429): retry it no earlier than
-    /// `retry_after` (when it said) or the policy's rate-limited delay.
+    /// The provider is overloaded (429, or a transient status with a
+    /// Retry-After header): retry it no earlier than `retry_after` (when it
+    /// said) or the policy's rate-limited delay.
     RateLimited {
         /// The provider's Retry-After, if it sent one.
         retry_after: Option<Duration>,
@@ -270,7 +271,10 @@ impl Rules {
     /// of) the response body when the caller has them.
     pub fn status(&self, code: u16, retry_after: Option<Duration>, body: &str) -> Verdict {
         if code == 429 {
-            return Verdict::new(Classification::RateLimited { retry_after }, Cause::RateLimited);
+            return Verdict::new(
+                Classification::RateLimited { retry_after },
+                Cause::RateLimited,
+            );
         }
         let keyword = if body.is_empty() {
             None
@@ -283,11 +287,17 @@ impl Rules {
         if self.next_provider.contains(&code) || keyword == Some(KeywordGroup::NextProvider) {
             return Verdict::new(Classification::TryNext, Cause::NextProvider);
         }
+        // A transient status that says when to come back is treated like a
+        // rate limit: the wait honours its Retry-After.
+        let transient = |cause| match retry_after {
+            Some(_) => Verdict::new(Classification::RateLimited { retry_after }, cause),
+            None => Verdict::transient(cause),
+        };
         if self.retryable.contains(&code) {
-            return Verdict::transient(Cause::StatusRetryable);
+            return transient(Cause::StatusRetryable);
         }
         match code {
-            500..=599 => Verdict::transient(Cause::Status5xx),
+            500..=599 => transient(Cause::Status5xx),
             400..=499 => Verdict::new(Classification::Permanent, Cause::ClientError),
             _ => Verdict::new(Classification::TryNext, Cause::Opaque),
         }
@@ -488,6 +498,16 @@ mod tests {
         );
         assert_eq!(r.status(502, None, "").class, Classification::Transient);
         assert_eq!(r.status(502, None, "").cause, Cause::Status5xx);
+        let v = r.status(503, Some(Duration::from_secs(2)), "");
+        assert_eq!(
+            v,
+            Verdict::new(
+                Classification::RateLimited {
+                    retry_after: Some(Duration::from_secs(2))
+                },
+                Cause::Status5xx
+            )
+        );
         assert_eq!(r.status(408, None, "").class, Classification::Transient);
         assert_eq!(r.status(400, None, "").class, Classification::Permanent);
         assert_eq!(r.status(401, None, "").class, Classification::Permanent);
@@ -505,11 +525,20 @@ mod tests {
     #[test]
     fn keywords_are_case_insensitive_and_ranked() {
         let r = rules();
-        assert_eq!(r.text("Connection RESET by peer").class, Classification::Transient);
+        assert_eq!(
+            r.text("Connection RESET by peer").class,
+            Classification::Transient
+        );
         assert_eq!(r.text("Connection RESET by peer").cause, Cause::Keyword);
         assert_eq!(r.text("BROKEN PIPE").class, Classification::Transient);
-        assert_eq!(r.text("expected value at line 1 column 1").class, Classification::TryNext);
-        assert_eq!(r.text("expected value at line 1 column 1").cause, Cause::Opaque);
+        assert_eq!(
+            r.text("expected value at line 1 column 1").class,
+            Classification::TryNext
+        );
+        assert_eq!(
+            r.text("expected value at line 1 column 1").cause,
+            Cause::Opaque
+        );
         // a client-error keyword wins over a transient one in the same text
         let v = r.text("connection ok but could not fetch image");
         assert_eq!(v.class, Classification::Permanent);

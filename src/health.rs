@@ -113,8 +113,10 @@ impl ProviderHealth {
                     .saturating_mul(2)
                     .clamp(nanos(policy.cooldown), nanos(policy.max_cooldown));
                 self.cooldown.store(grown, Ordering::Release);
-                self.next_probe
-                    .store(self.since_origin(now).saturating_add(grown), Ordering::Release);
+                self.next_probe.store(
+                    self.since_origin(now).saturating_add(grown),
+                    Ordering::Release,
+                );
                 return HealthEvent::ProbeFailed;
             }
             return HealthEvent::Unchanged;
@@ -124,8 +126,10 @@ impl ProviderHealth {
             // a demoted provider with a stale probe time.
             let cooldown = nanos(policy.cooldown);
             self.cooldown.store(cooldown, Ordering::Release);
-            self.next_probe
-                .store(self.since_origin(now).saturating_add(cooldown), Ordering::Release);
+            self.next_probe.store(
+                self.since_origin(now).saturating_add(cooldown),
+                Ordering::Release,
+            );
             if self
                 .demoted
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -220,7 +224,10 @@ mod tests {
         assert_eq!(h.on_success(), HealthEvent::Recovered);
         let s = h.snapshot(now);
         assert!(!s.demoted);
-        assert_eq!((s.consecutive_failures, s.demotions, s.recoveries), (0, 1, 1));
+        assert_eq!(
+            (s.consecutive_failures, s.demotions, s.recoveries),
+            (0, 1, 1)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -61,12 +61,17 @@ pub mod policy;
 pub mod pool;
 pub mod upstream;
 
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use budget::RetryBudget;
 pub use classify::{Cause, Classification, Classify, Rules, Verdict};
 pub use health::HealthSnapshot;
 pub use live::{ActivePolicy, LivePolicy};
 pub use policy::{BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, Timeouts};
 pub use pool::{
-    AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder,
-    PoolError, ProviderStatus, Report, Served,
+    AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,
+    ProviderStatus, Report, Served,
 };

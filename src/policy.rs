@@ -324,11 +324,16 @@ impl Policy {
                 "a number within 1.0..=10.0",
             ));
         }
-        check_duration("max_delay", self.max_delay, self.delay, Duration::from_secs(300))
-            .map_err(|e| PolicyError {
-                allowed: format!("{} and at least `delay`", e.allowed),
-                ..e
-            })?;
+        check_duration(
+            "max_delay",
+            self.max_delay,
+            self.delay,
+            Duration::from_secs(300),
+        )
+        .map_err(|e| PolicyError {
+            allowed: format!("{} and at least `delay`", e.allowed),
+            ..e
+        })?;
         check_fraction("jitter", self.jitter)?;
         check_duration(
             "rate_limited_delay",
@@ -419,8 +424,14 @@ impl ClassifyPolicy {
     fn validate(&self) -> Result<(), PolicyError> {
         for (field, words) in [
             ("classify.transient_keywords", &self.transient_keywords),
-            ("classify.next_provider_keywords", &self.next_provider_keywords),
-            ("classify.client_error_keywords", &self.client_error_keywords),
+            (
+                "classify.next_provider_keywords",
+                &self.next_provider_keywords,
+            ),
+            (
+                "classify.client_error_keywords",
+                &self.client_error_keywords,
+            ),
         ] {
             if words.len() > 256 {
                 return Err(PolicyError::field(
@@ -551,7 +562,10 @@ mod tests {
         let e = Policy::from_toml("delay = \"1s\"\nmax_round = 3\n").unwrap_err();
         assert_eq!(e.location.map(|l| l.0), Some(2), "{e}");
         assert!(e.to_string().contains("max_round"), "{e}");
-        assert!(e.to_string().contains("max_rounds"), "lists allowed keys: {e}");
+        assert!(
+            e.to_string().contains("max_rounds"),
+            "lists allowed keys: {e}"
+        );
     }
 
     #[test]
@@ -582,8 +596,8 @@ mod tests {
         let e = Policy::from_toml("[timeouts]\nconnect = \"10s\"\nattempt = \"5s\"\n").unwrap_err();
         assert_eq!(e.field, "timeouts.connect");
         assert_eq!(e.location, Some((2, 11)));
-        let e = Policy::from_toml("[health]\ncooldown = \"10m\"\nmax_cooldown = \"1m\"\n")
-            .unwrap_err();
+        let e =
+            Policy::from_toml("[health]\ncooldown = \"10m\"\nmax_cooldown = \"1m\"\n").unwrap_err();
         assert_eq!(e.field, "health.max_cooldown");
         let e = Policy::from_toml("[classify]\nretryable_statuses = [429]\n").unwrap_err();
         assert_eq!(e.field, "classify.retryable_statuses");

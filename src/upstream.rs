@@ -159,7 +159,10 @@ mod tests {
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
@@ -181,9 +184,6 @@ mod tests {
             retry_after: None,
             body: "could not fetch image https://x".into(),
         };
-        assert_eq!(
-            e.classify(&rules).class,
-            crate::Classification::Permanent
-        );
+        assert_eq!(e.classify(&rules).class, crate::Classification::Permanent);
     }
 }

@@ -204,7 +204,11 @@ impl<P> Pool<P> {
                     _ => {}
                 },
                 Attempted::Expired => {
-                    return Err(fail(req, FailReason::DeadlineExceeded { wait: None }, start));
+                    return Err(fail(
+                        req,
+                        FailReason::DeadlineExceeded { wait: None },
+                        start,
+                    ));
                 }
             }
         }
@@ -269,8 +273,8 @@ impl<P> Pool<P> {
                 let before = Instant::now();
                 if ready > before {
                     tokio::time::sleep_until(ready).await;
-                    req.report.waited += ready - before;
-                    now = ready;
+                    now = Instant::now();
+                    req.report.waited += now - before;
                 } else {
                     now = before;
                 }
@@ -353,7 +357,10 @@ where
         }
         Err(_) => {
             req.last = Some(AttemptError::TimedOut(limit));
-            (active.rules().response_timeout(), limit < policy.timeouts.attempt)
+            (
+                active.rules().response_timeout(),
+                limit < policy.timeouts.attempt,
+            )
         }
     };
     let ended = Instant::now();
@@ -470,7 +477,9 @@ mod tests {
         let waits: Vec<_> = (1..=5).map(|r| backoff(s, 2.0, r, cap)).collect();
         assert_eq!(
             waits,
-            [500, 1000, 2000, 4000, 4000].map(Duration::from_millis).to_vec()
+            [500, 1000, 2000, 4000, 4000]
+                .map(Duration::from_millis)
+                .to_vec()
         );
     }
 

@@ -111,9 +111,12 @@ impl<P> fmt::Debug for Pool<P> {
     }
 }
 
+/// A model's providers, by name, in the order they were added.
+type Providers<P> = Vec<(Arc<str>, P)>;
+
 /// Builds a [`Pool`].
 pub struct PoolBuilder<P> {
-    models: Vec<(Arc<str>, Vec<(Arc<str>, P)>)>,
+    models: Vec<(Arc<str>, Providers<P>)>,
     policy: Option<LivePolicy>,
 }
 

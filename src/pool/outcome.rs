@@ -152,11 +152,9 @@ impl<E: fmt::Display> fmt::Display for AttemptError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AttemptError::Upstream(e) => e.fmt(f),
-            AttemptError::TimedOut(d) => write!(
-                f,
-                "no response within {}",
-                humantime::format_duration(*d)
-            ),
+            AttemptError::TimedOut(d) => {
+                write!(f, "no response within {}", humantime::format_duration(*d))
+            }
         }
     }
 }

@@ -1,0 +1,648 @@
+//! Pool behaviour under paused tokio time: rounds, delays, classification,
+//! budget, deadline, health and cancellation. No real sleeps.
+
+mod script;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use retryctl::{
+    BudgetPolicy, CallOptions, Cause, Classification, FailReason, HealthPolicy, LivePolicy, Policy,
+    Pool, PoolError, Served,
+};
+use script::{Scripted, Step, TestError, refused};
+use tokio::time::Instant;
+
+const MODEL: &str = "openai/gpt-oss-120b";
+
+type P = Arc<Scripted>;
+type Outcome = Result<Served<&'static str>, PoolError<TestError>>;
+
+fn pool(providers: impl IntoIterator<Item = P>, policy: Policy) -> Pool<P> {
+    let mut b = Pool::builder().policy(LivePolicy::new(policy).unwrap());
+    for p in providers {
+        b = b.provider(MODEL, p.name, p);
+    }
+    b.build().unwrap()
+}
+
+async fn call(pool: &Pool<P>) -> Outcome {
+    pool.call(MODEL, |p: &P| p.attempt()).await
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+// ---- the production fix's four cases -------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn connection_error_retries_once_after_500ms_with_jitter() {
+    for _ in 0..20 {
+        let a = Scripted::new("a", vec![refused(), refused()]);
+        let pool = pool([a.clone()], Policy::default());
+        let err = call(&pool).await.unwrap_err();
+        assert_eq!(err.reason, FailReason::RoundsExhausted);
+        assert_eq!(
+            (err.report.attempts, err.report.rounds, err.report.retries),
+            (2, 2, 1)
+        );
+        let t = a.times();
+        let gap = t[1] - t[0];
+        assert!(
+            (400..=600).contains(&ms(gap)),
+            "wait {gap:?} outside 500ms +/- 20%"
+        );
+        assert_eq!(err.report.waited, gap);
+        assert!(
+            err.report
+                .failures()
+                .iter()
+                .all(|f| f.verdict.cause == Cause::ConnectRefused)
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn json_parse_failure_is_not_retried() {
+    let a = Scripted::new("a", vec![Step::Text("expected value at line 1 column 1")]);
+    let pool = pool([a.clone()], Policy::default());
+    let err = call(&pool).await.unwrap_err();
+    assert_eq!(err.reason, FailReason::NotRetryable);
+    assert_eq!((err.report.attempts, err.report.rounds), (1, 1));
+    assert_eq!(a.count(), 1);
+    assert_eq!(
+        err.report.failures()[0].verdict.class,
+        Classification::TryNext
+    );
+    assert_eq!(err.report.waited, Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_502_retries_once() {
+    let a = Scripted::new("a", vec![Step::Status(502, None)]);
+    let pool = pool([a.clone()], Policy::default());
+    let err = call(&pool).await.unwrap_err();
+    assert_eq!(err.reason, FailReason::RoundsExhausted);
+    assert_eq!(a.count(), 2);
+    assert_eq!(err.report.failures()[1].verdict.cause, Cause::Status5xx);
+    assert_eq!(err.report.failures()[1].round, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn second_attempt_success_is_returned() {
+    let a = Scripted::new("a", vec![refused(), Step::Ok]);
+    let pool = pool([a.clone()], Policy::default());
+    let start = Instant::now();
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.value, "a");
+    assert_eq!(
+        (served.attempts(), served.rounds(), served.report.retries),
+        (2, 2, 1)
+    );
+    assert!(!served.fell_back);
+    assert_eq!(served.report.failures().len(), 1);
+    let waited = Instant::now() - start;
+    assert!((400..=600).contains(&ms(waited)), "{waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn success_first_time_costs_one_attempt_and_no_wait() {
+    let a = Scripted::new("a", vec![Step::Ok]);
+    let pool = pool([a.clone()], Policy::default());
+    let start = Instant::now();
+    let served = call(&pool).await.unwrap();
+    assert_eq!(
+        (served.attempts(), served.rounds(), served.report.retries),
+        (1, 1, 0)
+    );
+    assert_eq!(Instant::now(), start);
+    assert!(served.report.failures().is_empty());
+}
+
+// ---- the review's findings ------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn demotion_needs_ten_failed_requests_not_five() {
+    let a = Scripted::new("a", vec![refused()]);
+    let b = Scripted::new("b", vec![Step::Ok]);
+    let pool = pool([a.clone(), b.clone()], Policy::default());
+    let demoted = |pool: &Pool<P>| {
+        pool.health()
+            .iter()
+            .find(|s| &*s.provider == "a")
+            .map(|s| (s.health.consecutive_failures, s.health.demoted))
+            .unwrap()
+    };
+    // Requests that reach `a` in both rounds: b fails too, then recovers.
+    b.set(vec![refused()]);
+    for i in 1..=9 {
+        let err = call(&pool).await.unwrap_err();
+        assert_eq!(err.report.attempts, 4, "2 providers x 2 rounds");
+        assert_eq!(demoted(&pool), (i, false), "after request {i}");
+    }
+    let _ = call(&pool).await.unwrap_err();
+    assert_eq!(demoted(&pool), (10, true));
+    assert_eq!(a.count(), 20, "a failed 20 attempts over 10 requests");
+}
+
+#[tokio::test(start_paused = true)]
+async fn four_xx_from_first_of_three_providers_is_one_attempt() {
+    let ps: Vec<P> = ["a", "b", "c"]
+        .into_iter()
+        .map(|n| Scripted::new(n, vec![Step::Status(400, None)]))
+        .collect();
+    let pool = pool(ps.clone(), Policy::default());
+    let err = call(&pool).await.unwrap_err();
+    assert_eq!(err.reason, FailReason::Permanent);
+    assert!(err.is_client_error());
+    assert_eq!((err.report.attempts, err.report.rounds), (1, 1));
+    let total: usize = ps.iter().map(|p| p.count()).sum();
+    assert_eq!(total, 1);
+    assert!(
+        err.to_string().contains("after 1 attempt in 1 round"),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_errors_never_touch_health() {
+    let a = Scripted::new("a", vec![Step::Status(400, None)]);
+    let pool = pool([a.clone()], Policy::default());
+    for _ in 0..50 {
+        assert_eq!(call(&pool).await.unwrap_err().reason, FailReason::Permanent);
+    }
+    let h = &pool.health()[0].health;
+    assert_eq!((h.consecutive_failures, h.demoted), (0, false));
+}
+
+// ---- per-provider decisions ----------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn retry_round_covers_only_providers_whose_own_error_was_retryable() {
+    // a: transient, b: model not found, c: unparseable response
+    let a = Scripted::new("a", vec![refused(), Step::Ok]);
+    let b = Scripted::new("b", vec![Step::Status(404, None)]);
+    let c = Scripted::new("c", vec![Step::Text("invalid json")]);
+    let pool = pool([a.clone(), b.clone(), c.clone()], Policy::default());
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.value, "a");
+    assert_eq!((a.count(), b.count(), c.count()), (2, 1, 1));
+    assert_eq!((served.attempts(), served.rounds()), (4, 2));
+    // no wait between different providers in round 1
+    assert_eq!(b.times()[0], a.times()[0]);
+    assert_eq!(c.times()[0], a.times()[0]);
+    let causes: Vec<_> = served
+        .report
+        .failures()
+        .iter()
+        .map(|f| f.verdict.cause)
+        .collect();
+    assert_eq!(
+        causes,
+        vec![Cause::ConnectRefused, Cause::NextProvider, Cause::Opaque]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn last_error_non_retryable_does_not_hide_an_earlier_transient_one() {
+    // The first fix looked only at the last provider's error.
+    let a = Scripted::new("a", vec![refused(), Step::Ok]);
+    let b = Scripted::new("b", vec![Step::Status(404, None)]);
+    let pool = pool([a.clone(), b.clone()], Policy::default());
+    let served = call(&pool).await.unwrap();
+    assert_eq!((served.value, served.rounds()), ("a", 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn falls_back_without_waiting() {
+    let a = Scripted::new("a", vec![refused()]);
+    let b = Scripted::new("b", vec![Step::Ok]);
+    let pool = pool([a.clone(), b.clone()], Policy::default());
+    let start = Instant::now();
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.value, "b");
+    assert!(served.fell_back);
+    assert_eq!((served.attempts(), served.rounds()), (2, 1));
+    assert_eq!(Instant::now(), start, "no wait when switching provider");
+}
+
+#[tokio::test(start_paused = true)]
+async fn healthy_providers_rotate_round_robin() {
+    let ps: Vec<P> = ["a", "b", "c"]
+        .into_iter()
+        .map(|n| Scripted::new(n, vec![Step::Ok]))
+        .collect();
+    let pool = pool(ps.clone(), Policy::default());
+    let mut served = Vec::new();
+    for _ in 0..6 {
+        served.push(call(&pool).await.unwrap().value);
+    }
+    assert_eq!(served, vec!["a", "b", "c", "a", "b", "c"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn demoted_goes_to_back_then_probe_recovers_it() {
+    let policy = Policy {
+        health: HealthPolicy {
+            demote_after: 2,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(300),
+        },
+        ..Policy::default()
+    };
+    let a = Scripted::new("a", vec![refused()]);
+    let b = Scripted::new("b", vec![Step::Ok]);
+    let pool = pool([a.clone(), b.clone()], policy);
+    // Two requests where a is tried (and fails) demote it.
+    while !pool.health()[0].health.demoted {
+        let _ = call(&pool).await.unwrap();
+    }
+    let a_before = a.count();
+    for _ in 0..10 {
+        assert_eq!(call(&pool).await.unwrap().value, "b");
+    }
+    assert_eq!(a.count(), a_before, "a demoted: b serves, a is not tried");
+    // The cool-down passes; a is back up; the next request probes it first.
+    a.set(vec![Step::Ok]);
+    tokio::time::advance(Duration::from_secs(29)).await;
+    assert_eq!(call(&pool).await.unwrap().value, "b");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.value, "a", "probe goes first");
+    let h = &pool.health()[0].health;
+    assert_eq!(
+        (h.demoted, h.recoveries, h.consecutive_failures),
+        (false, 1, 0)
+    );
+    // back in rotation
+    let values: Vec<_> = [(); 4].iter().map(|_| ()).collect::<Vec<_>>();
+    let mut got = Vec::new();
+    for _ in values {
+        got.push(call(&pool).await.unwrap().value);
+    }
+    assert!(got.contains(&"a") && got.contains(&"b"), "{got:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_probe_doubles_the_cooldown() {
+    let policy = Policy {
+        health: HealthPolicy {
+            demote_after: 1,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(300),
+        },
+        ..Policy::default()
+    };
+    let a = Scripted::new("a", vec![refused()]);
+    let b = Scripted::new("b", vec![Step::Ok]);
+    let pool = pool([a.clone(), b.clone()], policy);
+    while !pool.health()[0].health.demoted {
+        call(&pool).await.unwrap();
+    }
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let n = a.count();
+    let served = call(&pool).await.unwrap();
+    assert_eq!(
+        (served.value, a.count()),
+        ("b", n + 1),
+        "probe failed, b served"
+    );
+    assert_eq!(
+        pool.health()[0].health.next_probe_in,
+        Some(Duration::from_secs(60))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_demoted_are_still_served() {
+    let policy = Policy {
+        health: HealthPolicy {
+            demote_after: 1,
+            ..HealthPolicy::default()
+        },
+        ..Policy::default()
+    };
+    let a = Scripted::new("a", vec![refused()]);
+    let b = Scripted::new("b", vec![refused()]);
+    let pool = pool([a.clone(), b.clone()], policy);
+    let _ = call(&pool).await.unwrap_err();
+    assert!(pool.health().iter().all(|s| s.health.demoted));
+    b.set(vec![Step::Ok]);
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.value, "b");
+    assert!(!pool.health()[1].health.demoted, "success restores it");
+}
+
+// ---- rate limits, deadline, budget -----------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn rate_limited_waits_for_retry_after() {
+    let a = Scripted::new(
+        "a",
+        vec![Step::Status(429, Some(Duration::from_secs(3))), Step::Ok],
+    );
+    let pool = pool([a.clone()], Policy::default());
+    let served = call(&pool).await.unwrap();
+    let t = a.times();
+    assert_eq!(t[1] - t[0], Duration::from_secs(3));
+    assert_eq!(
+        served.report.failures()[0].verdict.cause,
+        Cause::RateLimited
+    );
+    // 429 never demotes
+    assert_eq!(pool.health()[0].health.consecutive_failures, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_beyond_the_deadline_fails_fast() {
+    let a = Scripted::new("a", vec![Step::Status(429, Some(Duration::from_secs(20)))]);
+    let pool = pool([a.clone()], Policy::default());
+    let start = Instant::now();
+    let err = pool
+        .call_with(
+            MODEL,
+            CallOptions::timeout(Duration::from_secs(10)),
+            |p: &P| p.attempt(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(Instant::now(), start, "failed fast, no wait");
+    assert_eq!(
+        err.reason,
+        FailReason::DeadlineExceeded {
+            wait: Some(Duration::from_secs(20))
+        }
+    );
+    assert!(err.to_string().contains("20s past"), "{err}");
+    assert_eq!(a.count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_beyond_the_cap_is_not_waited_for() {
+    let a = Scripted::new(
+        "a",
+        vec![Step::Status(429, Some(Duration::from_secs(3600)))],
+    );
+    let pool = pool([a.clone()], Policy::default());
+    let start = Instant::now();
+    let err = call(&pool).await.unwrap_err();
+    assert_eq!(Instant::now(), start);
+    assert_eq!(
+        err.reason,
+        FailReason::RetryAfterTooLong {
+            retry_after: Duration::from_secs(3600)
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_wait_past_the_deadline() {
+    let policy = Policy {
+        max_rounds: 5,
+        delay: Duration::from_secs(1),
+        jitter: 0.0,
+        ..Policy::default()
+    };
+    let a = Scripted::new("a", vec![refused()]);
+    let pool = pool([a.clone()], policy);
+    let start = Instant::now();
+    let deadline = start + Duration::from_millis(3500);
+    let err = pool
+        .call_with(MODEL, CallOptions::deadline(deadline), |p: &P| p.attempt())
+        .await
+        .unwrap_err();
+    // waits 1 s, 2 s; the next (4 s) would end past the deadline
+    let t: Vec<_> = a.times().iter().map(|t| ms(*t - start)).collect();
+    assert_eq!(t, vec![0, 1000, 3000]);
+    assert_eq!(
+        err.reason,
+        FailReason::DeadlineExceeded {
+            wait: Some(Duration::from_secs(4))
+        }
+    );
+    assert!(Instant::now() <= deadline);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_attempt_is_cut_by_the_deadline() {
+    let a = Scripted::new("a", vec![Step::Hang]);
+    let pool = pool([a.clone()], Policy::default());
+    let start = Instant::now();
+    let err = pool
+        .call_with(
+            MODEL,
+            CallOptions::timeout(Duration::from_secs(2)),
+            |p: &P| p.attempt(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(Instant::now() - start, Duration::from_secs(2));
+    assert_eq!(err.reason, FailReason::DeadlineExceeded { wait: None });
+    assert_eq!(pool.health()[0].health.consecutive_failures, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn response_timeout_is_not_retried_by_default_but_can_be() {
+    let policy = |retry: bool| {
+        let mut p = Policy::default();
+        p.timeouts.attempt = Duration::from_secs(10);
+        p.classify.retry_response_timeout = retry;
+        p
+    };
+    let a = Scripted::new("a", vec![Step::Hang]);
+    let pool1 = pool([a.clone()], policy(false));
+    let err = call(&pool1).await.unwrap_err();
+    assert_eq!(err.reason, FailReason::NotRetryable);
+    assert_eq!(
+        err.report.failures()[0].verdict.cause,
+        Cause::ResponseTimeout
+    );
+    assert_eq!(err.report.failures()[0].elapsed, Duration::from_secs(10));
+    assert_eq!(a.count(), 1);
+    let b = Scripted::new("b", vec![Step::Hang, Step::Ok]);
+    let pool2 = pool([b.clone()], policy(true));
+    assert_eq!(call(&pool2).await.unwrap().rounds(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_bounds_retries_during_a_total_outage() {
+    // 1,000 requests at once against a dead provider: the default budget
+    // pays for 20% of them plus a reserve of 10/s x 10 s = 100.
+    let a = Scripted::new("a", vec![refused()]);
+    let pool = Arc::new(pool([a.clone()], Policy::default()));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let pool = pool.clone();
+        set.spawn(async move { call(&pool).await.unwrap_err() });
+    }
+    let mut budget_refused = 0;
+    let mut retried = 0;
+    while let Some(err) = set.join_next().await {
+        let err = err.unwrap();
+        match err.reason {
+            FailReason::BudgetExhausted => budget_refused += 1,
+            FailReason::RoundsExhausted => retried += 1,
+            ref r => panic!("unexpected {r:?}"),
+        }
+    }
+    assert_eq!(retried, 300, "20% of 1000 + 100 reserve");
+    assert_eq!(budget_refused, 700);
+    assert_eq!(a.count(), 1300);
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_recovers_after_the_window() {
+    let policy = Policy {
+        budget: BudgetPolicy {
+            ratio: 0.0,
+            min_per_second: 1,
+            ..BudgetPolicy::default()
+        },
+        delay: Duration::ZERO,
+        ..Policy::default()
+    };
+    let a = Scripted::new("a", vec![refused()]);
+    let pool = pool([a.clone()], policy);
+    let mut reasons = Vec::new();
+    for _ in 0..12 {
+        reasons.push(call(&pool).await.unwrap_err().reason);
+    }
+    let retried = reasons
+        .iter()
+        .filter(|r| **r == FailReason::RoundsExhausted)
+        .count();
+    assert_eq!(retried, 10);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(
+        call(&pool).await.unwrap_err().reason,
+        FailReason::RoundsExhausted
+    );
+}
+
+// ---- policy snapshot, unknown model, cancellation ---------------------------
+
+#[tokio::test(start_paused = true)]
+async fn unknown_model_is_a_typed_error_and_touches_nothing() {
+    let a = Scripted::new("a", vec![Step::Ok]);
+    let pool = pool([a.clone()], Policy::default());
+    let err = pool.call("nope", |p: &P| p.attempt()).await.unwrap_err();
+    assert_eq!(
+        err.reason,
+        FailReason::UnknownModel {
+            model: "nope".into()
+        }
+    );
+    assert!(err.is_client_error());
+    assert_eq!(err.report.attempts, 0);
+    assert_eq!(a.count(), 0);
+    let long = "m".repeat(10_000);
+    let err = pool.call(&long, |p: &P| p.attempt()).await.unwrap_err();
+    assert!(err.to_string().len() < 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_keeps_its_policy_snapshot() {
+    let a = Scripted::new("a", vec![refused(), refused(), refused(), Step::Ok]);
+    let pool = Arc::new(pool([a.clone()], Policy::default()));
+    let p2 = pool.clone();
+    let task = tokio::spawn(async move { call(&p2).await });
+    tokio::task::yield_now().await; // the request has started and waits
+    assert_eq!(a.count(), 1);
+    pool.policy()
+        .store(Policy {
+            max_rounds: 4,
+            ..Policy::default()
+        })
+        .unwrap();
+    let err = task.await.unwrap().unwrap_err();
+    assert_eq!(err.report.rounds, 2, "started under max_rounds = 2");
+    // the next request uses the new policy
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.rounds(), 2);
+    assert_eq!(a.count(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_calls_leave_health_and_budget_consistent() {
+    let policy = Policy {
+        health: HealthPolicy {
+            demote_after: 1_000_000,
+            ..HealthPolicy::default()
+        },
+        ..Policy::default()
+    };
+    let a = Scripted::new(
+        "a",
+        vec![Step::After(Duration::from_millis(100), Box::new(refused()))],
+    );
+    let b = Scripted::new(
+        "b",
+        vec![Step::After(Duration::from_millis(50), Box::new(refused()))],
+    );
+    let pool = Arc::new(pool([a.clone(), b.clone()], policy));
+    let budget_before = pool.budget_available(MODEL).unwrap();
+    for i in 0..1000u64 {
+        let pool = pool.clone();
+        // cancel at a random point: during an attempt, during the wait, or
+        // after completion
+        let cut = Duration::from_millis(fastrand::u64(0..900));
+        let started = Instant::now();
+        let _ = tokio::time::timeout(cut, call(&pool)).await;
+        // keep each call in its own window slice
+        tokio::time::advance(Duration::from_millis(
+            1000 - (Instant::now() - started).as_millis() as u64 % 1000,
+        ))
+        .await;
+        let _ = i;
+    }
+    let total_attempts = a.count() + b.count();
+    for s in pool.health() {
+        let h = s.health;
+        assert!(!h.demoted);
+        // at most once per request, and never more than the attempts seen
+        assert!(h.consecutive_failures <= 1000, "{h:?}");
+        let seen = if &*s.provider == "a" {
+            a.count()
+        } else {
+            b.count()
+        };
+        assert!(h.consecutive_failures as usize <= seen);
+    }
+    assert!(total_attempts >= 1000);
+    // nothing leaked: after the window, the budget is back where it started
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert_eq!(pool.budget_available(MODEL).unwrap(), budget_before);
+    // and the pool still works
+    a.set(vec![Step::Ok]);
+    b.set(vec![Step::Ok]);
+    assert!(call(&pool).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_probe_releases_the_probe_slot() {
+    let policy = Policy {
+        health: HealthPolicy {
+            demote_after: 1,
+            ..HealthPolicy::default()
+        },
+        ..Policy::default()
+    };
+    let a = Scripted::new("a", vec![refused()]);
+    let b = Scripted::new("b", vec![Step::Ok]);
+    let pool = pool([a.clone(), b.clone()], policy);
+    while !pool.health()[0].health.demoted {
+        call(&pool).await.unwrap();
+    }
+    tokio::time::advance(Duration::from_secs(30)).await;
+    a.set(vec![Step::Hang]);
+    // The probe hangs; the caller gives up after 1 s.
+    let n = a.count();
+    let r = tokio::time::timeout(Duration::from_secs(1), call(&pool)).await;
+    assert!(r.is_err());
+    assert_eq!(a.count(), n + 1, "the probe was sent");
+    // The slot is free again: the next request probes (and a is back).
+    a.set(vec![Step::Ok]);
+    assert_eq!(call(&pool).await.unwrap().value, "a");
+    assert!(!pool.health()[0].health.demoted);
+}
