@@ -59,6 +59,8 @@ mod health;
 mod live;
 pub mod policy;
 pub mod pool;
+pub mod stats;
+pub mod telemetry;
 pub mod upstream;
 
 /// The README's examples, compiled and run as doc tests.
@@ -73,5 +75,6 @@ pub use live::{ActivePolicy, LivePolicy};
 pub use policy::{BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, Timeouts};
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,
-    ProviderStatus, Report, Served,
+    ProviderStats, Report, Served,
 };
+pub use stats::WindowStats;

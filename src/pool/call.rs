@@ -13,6 +13,7 @@ use crate::classify::{Classification, Classify, Verdict};
 use crate::health::HealthEvent;
 use crate::live::ActivePolicy;
 use crate::policy::Policy;
+use crate::telemetry::Skip;
 
 /// Per-call options.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,7 +55,8 @@ struct Request<'a, E> {
 
 /// How one attempt ended.
 enum Attempted<T> {
-    Served(T),
+    /// Success, and when the attempt ended.
+    Served(T, Instant),
     Failed(Verdict),
     /// The call's deadline ended the attempt (or left no time to start it).
     Expired,
@@ -152,6 +154,7 @@ impl<P> Pool<P> {
         E: Classify + std::fmt::Display,
     {
         let Some(m) = self.model(model) else {
+            self.unknown_model.increment(1);
             let mut name = model.to_owned();
             if name.len() > 128 {
                 let mut cut = 128;
@@ -193,18 +196,19 @@ impl<P> Pool<P> {
                 now = Instant::now();
             }
             match attempt(m, i, 1, now, deadline, &mut op, &active, &mut req).await {
-                Attempted::Served(value) => {
-                    return Ok(served(m, i, order[0] != i, value, req, start));
+                Attempted::Served(value, ended) => {
+                    return Ok(served(m, i, order[0] != i, value, req, start, ended));
                 }
                 Attempted::Failed(v) => match v.class {
                     Classification::Permanent => {
-                        return Err(fail(req, FailReason::Permanent, start));
+                        return Err(fail(m, req, FailReason::Permanent, start));
                     }
                     c if c.is_retryable() => pending.push((i, c)),
                     _ => {}
                 },
                 Attempted::Expired => {
                     return Err(fail(
+                        m,
                         req,
                         FailReason::DeadlineExceeded { wait: None },
                         start,
@@ -220,13 +224,14 @@ impl<P> Pool<P> {
             let round_end = Instant::now();
             if pending.is_empty() {
                 let reason = stopped.take().unwrap_or(FailReason::NotRetryable);
-                return Err(fail(req, reason, start));
+                return Err(fail(m, req, reason, start));
             }
             if round >= policy.max_rounds {
-                return Err(fail(req, FailReason::RoundsExhausted, start));
+                return Err(fail(m, req, FailReason::RoundsExhausted, start));
             }
             let (plan, too_long) = schedule(policy, round, &pending);
             if let Some(retry_after) = too_long {
+                m.metrics.skipped(Skip::RetryAfter);
                 stopped = Some(FailReason::RetryAfterTooLong { retry_after });
             }
             round += 1;
@@ -253,6 +258,7 @@ impl<P> Pool<P> {
                         left_ms = deadline.saturating_duration_since(round_end).as_millis() as u64,
                         "retry skipped: the wait would pass the deadline"
                     );
+                    m.metrics.skipped(Skip::Deadline);
                     stopped = Some(FailReason::DeadlineExceeded { wait: Some(r.wait) });
                     break;
                 }
@@ -263,6 +269,7 @@ impl<P> Pool<P> {
                         attempts = req.report.attempts,
                         "retry refused by the retry budget"
                     );
+                    m.metrics.skipped(Skip::Budget);
                     stopped = Some(FailReason::BudgetExhausted);
                     break;
                 }
@@ -275,29 +282,31 @@ impl<P> Pool<P> {
                     tokio::time::sleep_until(ready).await;
                     now = Instant::now();
                     req.report.waited += now - before;
+                    m.metrics.retry_delay(now - before);
                 } else {
                     now = before;
                 }
                 match attempt(m, r.index, round, now, deadline, &mut op, &active, &mut req).await {
-                    Attempted::Served(value) => {
-                        return Ok(served(m, r.index, order[0] != r.index, value, req, start));
+                    Attempted::Served(value, ended) => {
+                        let fell_back = order[0] != r.index;
+                        return Ok(served(m, r.index, fell_back, value, req, start, ended));
                     }
                     Attempted::Failed(v) => match v.class {
                         Classification::Permanent => {
-                            return Err(fail(req, FailReason::Permanent, start));
+                            return Err(fail(m, req, FailReason::Permanent, start));
                         }
                         c if c.is_retryable() => pending.push((r.index, c)),
                         _ => {}
                     },
                     Attempted::Expired => {
                         let reason = FailReason::DeadlineExceeded { wait: None };
-                        return Err(fail(req, reason, start));
+                        return Err(fail(m, req, reason, start));
                     }
                 }
             }
             if !started_round {
                 let reason = stopped.take().unwrap_or(FailReason::NotRetryable);
-                return Err(fail(req, reason, start));
+                return Err(fail(m, req, reason, start));
             }
         }
     }
@@ -331,15 +340,21 @@ where
     req.report.attempts += 1;
     if round > 1 {
         req.report.retries += 1;
+        m.metrics.retry();
     }
     let was_probe = req.probe.as_ref().is_some_and(|g| g.index == i);
     let result = tokio::time::timeout(limit, op(&route.provider)).await;
     let (verdict, expired) = match result {
         Ok(Ok(value)) => {
+            let ended = Instant::now();
+            let elapsed = ended.saturating_duration_since(now);
+            route.stats.record(ended, elapsed, None);
+            route.metrics.attempt(None, elapsed);
             if was_probe {
                 req.probe = None;
             }
             if route.health.on_success() == HealthEvent::Recovered {
+                route.metrics.recovered();
                 tracing::info!(
                     target: "retryctl",
                     model = req.model,
@@ -348,7 +363,7 @@ where
                     "provider recovered"
                 );
             }
-            return Attempted::Served(value);
+            return Attempted::Served(value, ended);
         }
         Ok(Err(e)) => {
             let v = e.classify(active.rules());
@@ -364,11 +379,14 @@ where
         }
     };
     let ended = Instant::now();
+    let elapsed = ended.saturating_duration_since(now);
+    route.stats.record(ended, elapsed, Some(verdict.cause));
+    route.metrics.attempt(Some(verdict.cause), elapsed);
     req.report.failures.push(FailedAttempt {
         provider: route.name.clone(),
         round,
         verdict,
-        elapsed: ended.saturating_duration_since(now),
+        elapsed,
     });
     tracing::debug!(
         target: "retryctl",
@@ -388,13 +406,16 @@ where
     {
         req.counted |= bit;
         match route.health.on_failure(ended, &policy.health, was_probe) {
-            HealthEvent::Demoted => tracing::warn!(
+            HealthEvent::Demoted => {
+                route.metrics.demoted();
+                tracing::warn!(
                 target: "retryctl",
                 model = req.model,
                 provider = &*route.name,
                 after = policy.health.demote_after,
                 "provider demoted after consecutive failed requests"
-            ),
+                )
+            }
             HealthEvent::ProbeFailed => tracing::info!(
                 target: "retryctl",
                 model = req.model,
@@ -421,8 +442,11 @@ fn served<P, T, E>(
     value: T,
     mut req: Request<'_, E>,
     start: Instant,
+    ended: Instant,
 ) -> Served<T> {
-    req.report.elapsed = Instant::now().saturating_duration_since(start);
+    req.report.elapsed = ended.saturating_duration_since(start);
+    let r = &req.report;
+    m.metrics.served(r.rounds, r.attempts, r.elapsed, fell_back);
     Served {
         value,
         provider: m.routes[i as usize].name.clone(),
@@ -431,12 +455,15 @@ fn served<P, T, E>(
     }
 }
 
-fn fail<E: std::fmt::Display>(
+fn fail<P, E: std::fmt::Display>(
+    m: &Model<P>,
     mut req: Request<'_, E>,
     reason: FailReason,
     start: Instant,
 ) -> PoolError<E> {
     req.report.elapsed = Instant::now().saturating_duration_since(start);
+    let r = &req.report;
+    m.metrics.failed(&reason, r.rounds, r.attempts, r.elapsed);
     let level_warn = !matches!(reason, FailReason::Permanent);
     let last = req.last.as_ref().map(|e| e.to_string()).unwrap_or_default();
     if level_warn {

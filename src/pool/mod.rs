@@ -45,6 +45,8 @@ use tokio::time::Instant;
 use crate::budget::RetryBudget;
 use crate::health::{HealthSnapshot, ProviderHealth};
 use crate::live::LivePolicy;
+use crate::stats::{RouteStats, WindowStats};
+use crate::telemetry::{self, ModelMetrics, RouteMetrics};
 
 pub use self::call::CallOptions;
 pub use self::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
@@ -62,6 +64,8 @@ struct Route<P> {
     name: Arc<str>,
     provider: P,
     health: ProviderHealth,
+    stats: RouteStats,
+    metrics: RouteMetrics,
 }
 
 #[derive(Debug)]
@@ -70,6 +74,7 @@ struct Model<P> {
     routes: Box<[Route<P>]>,
     rr: AtomicUsize,
     budget: RetryBudget,
+    metrics: ModelMetrics,
 }
 
 /// Routes requests for each model across its providers, retrying transient
@@ -101,6 +106,7 @@ pub struct Pool<P> {
     models: Vec<Model<P>>,
     index: HashMap<Arc<str>, usize>,
     policy: LivePolicy,
+    unknown_model: metrics::Counter,
 }
 
 impl<P> fmt::Debug for Pool<P> {
@@ -118,6 +124,7 @@ type Providers<P> = Vec<(Arc<str>, P)>;
 pub struct PoolBuilder<P> {
     models: Vec<(Arc<str>, Providers<P>)>,
     policy: Option<LivePolicy>,
+    prefix: Option<String>,
 }
 
 impl<P> fmt::Debug for PoolBuilder<P> {
@@ -159,6 +166,7 @@ impl<P> Default for PoolBuilder<P> {
         PoolBuilder {
             models: Vec::new(),
             policy: None,
+            prefix: None,
         }
     }
 }
@@ -183,8 +191,20 @@ impl<P> PoolBuilder<P> {
         self
     }
 
-    /// Checks the routes and builds the pool.
+    /// The metric name prefix (default `retryctl_`).
+    pub fn metrics_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = Some(prefix.to_owned());
+        self
+    }
+
+    /// Checks the routes and builds the pool, resolving every metric handle
+    /// (install the metrics recorder before this).
     pub fn build(self) -> Result<Pool<P>, BuildError> {
+        let prefix: Arc<str> = self
+            .prefix
+            .as_deref()
+            .unwrap_or(telemetry::DEFAULT_PREFIX)
+            .into();
         if self.models.is_empty() {
             return Err(BuildError::Empty);
         }
@@ -210,14 +230,17 @@ impl<P> PoolBuilder<P> {
             }
             let routes = providers
                 .into_iter()
-                .map(|(name, provider)| Route {
-                    name,
+                .map(|(provider_name, provider)| Route {
+                    metrics: RouteMetrics::new(&prefix, &name, &provider_name),
+                    name: provider_name,
                     provider,
                     health: ProviderHealth::new(),
+                    stats: RouteStats::new(),
                 })
                 .collect();
             index.insert(name.clone(), models.len());
             models.push(Model {
+                metrics: ModelMetrics::new(&prefix, &name),
                 name,
                 routes,
                 rr: AtomicUsize::new(0),
@@ -228,19 +251,22 @@ impl<P> PoolBuilder<P> {
             models,
             index,
             policy: self.policy.unwrap_or_default(),
+            unknown_model: telemetry::unknown_model(&prefix),
         })
     }
 }
 
 /// The state of one provider for one model.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProviderStatus {
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProviderStats {
     /// The model.
     pub model: Arc<str>,
     /// The provider.
     pub provider: Arc<str>,
     /// Its health.
     pub health: HealthSnapshot,
+    /// Its attempts over the last [`stats::WINDOW`](crate::stats::WINDOW).
+    pub recent: WindowStats,
 }
 
 impl<P> Pool<P> {
@@ -259,16 +285,18 @@ impl<P> Pool<P> {
         self.models.iter().map(|m| &*m.name)
     }
 
-    /// Health of every provider of every model.
-    pub fn health(&self) -> Vec<ProviderStatus> {
+    /// Health and recent statistics of every provider of every model, in
+    /// configuration order. Takes each route's recording locks briefly.
+    pub fn stats(&self) -> Vec<ProviderStats> {
         let now = Instant::now();
         self.models
             .iter()
             .flat_map(|m| {
-                m.routes.iter().map(move |r| ProviderStatus {
+                m.routes.iter().map(move |r| ProviderStats {
                     model: m.name.clone(),
                     provider: r.name.clone(),
                     health: r.health.snapshot(now),
+                    recent: r.stats.snapshot(now),
                 })
             })
             .collect()

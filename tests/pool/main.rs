@@ -128,7 +128,7 @@ async fn demotion_needs_ten_failed_requests_not_five() {
     let b = Scripted::new("b", vec![Step::Ok]);
     let pool = pool([a.clone(), b.clone()], Policy::default());
     let demoted = |pool: &Pool<P>| {
-        pool.health()
+        pool.stats()
             .iter()
             .find(|s| &*s.provider == "a")
             .map(|s| (s.health.consecutive_failures, s.health.demoted))
@@ -172,7 +172,7 @@ async fn permanent_errors_never_touch_health() {
     for _ in 0..50 {
         assert_eq!(call(&pool).await.unwrap_err().reason, FailReason::Permanent);
     }
-    let h = &pool.health()[0].health;
+    let h = &pool.stats()[0].health;
     assert_eq!((h.consecutive_failures, h.demoted), (0, false));
 }
 
@@ -255,7 +255,7 @@ async fn demoted_goes_to_back_then_probe_recovers_it() {
     let b = Scripted::new("b", vec![Step::Ok]);
     let pool = pool([a.clone(), b.clone()], policy);
     // Two requests where a is tried (and fails) demote it.
-    while !pool.health()[0].health.demoted {
+    while !pool.stats()[0].health.demoted {
         let _ = call(&pool).await.unwrap();
     }
     let a_before = a.count();
@@ -270,7 +270,7 @@ async fn demoted_goes_to_back_then_probe_recovers_it() {
     tokio::time::advance(Duration::from_secs(1)).await;
     let served = call(&pool).await.unwrap();
     assert_eq!(served.value, "a", "probe goes first");
-    let h = &pool.health()[0].health;
+    let h = &pool.stats()[0].health;
     assert_eq!(
         (h.demoted, h.recoveries, h.consecutive_failures),
         (false, 1, 0)
@@ -297,7 +297,7 @@ async fn failed_probe_doubles_the_cooldown() {
     let a = Scripted::new("a", vec![refused()]);
     let b = Scripted::new("b", vec![Step::Ok]);
     let pool = pool([a.clone(), b.clone()], policy);
-    while !pool.health()[0].health.demoted {
+    while !pool.stats()[0].health.demoted {
         call(&pool).await.unwrap();
     }
     tokio::time::advance(Duration::from_secs(30)).await;
@@ -309,7 +309,7 @@ async fn failed_probe_doubles_the_cooldown() {
         "probe failed, b served"
     );
     assert_eq!(
-        pool.health()[0].health.next_probe_in,
+        pool.stats()[0].health.next_probe_in,
         Some(Duration::from_secs(60))
     );
 }
@@ -327,11 +327,11 @@ async fn all_demoted_are_still_served() {
     let b = Scripted::new("b", vec![refused()]);
     let pool = pool([a.clone(), b.clone()], policy);
     let _ = call(&pool).await.unwrap_err();
-    assert!(pool.health().iter().all(|s| s.health.demoted));
+    assert!(pool.stats().iter().all(|s| s.health.demoted));
     b.set(vec![Step::Ok]);
     let served = call(&pool).await.unwrap();
     assert_eq!(served.value, "b");
-    assert!(!pool.health()[1].health.demoted, "success restores it");
+    assert!(!pool.stats()[1].health.demoted, "success restores it");
 }
 
 // ---- rate limits, deadline, budget -----------------------------------------
@@ -351,7 +351,7 @@ async fn rate_limited_waits_for_retry_after() {
         Cause::RateLimited
     );
     // 429 never demotes
-    assert_eq!(pool.health()[0].health.consecutive_failures, 0);
+    assert_eq!(pool.stats()[0].health.consecutive_failures, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -439,7 +439,7 @@ async fn slow_attempt_is_cut_by_the_deadline() {
         .unwrap_err();
     assert_eq!(Instant::now() - start, Duration::from_secs(2));
     assert_eq!(err.reason, FailReason::DeadlineExceeded { wait: None });
-    assert_eq!(pool.health()[0].health.consecutive_failures, 0);
+    assert_eq!(pool.stats()[0].health.consecutive_failures, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -597,7 +597,7 @@ async fn cancelled_calls_leave_health_and_budget_consistent() {
         let _ = i;
     }
     let total_attempts = a.count() + b.count();
-    for s in pool.health() {
+    for s in pool.stats() {
         let h = s.health;
         assert!(!h.demoted);
         // at most once per request, and never more than the attempts seen
@@ -631,7 +631,7 @@ async fn cancelled_probe_releases_the_probe_slot() {
     let a = Scripted::new("a", vec![refused()]);
     let b = Scripted::new("b", vec![Step::Ok]);
     let pool = pool([a.clone(), b.clone()], policy);
-    while !pool.health()[0].health.demoted {
+    while !pool.stats()[0].health.demoted {
         call(&pool).await.unwrap();
     }
     tokio::time::advance(Duration::from_secs(30)).await;
@@ -644,5 +644,5 @@ async fn cancelled_probe_releases_the_probe_slot() {
     // The slot is free again: the next request probes (and a is back).
     a.set(vec![Step::Ok]);
     assert_eq!(call(&pool).await.unwrap().value, "a");
-    assert!(!pool.health()[0].health.demoted);
+    assert!(!pool.stats()[0].health.demoted);
 }

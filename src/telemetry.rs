@@ -1,0 +1,357 @@
+//! Prometheus metrics: names, per-route handles, and the `/metrics` server.
+//!
+//! Metrics go through the [`metrics`] facade. The pool resolves every handle
+//! it will ever touch when it is built (per model and per provider, for
+//! every outcome and every cause), so the request path increments ready
+//! handles: no string formatting, no allocation, no label lookup. Label
+//! values come only from configuration (model and provider names) and fixed
+//! enums; a request for an unknown model increments one unlabelled counter
+//! and creates no series.
+//!
+//! Install the recorder (e.g. with [`serve`]) **before** building the pool:
+//! handles resolved with no recorder installed record nothing.
+//!
+//! Histograms are bucketed (`_bucket` / `_sum` / `_count`) with explicit
+//! buckets: summaries cannot be aggregated across gateway replicas.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `retryctl_requests_total` | counter | model, outcome, reason |
+//! | `retryctl_first_round_failures_total` | counter | model |
+//! | `retryctl_fallbacks_total` | counter | model |
+//! | `retryctl_attempts_total` | counter | model, provider, result |
+//! | `retryctl_retries_total` | counter | model |
+//! | `retryctl_retries_skipped_total` | counter | model, reason |
+//! | `retryctl_provider_demotions_total` | counter | model, provider |
+//! | `retryctl_provider_recoveries_total` | counter | model, provider |
+//! | `retryctl_unknown_model_requests_total` | counter | |
+//! | `retryctl_provider_demoted` | gauge | model, provider |
+//! | `retryctl_attempt_duration_seconds` | histogram | model, provider |
+//! | `retryctl_request_duration_seconds` | histogram | model |
+//! | `retryctl_attempts_per_request` | histogram | model |
+//! | `retryctl_retry_delay_seconds` | histogram | model |
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::classify::Cause;
+use crate::pool::FailReason;
+use crate::stats;
+
+/// The default metric name prefix.
+pub const DEFAULT_PREFIX: &str = "retryctl_";
+
+/// The default `/metrics` address: loopback only.
+pub const DEFAULT_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+/// Buckets of the `_seconds` histograms: 1 ms (a loopback attempt) to
+/// 10 min (a long generation).
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
+/// Buckets of `attempts_per_request` (gRPC's 1..5, and one for more).
+pub const ATTEMPTS_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 10.0];
+
+/// Buckets of `retry_delay_seconds`.
+pub const DELAY_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0,
+];
+
+/// Request outcome label values.
+pub const OUTCOMES: [&str; 4] = [
+    "success_first_try",
+    "success_after_retry",
+    "failed_after_retry",
+    "failed_without_retry",
+];
+
+/// Failure reason label values (`none` for successes).
+const REASONS: [&str; 6] = [
+    "permanent",
+    "not_retryable",
+    "rounds_exhausted",
+    "budget_exhausted",
+    "deadline_exceeded",
+    "retry_after_too_long",
+];
+
+/// Why a retry was not made, as a label value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Skip {
+    Budget = 0,
+    Deadline = 1,
+    RetryAfter = 2,
+}
+
+const SKIPS: [&str; 3] = ["budget", "deadline", "retry_after"];
+
+fn reason_index(reason: &FailReason) -> usize {
+    match reason {
+        FailReason::Permanent => 0,
+        FailReason::NotRetryable | FailReason::UnknownModel { .. } => 1,
+        FailReason::RoundsExhausted => 2,
+        FailReason::BudgetExhausted => 3,
+        FailReason::DeadlineExceeded { .. } => 4,
+        FailReason::RetryAfterTooLong { .. } => 5,
+    }
+}
+
+/// Handles for one model, resolved once.
+#[derive(Debug)]
+pub(crate) struct ModelMetrics {
+    success_first_try: Counter,
+    success_after_retry: Counter,
+    /// [after retry, without retry] x reason.
+    failed: [[Counter; REASONS.len()]; 2],
+    first_round_failures: Counter,
+    fallbacks: Counter,
+    retries: Counter,
+    skipped: [Counter; SKIPS.len()],
+    request_duration: Histogram,
+    attempts_per_request: Histogram,
+    retry_delay: Histogram,
+}
+
+/// Handles for one route (model x provider), resolved once.
+#[derive(Debug)]
+pub(crate) struct RouteMetrics {
+    /// Indexed by [`stats::result_index`]: `ok`, then every cause.
+    attempts: [Counter; 1 + Cause::ALL.len()],
+    attempt_duration: Histogram,
+    demoted: Gauge,
+    demotions: Counter,
+    recoveries: Counter,
+}
+
+impl ModelMetrics {
+    pub(crate) fn new(prefix: &str, model: &str) -> Self {
+        let name = |n: &str| format!("{prefix}{n}");
+        let m = model.to_owned();
+        let requests = |outcome: &'static str, reason: &'static str| metrics::counter!(name("requests_total"), "model" => m.clone(), "outcome" => outcome, "reason" => reason);
+        ModelMetrics {
+            success_first_try: requests(OUTCOMES[0], "none"),
+            success_after_retry: requests(OUTCOMES[1], "none"),
+            failed: [
+                REASONS.map(|r| requests(OUTCOMES[2], r)),
+                REASONS.map(|r| requests(OUTCOMES[3], r)),
+            ],
+            first_round_failures: metrics::counter!(name("first_round_failures_total"), "model" => m.clone()),
+            fallbacks: metrics::counter!(name("fallbacks_total"), "model" => m.clone()),
+            retries: metrics::counter!(name("retries_total"), "model" => m.clone()),
+            skipped: SKIPS.map(|r| {
+                metrics::counter!(name("retries_skipped_total"), "model" => m.clone(), "reason" => r)
+            }),
+            request_duration: metrics::histogram!(name("request_duration_seconds"), "model" => m.clone()),
+            attempts_per_request: metrics::histogram!(name("attempts_per_request"), "model" => m.clone()),
+            retry_delay: metrics::histogram!(name("retry_delay_seconds"), "model" => m),
+        }
+    }
+
+    /// A served request.
+    pub(crate) fn served(&self, rounds: u32, attempts: u32, elapsed: Duration, fell_back: bool) {
+        if rounds <= 1 {
+            self.success_first_try.increment(1);
+        } else {
+            self.success_after_retry.increment(1);
+            self.first_round_failures.increment(1);
+        }
+        if fell_back {
+            self.fallbacks.increment(1);
+        }
+        self.request_duration.record(elapsed.as_secs_f64());
+        self.attempts_per_request.record(f64::from(attempts));
+    }
+
+    /// A failed request.
+    pub(crate) fn failed(
+        &self,
+        reason: &FailReason,
+        rounds: u32,
+        attempts: u32,
+        elapsed: Duration,
+    ) {
+        let retried = usize::from(rounds <= 1);
+        self.failed[retried][reason_index(reason)].increment(1);
+        self.first_round_failures.increment(1);
+        self.request_duration.record(elapsed.as_secs_f64());
+        self.attempts_per_request.record(f64::from(attempts));
+    }
+
+    pub(crate) fn retry(&self) {
+        self.retries.increment(1);
+    }
+
+    pub(crate) fn retry_delay(&self, wait: Duration) {
+        self.retry_delay.record(wait.as_secs_f64());
+    }
+
+    pub(crate) fn skipped(&self, why: Skip) {
+        self.skipped[why as usize].increment(1);
+    }
+}
+
+impl RouteMetrics {
+    pub(crate) fn new(prefix: &str, model: &str, provider: &str) -> Self {
+        let name = |n: &str| format!("{prefix}{n}");
+        let (m, p) = (model.to_owned(), provider.to_owned());
+        let attempts = std::array::from_fn(|i| {
+            let result = if i == 0 {
+                "ok"
+            } else {
+                Cause::ALL[i - 1].as_str()
+            };
+            metrics::counter!(name("attempts_total"), "model" => m.clone(), "provider" => p.clone(), "result" => result)
+        });
+        let demoted = metrics::gauge!(name("provider_demoted"), "model" => m.clone(), "provider" => p.clone());
+        demoted.set(0.0);
+        RouteMetrics {
+            attempts,
+            attempt_duration: metrics::histogram!(name("attempt_duration_seconds"), "model" => m.clone(), "provider" => p.clone()),
+            demoted,
+            demotions: metrics::counter!(name("provider_demotions_total"), "model" => m.clone(), "provider" => p.clone()),
+            recoveries: metrics::counter!(name("provider_recoveries_total"), "model" => m, "provider" => p),
+        }
+    }
+
+    /// One finished attempt (`None`: success).
+    pub(crate) fn attempt(&self, cause: Option<Cause>, elapsed: Duration) {
+        self.attempts[stats::result_index(cause)].increment(1);
+        self.attempt_duration.record(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn demoted(&self) {
+        self.demotions.increment(1);
+        self.demoted.set(1.0);
+    }
+
+    pub(crate) fn recovered(&self) {
+        self.recoveries.increment(1);
+        self.demoted.set(0.0);
+    }
+}
+
+/// The counter of requests for models the pool does not know (no model
+/// label: outside input must not create series).
+pub(crate) fn unknown_model(prefix: &str) -> Counter {
+    metrics::counter!(format!("{prefix}unknown_model_requests_total"))
+}
+
+/// A Prometheus exporter builder with retryctl's buckets set.
+pub fn prometheus_builder() -> Result<PrometheusBuilder, BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("retry_delay_seconds".into()), DELAY_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Suffix("attempts_per_request".into()),
+            ATTEMPTS_BUCKETS,
+        )
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TelemetryError {
+    /// The recorder could not be built or installed (e.g. another global
+    /// recorder is already installed).
+    #[error("cannot install the Prometheus recorder: {0}")]
+    Recorder(#[from] BuildError),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running `/metrics` endpoint. Dropping it stops the server and the
+/// upkeep task (the recorder stays installed).
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    server: tokio::task::JoinHandle<()>,
+    upkeep: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The current metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// The exporter handle.
+    pub fn handle(&self) -> &PrometheusHandle {
+        &self.handle
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.server.abort();
+        self.upkeep.abort();
+    }
+}
+
+/// How often histogram samples are folded into buckets, so they do not
+/// accumulate between scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Installs the global Prometheus recorder and serves `GET /metrics` on
+/// `addr` (port 0 picks a free port). Must run inside a tokio runtime.
+/// Bind loopback ([`DEFAULT_ADDR`]) unless the network is trusted.
+pub fn serve(addr: SocketAddr) -> Result<MetricsServer, TelemetryError> {
+    let bind_err = |source| TelemetryError::Bind { addr, source };
+    let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+    std_listener.set_nonblocking(true).map_err(bind_err)?;
+    let local = std_listener.local_addr().map_err(bind_err)?;
+    let listener = tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?;
+    let handle = prometheus_builder()?.install_recorder()?;
+    let render = handle.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render.render(),
+                )
+            }
+        }),
+    );
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(target: "retryctl", error = %e, "metrics server stopped");
+        }
+    });
+    let keep = handle.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            tick.tick().await;
+            keep.run_upkeep();
+        }
+    });
+    Ok(MetricsServer {
+        addr: local,
+        handle,
+        server,
+        upkeep,
+    })
+}

@@ -1,0 +1,330 @@
+//! Metric values produced by the pool, read back from the real Prometheus
+//! exporter's text output. Each test builds its pool under its own local
+//! recorder (the pool resolves its handles at build time), so tests do not
+//! share counters.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use retryctl::{LivePolicy, Policy, Pool, telemetry};
+
+/// Parses the exposition text into `series -> value` (series as written).
+fn parse(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn value(map: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found: Vec<f64> = map
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with(name)
+                && (k.len() == name.len() || k[name.len()..].starts_with('{'))
+                && labels
+                    .iter()
+                    .all(|(l, v)| k.contains(&format!("{l}=\"{v}\"")))
+        })
+        .map(|(_, v)| *v)
+        .collect();
+    found.iter().sum()
+}
+
+/// A pool whose providers follow shared scripts: each call pops the next
+/// outcome of its provider (true = success).
+struct Fixture {
+    handle: PrometheusHandle,
+    pool: Pool<Arc<Script>>,
+}
+
+struct Script {
+    outcomes: Vec<bool>,
+    next: AtomicUsize,
+}
+
+impl Script {
+    fn new(outcomes: &[bool]) -> Arc<Self> {
+        Arc::new(Script {
+            outcomes: outcomes.to_vec(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn next(&self) -> bool {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        *self
+            .outcomes
+            .get(i)
+            .or(self.outcomes.last())
+            .unwrap_or(&true)
+    }
+}
+
+fn fixture(providers: &[(&str, Arc<Script>)], policy: Policy) -> Fixture {
+    let recorder = telemetry::prometheus_builder().unwrap().build_recorder();
+    let handle = recorder.handle();
+    let pool = metrics::with_local_recorder(&recorder, || {
+        let mut b = Pool::builder().policy(LivePolicy::new(policy).unwrap());
+        for (name, s) in providers {
+            b = b.provider("m", name, s.clone());
+        }
+        b.build().unwrap()
+    });
+    // The handles keep the recorder's storage alive.
+    drop(recorder);
+    Fixture { handle, pool }
+}
+
+async fn call(pool: &Pool<Arc<Script>>) -> bool {
+    pool.call("m", |s: &Arc<Script>| {
+        let ok = s.next();
+        async move {
+            if ok {
+                Ok(())
+            } else {
+                Err(io::Error::from(io::ErrorKind::ConnectionRefused))
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn fast() -> Policy {
+    Policy {
+        delay: Duration::ZERO,
+        ..Policy::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn outcomes_baseline_and_attempts_add_up() {
+    // a: fails, ok, fails, fails, fails, fails ...; b: always fails.
+    let a = Script::new(&[false, true, false]);
+    let b = Script::new(&[false]);
+    let f = fixture(&[("a", a), ("b", b)], fast());
+    let mut ok = 0;
+    let mut failed = 0;
+    for _ in 0..4 {
+        if call(&f.pool).await {
+            ok += 1
+        } else {
+            failed += 1
+        }
+    }
+    let m = parse(&f.handle.render());
+    let requests = |outcome| {
+        value(
+            &m,
+            "retryctl_requests_total",
+            &[("model", "m"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(
+        requests("success_first_try") + requests("success_after_retry"),
+        ok as f64
+    );
+    assert_eq!(
+        requests("failed_after_retry") + requests("failed_without_retry"),
+        failed as f64
+    );
+    assert_eq!(requests("success_after_retry"), 1.0);
+    assert_eq!(requests("failed_after_retry"), 3.0);
+    assert_eq!(
+        value(
+            &m,
+            "retryctl_requests_total",
+            &[
+                ("outcome", "failed_after_retry"),
+                ("reason", "rounds_exhausted")
+            ]
+        ),
+        3.0
+    );
+    // every request's first round failed
+    assert_eq!(
+        value(&m, "retryctl_first_round_failures_total", &[("model", "m")]),
+        4.0
+    );
+    // attempts: 2 providers x 2 rounds for failures; the success needed
+    // round 1 (2 failures) and then a success
+    let attempts = value(&m, "retryctl_attempts_total", &[("model", "m")]);
+    let ok_attempts = value(&m, "retryctl_attempts_total", &[("result", "ok")]);
+    let refused = value(
+        &m,
+        "retryctl_attempts_total",
+        &[("result", "connect_refused")],
+    );
+    assert_eq!(ok_attempts, 1.0);
+    assert_eq!(attempts, ok_attempts + refused);
+    let retries = value(&m, "retryctl_retries_total", &[("model", "m")]);
+    // request 1: a, b fail; a succeeds in round 2 (1 retry). Requests 2-4:
+    // both fail in both rounds (2 retries each).
+    assert_eq!(retries, 7.0);
+    assert_eq!(attempts, 15.0);
+    // the attempts-per-request histogram saw 4 requests
+    assert_eq!(
+        value(&m, "retryctl_attempts_per_request_count", &[("model", "m")]),
+        4.0
+    );
+    assert_eq!(
+        value(&m, "retryctl_attempts_per_request_bucket", &[("le", "1")]),
+        0.0
+    );
+    assert_eq!(
+        value(&m, "retryctl_request_duration_seconds_count", &[]),
+        4.0
+    );
+    assert_eq!(
+        value(&m, "retryctl_attempt_duration_seconds_count", &[]),
+        attempts
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_refusals_and_first_try_successes_are_counted() {
+    let policy = Policy {
+        budget: retryctl::BudgetPolicy {
+            ratio: 0.0,
+            min_per_second: 1,
+            ..Default::default()
+        },
+        ..fast()
+    };
+    let a = Script::new(&[false]);
+    let f = fixture(&[("a", a)], policy);
+    for _ in 0..15 {
+        assert!(!call(&f.pool).await);
+    }
+    let m = parse(&f.handle.render());
+    // 10 retries in the reserve, then 5 refusals
+    assert_eq!(value(&m, "retryctl_retries_total", &[]), 10.0);
+    assert_eq!(
+        value(
+            &m,
+            "retryctl_retries_skipped_total",
+            &[("reason", "budget")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "retryctl_requests_total",
+            &[
+                ("outcome", "failed_without_retry"),
+                ("reason", "budget_exhausted")
+            ]
+        ),
+        5.0
+    );
+    let ok = Script::new(&[true]);
+    let f = fixture(&[("ok", ok)], fast());
+    for _ in 0..3 {
+        assert!(call(&f.pool).await);
+    }
+    let m = parse(&f.handle.render());
+    assert_eq!(
+        value(
+            &m,
+            "retryctl_requests_total",
+            &[("outcome", "success_first_try")]
+        ),
+        3.0
+    );
+    assert_eq!(value(&m, "retryctl_first_round_failures_total", &[]), 0.0);
+    assert_eq!(
+        value(&m, "retryctl_attempts_per_request_bucket", &[("le", "1")]),
+        3.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn demotion_and_recovery_show_in_gauge_and_counters() {
+    let policy = Policy {
+        health: retryctl::HealthPolicy {
+            demote_after: 2,
+            ..Default::default()
+        },
+        max_rounds: 1,
+        ..fast()
+    };
+    let a = Script::new(&[false, false, true]);
+    let f = fixture(&[("a", a)], policy);
+    call(&f.pool).await;
+    call(&f.pool).await;
+    let m = parse(&f.handle.render());
+    assert_eq!(
+        value(&m, "retryctl_provider_demoted", &[("provider", "a")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "retryctl_provider_demotions_total",
+            &[("provider", "a")]
+        ),
+        1.0
+    );
+    assert!(call(&f.pool).await);
+    let m = parse(&f.handle.render());
+    assert_eq!(
+        value(&m, "retryctl_provider_demoted", &[("provider", "a")]),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "retryctl_provider_recoveries_total",
+            &[("provider", "a")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_models_create_no_series() {
+    let a = Script::new(&[true]);
+    let f = fixture(&[("a", a)], fast());
+    let before = f.handle.render().lines().count();
+    for i in 0..10_000 {
+        let r = f
+            .pool
+            .call(&format!("unknown-{i}"), |_| async {
+                Ok::<_, io::Error>(())
+            })
+            .await;
+        assert!(r.is_err());
+    }
+    let text = f.handle.render();
+    assert!(!text.contains("unknown-"));
+    assert_eq!(text.lines().count(), before);
+    assert_eq!(
+        value(&parse(&text), "retryctl_unknown_model_requests_total", &[]),
+        10_000.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_snapshot_reports_recent_latency_and_errors() {
+    let a = Script::new(&[false, true]);
+    let f = fixture(&[("a", a)], fast());
+    assert!(call(&f.pool).await);
+    let s = &f.pool.stats()[0];
+    assert_eq!((s.recent.attempts, s.recent.successes), (2, 1));
+    assert_eq!(
+        s.recent.failures,
+        vec![(retryctl::Cause::ConnectRefused, 1)]
+    );
+    assert_eq!(s.recent.error_rate(), 0.5);
+    assert!(s.recent.p50.is_some());
+    assert_eq!(s.health.consecutive_failures, 0);
+}
