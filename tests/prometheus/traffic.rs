@@ -1,0 +1,288 @@
+//! Traffic with real faults on loopback, through `retryctl::Pool` and
+//! `reqwest`, and a tally of what the pool returned: the counts the
+//! metrics must show.
+//!
+//! Every outcome, reason and skip that the dashboard plots is produced:
+//!
+//! | model | provider(s) | what happens |
+//! |---|---|---|
+//! | `openai/gpt-oss-120b` | `proxy-a` (resets, 502s, closes between successes), `proxy-b` (healthy) | fallbacks in round 1, retries |
+//! | `zai-org/GLM-5-FP8` | `proxy` (eight 502s, then reset/ok pairs) | rounds exhausted, demotion, recovery, success after retry |
+//! | `Qwen/Qwen3.5-122B-A10B` | `vm` (refused) | rounds exhausted, stays demoted; deadline skips |
+//! | `moonshotai/Kimi-K2` | `proxy` (429 with Retry-After: 3600, 400, ok) | Retry-After too long, permanent |
+//! | `budget/starved` (a pool whose budget is 0) | `proxy` (refused) | budget refusals |
+//! | `no/such-model` | none | unknown model |
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use retryctl::policy::BudgetPolicy;
+use retryctl::upstream::{self, UpstreamError};
+use retryctl::{CallOptions, LivePolicy, Policy, Pool, PoolError, Served};
+
+use crate::support::{HttpServer, Reply, closed_port};
+
+pub(crate) const GPT: &str = "openai/gpt-oss-120b";
+pub(crate) const GLM: &str = "zai-org/GLM-5-FP8";
+pub(crate) const QWEN: &str = "Qwen/Qwen3.5-122B-A10B";
+pub(crate) const KIMI: &str = "moonshotai/Kimi-K2";
+pub(crate) const STARVED: &str = "budget/starved";
+pub(crate) const UNKNOWN: &str = "no/such-model";
+
+#[derive(Clone, Debug)]
+pub(crate) struct Provider {
+    client: reqwest::Client,
+    url: String,
+}
+
+type Outcome = Result<Served<String>, PoolError<UpstreamError>>;
+
+/// What the driver saw for one model, from the `Served` / `PoolError`
+/// values the pool returned.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ModelTally {
+    pub(crate) requests: u64,
+    /// Requests whose first round did not serve them (the baseline).
+    pub(crate) first_round_failed: u64,
+    /// Requests that returned an error.
+    pub(crate) failed: u64,
+    /// Requests by `outcome/reason` label pair.
+    pub(crate) by_outcome: BTreeMap<(String, String), u64>,
+    pub(crate) attempts: u64,
+    pub(crate) retries: u64,
+    pub(crate) fallbacks: u64,
+}
+
+/// Per model, plus requests for models no pool serves.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Tally {
+    pub(crate) models: BTreeMap<String, ModelTally>,
+    pub(crate) unknown: u64,
+}
+
+impl Tally {
+    fn record(&mut self, model: &str, outcome: &Outcome) {
+        if let Err(e) = outcome
+            && matches!(e.reason, retryctl::FailReason::UnknownModel { .. })
+        {
+            self.unknown += 1;
+            return;
+        }
+        let t = self.models.entry(model.to_owned()).or_default();
+        t.requests += 1;
+        let (report, key) = match outcome {
+            Ok(s) => {
+                t.fallbacks += u64::from(s.fell_back);
+                let outcome = if s.report.rounds <= 1 {
+                    "success_first_try"
+                } else {
+                    "success_after_retry"
+                };
+                (&s.report, (outcome, "none"))
+            }
+            Err(e) => {
+                t.failed += 1;
+                let outcome = if e.report.rounds <= 1 {
+                    "failed_without_retry"
+                } else {
+                    "failed_after_retry"
+                };
+                (&e.report, (outcome, e.reason.as_str()))
+            }
+        };
+        // Served in round 1 (by any provider) = the first round did not fail.
+        if outcome.is_err() || report.rounds > 1 {
+            t.first_round_failed += 1;
+        }
+        t.attempts += u64::from(report.attempts);
+        t.retries += u64::from(report.retries);
+        *t.by_outcome
+            .entry((key.0.to_owned(), key.1.to_owned()))
+            .or_default() += 1;
+    }
+
+    /// Sum of `f` over every model.
+    pub(crate) fn total(&self, f: impl Fn(&ModelTally) -> u64) -> u64 {
+        self.models.values().map(f).sum()
+    }
+}
+
+/// Fast policy for real sockets: 30 ms between rounds, 200 ms connect
+/// timeout, demotion after 3 failed requests, 200 ms cool-down.
+fn policy() -> Policy {
+    let mut p = Policy {
+        delay: Duration::from_millis(30),
+        ..Policy::default()
+    };
+    p.timeouts.connect = Duration::from_millis(200);
+    p.timeouts.attempt = Duration::from_secs(2);
+    p.health.demote_after = 3;
+    p.health.cooldown = Duration::from_millis(200);
+    p.health.max_cooldown = Duration::from_millis(400);
+    p
+}
+
+/// The upstream fault servers (kept alive as long as the driver).
+pub(crate) struct Driver {
+    main: Pool<Provider>,
+    starved: Pool<Provider>,
+    pub(crate) tally: Tally,
+    _servers: Vec<HttpServer>,
+}
+
+fn repeat(pattern: &[Reply], times: usize) -> Vec<Reply> {
+    pattern
+        .iter()
+        .cycle()
+        .take(pattern.len() * times)
+        .cloned()
+        .collect()
+}
+
+impl Driver {
+    /// Starts the fault servers and builds the pools. The metrics recorder
+    /// must already be installed: the pools resolve their handles here.
+    pub(crate) async fn new() -> Self {
+        let policy = policy();
+        let client = upstream::client_builder(&policy.timeouts)
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("reqwest client");
+        let provider = |url: String| Provider {
+            client: client.clone(),
+            url,
+        };
+
+        let flaky = HttpServer::start(repeat(
+            &[
+                Reply::ok("a"),
+                Reply::reset(),
+                Reply::ok("a"),
+                Reply::status(502),
+                Reply::ok("a"),
+                Reply::close(),
+            ],
+            100,
+        ))
+        .await;
+        let healthy = HttpServer::always(Reply::ok("b")).await;
+        let mut glm_script = vec![Reply::status(502); 8];
+        glm_script.extend(repeat(&[Reply::reset(), Reply::ok("glm")], 200));
+        let glm = HttpServer::start(glm_script).await;
+        let kimi = HttpServer::start(repeat(
+            &[
+                Reply::status(429).header("Retry-After", "3600"),
+                Reply::ok("kimi"),
+                Reply::status(400).body("invalid request: messages must not be empty"),
+                Reply::ok("kimi"),
+            ],
+            100,
+        ))
+        .await;
+
+        let main = Pool::builder()
+            .policy(LivePolicy::new(policy.clone()).expect("valid policy"))
+            .provider(GPT, "proxy-a", provider(flaky.url()))
+            .provider(GPT, "proxy-b", provider(healthy.url()))
+            .provider(GLM, "proxy", provider(glm.url()))
+            .provider(QWEN, "vm", provider(format!("http://{}", closed_port())))
+            .provider(KIMI, "proxy", provider(kimi.url()))
+            .build()
+            .expect("pool");
+        let starved = Pool::builder()
+            .policy(
+                LivePolicy::new(Policy {
+                    budget: BudgetPolicy {
+                        ratio: 0.0,
+                        min_per_second: 0,
+                        ..BudgetPolicy::default()
+                    },
+                    ..policy
+                })
+                .expect("valid policy"),
+            )
+            .provider(
+                STARVED,
+                "proxy",
+                provider(format!("http://{}", closed_port())),
+            )
+            .build()
+            .expect("pool");
+        Driver {
+            main,
+            starved,
+            tally: Tally::default(),
+            _servers: vec![flaky, healthy, glm, kimi],
+        }
+    }
+
+    async fn call(&mut self, starved: bool, model: &str, options: CallOptions) {
+        let pool = if starved { &self.starved } else { &self.main };
+        let outcome: Outcome = pool
+            .call_with(model, options, |p: &Provider| {
+                let request = p
+                    .client
+                    .post(format!("{}/v1/chat/completions", p.url))
+                    .body("{}");
+                async move {
+                    let response = upstream::check(request.send().await?).await?;
+                    Ok(response.text().await?)
+                }
+            })
+            .await;
+        self.tally.record(model, &outcome);
+    }
+
+    /// One wave of traffic: a few requests of every kind, one at a time
+    /// (the scripted servers answer in order).
+    pub(crate) async fn wave(&mut self) {
+        let default = CallOptions::default();
+        for _ in 0..6 {
+            self.call(false, GPT, default).await;
+        }
+        for _ in 0..3 {
+            self.call(false, GLM, default).await;
+        }
+        for _ in 0..2 {
+            self.call(false, QWEN, default).await;
+        }
+        // Refused in round 1, and the ~30 ms wait does not fit in 10 ms.
+        self.call(false, QWEN, CallOptions::timeout(Duration::from_millis(10)))
+            .await;
+        for _ in 0..4 {
+            self.call(false, KIMI, default).await;
+        }
+        for _ in 0..2 {
+            self.call(true, STARVED, default).await;
+        }
+        self.call(false, UNKNOWN, default).await;
+    }
+}
+
+/// One route's health as the pool reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RouteHealth {
+    pub(crate) model: String,
+    pub(crate) provider: String,
+    pub(crate) demoted: bool,
+    pub(crate) demotions: u64,
+    pub(crate) recoveries: u64,
+}
+
+impl Driver {
+    /// Every route's health, from both pools.
+    pub(crate) fn health(&self) -> Vec<RouteHealth> {
+        self.main
+            .stats()
+            .into_iter()
+            .chain(self.starved.stats())
+            .map(|s| RouteHealth {
+                model: s.model.to_string(),
+                provider: s.provider.to_string(),
+                demoted: s.health.demoted,
+                demotions: s.health.demotions,
+                recoveries: s.health.recoveries,
+            })
+            .collect()
+    }
+}
