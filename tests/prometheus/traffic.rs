@@ -12,13 +12,21 @@
 //! | `moonshotai/Kimi-K2` | `proxy` (429 with Retry-After: 3600, 400, ok) | Retry-After too long, permanent |
 //! | `budget/starved` (a pool whose budget is 0) | `proxy` (refused) | budget refusals |
 //! | `no/such-model` | none | unknown model |
+//!
+//! The starved pool's policy follows a file through a real
+//! `retryctl::PolicyWatcher` (explicit re-reads, no file events or timer,
+//! so the counts are exact): loaded at start (unchanged), then a changed
+//! policy (applied), the same file again (unchanged), and a broken file
+//! (rejected: the reload is failing at the end).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use retryctl::policy::BudgetPolicy;
+use retryctl::reload::ReloadCounts;
 use retryctl::upstream::{self, UpstreamError};
 use retryctl::{CallOptions, LivePolicy, Policy, Pool, PoolError, Served};
+use retryctl::{PolicyWatcher, ReloadOptions};
 
 use crate::support::{HttpServer, Reply, closed_port};
 
@@ -122,12 +130,18 @@ fn policy() -> Policy {
     p
 }
 
-/// The upstream fault servers (kept alive as long as the driver).
+/// The pools, their fault servers (kept alive as long as the driver) and
+/// the policy file of the starved pool.
 pub(crate) struct Driver {
     main: Pool<Provider>,
     starved: Pool<Provider>,
     pub(crate) tally: Tally,
     _servers: Vec<HttpServer>,
+    starved_policy: Policy,
+    pub(crate) live: LivePolicy,
+    pub(crate) watcher: PolicyWatcher,
+    policy_file: std::path::PathBuf,
+    _policy_dir: tempfile::TempDir,
 }
 
 fn repeat(pattern: &[Reply], times: usize) -> Vec<Reply> {
@@ -189,18 +203,17 @@ impl Driver {
             .provider(KIMI, "proxy", provider(kimi.url()))
             .build()
             .expect("pool");
+        let starved_policy = Policy {
+            budget: BudgetPolicy {
+                ratio: 0.0,
+                min_per_second: 0,
+                ..BudgetPolicy::default()
+            },
+            ..policy
+        };
+        let live = LivePolicy::new(starved_policy.clone()).expect("valid policy");
         let starved = Pool::builder()
-            .policy(
-                LivePolicy::new(Policy {
-                    budget: BudgetPolicy {
-                        ratio: 0.0,
-                        min_per_second: 0,
-                        ..BudgetPolicy::default()
-                    },
-                    ..policy
-                })
-                .expect("valid policy"),
-            )
+            .policy(live.clone())
             .provider(
                 STARVED,
                 "proxy",
@@ -208,12 +221,55 @@ impl Driver {
             )
             .build()
             .expect("pool");
+        let policy_dir = tempfile::tempdir().expect("temp dir");
+        let policy_file = policy_dir.path().join("policy.toml");
+        std::fs::write(&policy_file, starved_policy.to_toml()).expect("write policy.toml");
+        let watcher = PolicyWatcher::start(
+            &policy_file,
+            live.clone(),
+            ReloadOptions::default()
+                .events(false)
+                .poll_interval(None)
+                .settle(Duration::ZERO),
+        )
+        .expect("watch policy.toml");
         Driver {
             main,
             starved,
             tally: Tally::default(),
             _servers: vec![flaky, healthy, glm, kimi],
+            starved_policy,
+            live,
+            watcher,
+            policy_file,
+            _policy_dir: policy_dir,
         }
+    }
+
+    /// Reload step `n` of the policy file: 0 a changed policy (applied),
+    /// 1 the same file again (unchanged), 2 a broken file (rejected), then
+    /// nothing. Waits until the watcher has counted the re-read.
+    pub(crate) async fn reload_step(&mut self, n: usize) {
+        let text = match n {
+            0 => {
+                self.starved_policy.jitter = 0.3;
+                self.starved_policy.to_toml()
+            }
+            1 => self.starved_policy.to_toml(),
+            2 => "max_rounds = \"two\"\n".to_owned(),
+            _ => return,
+        };
+        std::fs::write(&self.policy_file, text).expect("write policy.toml");
+        let before = self.watcher.counts();
+        self.watcher.reload_now();
+        let total = |c: ReloadCounts| c.applied + c.unchanged + c.rejected;
+        for _ in 0..100 {
+            if total(self.watcher.counts()) > total(before) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the policy watcher did not re-read the file: {before:?}");
     }
 
     async fn call(&mut self, starved: bool, model: &str, options: CallOptions) {
