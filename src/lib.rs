@@ -59,6 +59,7 @@ mod health;
 mod live;
 pub mod policy;
 pub mod pool;
+pub mod reload;
 pub mod stats;
 pub mod telemetry;
 pub mod upstream;
@@ -72,6 +73,9 @@ pub use budget::RetryBudget;
 pub use classify::{Cause, Classification, Classify, Rules, Verdict};
 pub use health::HealthSnapshot;
 pub use live::{ActivePolicy, LivePolicy};
+pub use live::ModelPolicy;
+pub use policy::PolicyOverride;
+pub use reload::{PolicyWatcher, ReloadOptions};
 pub use policy::{BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, Timeouts};
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,

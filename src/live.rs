@@ -18,7 +18,28 @@
 //! assert!(live.store(Policy { jitter: 7.0, ..Policy::default() }).is_err());
 //! assert_eq!(live.load().policy().max_rounds, 3); // the bad one was refused
 //! ```
+//!
+//! # Per-model policies are resolved once, not per request
+//!
+//! [`ActivePolicy::new`] resolves every `[models."name"]` override against
+//! the top-level values and compiles its classification rules up front, so
+//! the request path pays one hash lookup ([`ActivePolicy::for_model`]) and
+//! no allocation, however many models the policy names. A model without an
+//! override shares the top-level [`ModelPolicy`].
+//!
+//! ```
+//! use retryctl::{LivePolicy, Policy};
+//!
+//! let live = LivePolicy::new(Policy::from_toml(r#"
+//!     [models."openai/gpt-oss-120b"]
+//!     max_rounds = 3
+//! "#).unwrap()).unwrap();
+//! let active = live.load();
+//! assert_eq!(active.for_model("openai/gpt-oss-120b").policy().max_rounds, 3);
+//! assert_eq!(active.for_model("any-other-model").policy().max_rounds, 2);
+//! ```
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -27,36 +48,83 @@ use arc_swap::ArcSwap;
 use crate::classify::Rules;
 use crate::policy::{Policy, PolicyError};
 
-/// A validated policy with its keyword automaton compiled.
+/// One model's resolved policy with its classification rules compiled.
 #[derive(Debug)]
-pub struct ActivePolicy {
+pub struct ModelPolicy {
     policy: Policy,
     rules: Rules,
-    version: u64,
 }
 
-impl ActivePolicy {
-    /// Validates and compiles a policy.
-    pub fn new(policy: Policy) -> Result<Self, PolicyError> {
-        policy.validate()?;
-        let rules = Rules::new(&policy.classify);
-        let mut hasher = std::hash::DefaultHasher::new();
-        policy.to_toml().hash(&mut hasher);
-        Ok(ActivePolicy {
-            policy,
-            rules,
-            version: hasher.finish(),
-        })
-    }
-
-    /// The policy's values.
+impl ModelPolicy {
+    /// The resolved values: the top-level policy with the model's override
+    /// applied. For a model without an override this is the top-level
+    /// policy itself (its `models` map included).
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
 
-    /// The compiled classification rules.
+    /// The compiled classification rules of [`ModelPolicy::policy`].
     pub fn rules(&self) -> &Rules {
         &self.rules
+    }
+}
+
+/// A validated policy with its keyword automata compiled: the top level,
+/// and every model override resolved.
+#[derive(Debug)]
+pub struct ActivePolicy {
+    base: ModelPolicy,
+    models: HashMap<String, ModelPolicy>,
+    version: u64,
+}
+
+impl ActivePolicy {
+    /// Validates a policy, resolves each model override and compiles the
+    /// classification rules (shared with the top level when a model does
+    /// not override `classify`).
+    pub fn new(policy: Policy) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        let rules = Rules::new(&policy.classify);
+        let models = policy
+            .models
+            .keys()
+            .map(|name| {
+                let resolved = policy.resolve(name);
+                let rules = if resolved.classify == policy.classify {
+                    rules.clone()
+                } else {
+                    Rules::new(&resolved.classify)
+                };
+                let model = ModelPolicy {
+                    policy: resolved,
+                    rules,
+                };
+                (name.clone(), model)
+            })
+            .collect();
+        let mut hasher = std::hash::DefaultHasher::new();
+        policy.to_toml().hash(&mut hasher);
+        Ok(ActivePolicy {
+            base: ModelPolicy { policy, rules },
+            models,
+            version: hasher.finish(),
+        })
+    }
+
+    /// The top-level policy's values (model overrides in `models`).
+    pub fn policy(&self) -> &Policy {
+        &self.base.policy
+    }
+
+    /// The top-level compiled classification rules.
+    pub fn rules(&self) -> &Rules {
+        &self.base.rules
+    }
+
+    /// The policy for requests to `model`: its resolved override, or the
+    /// top level when it has none. One hash lookup, no allocation.
+    pub fn for_model(&self, model: &str) -> &ModelPolicy {
+        self.models.get(model).unwrap_or(&self.base)
     }
 
     /// A hash of the policy's content: equal policies have equal versions.
@@ -104,5 +172,112 @@ impl LivePolicy {
     /// The policy in force now; hold it for the whole of one request.
     pub fn load(&self) -> Arc<ActivePolicy> {
         self.current.load_full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::policy::PolicyOverride;
+
+    /// A policy whose fields all encode `n`, top level and override alike,
+    /// so a reader can tell whether it saw one version or a mix.
+    fn numbered(n: u32) -> Policy {
+        let mut p = Policy {
+            max_rounds: 1 + n % 10,
+            delay: Duration::from_millis(u64::from(n)),
+            ..Policy::default()
+        };
+        p.budget.min_per_second = n;
+        let mut o = PolicyOverride {
+            max_rounds: Some(1 + (n + 1) % 10),
+            ..PolicyOverride::default()
+        };
+        o.budget.min_per_second = Some(n + 1_000);
+        o.classify.transient_keywords = Some(vec![format!("keyword {n}")]);
+        p.models.insert("big".into(), o);
+        p
+    }
+
+    #[test]
+    fn for_model_resolves_overrides_once_and_falls_back_to_the_top_level() {
+        let active = ActivePolicy::new(numbered(7)).unwrap();
+        let big = active.for_model("big");
+        assert_eq!(big.policy().max_rounds, 9);
+        assert_eq!(big.policy().budget.min_per_second, 1_007);
+        assert_eq!(big.policy().delay, Duration::from_millis(7), "inherited");
+        assert!(big.policy().models.is_empty());
+        assert_eq!(
+            big.rules().text("upstream said keyword 7").class,
+            crate::Classification::Transient
+        );
+        let other = active.for_model("small");
+        assert!(std::ptr::eq(other, active.for_model("another")));
+        assert!(std::ptr::eq(other.policy(), active.policy()));
+        assert_eq!(other.policy().max_rounds, 8);
+        assert!(std::ptr::eq(other.rules(), active.rules()));
+    }
+
+    #[test]
+    fn version_is_a_content_hash_that_covers_overrides() {
+        let a = ActivePolicy::new(numbered(1)).unwrap();
+        assert_eq!(
+            a.version(),
+            ActivePolicy::new(numbered(1)).unwrap().version()
+        );
+        let mut changed = numbered(1);
+        if let Some(o) = changed.models.get_mut("big") {
+            o.health.demote_after = Some(3);
+        }
+        assert_ne!(a.version(), ActivePolicy::new(changed).unwrap().version());
+    }
+
+    #[test]
+    fn a_bad_override_is_refused_and_the_old_policy_stays() {
+        let live = LivePolicy::new(numbered(1)).unwrap();
+        let mut bad = numbered(2);
+        if let Some(o) = bad.models.get_mut("big") {
+            o.budget.ratio = Some(2.0);
+        }
+        let e = live.store(bad).unwrap_err();
+        assert_eq!(e.field, "models.\"big\".budget.ratio");
+        assert_eq!(live.load().policy(), &numbered(1));
+        assert!(!live.store(numbered(1)).unwrap(), "unchanged");
+        assert!(live.store(numbered(2)).unwrap(), "changed");
+    }
+
+    #[test]
+    fn a_snapshot_never_mixes_two_versions_while_a_writer_stores() {
+        let live = LivePolicy::new(numbered(0)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (live, stop) = (live.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                    n += 1;
+                    live.store(numbered(n % 500)).unwrap();
+                }
+            })
+        };
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20_000 {
+            let snapshot = live.load();
+            let n = snapshot.policy().budget.min_per_second;
+            // Everything read through one snapshot belongs to version n,
+            // the resolved override included, however long it is held.
+            assert_eq!(snapshot.policy().delay, Duration::from_millis(u64::from(n)));
+            let big = snapshot.for_model("big");
+            assert_eq!(big.policy().budget.min_per_second, n + 1_000);
+            assert_eq!(big.policy().max_rounds, 1 + (n + 1) % 10);
+            assert_eq!(snapshot.policy().max_rounds, 1 + n % 10);
+            seen.insert(n);
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(!seen.is_empty());
     }
 }

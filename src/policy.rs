@@ -23,7 +23,39 @@
 //!   A completion that timed out after the upstream accepted it is not
 //!   retried by default: retrying a 300 s generation doubles cost and
 //!   latency. A connect timeout is always retried.
+//!
+//! # Per-model overrides
+//!
+//! One gateway serves models with very different failure profiles: a
+//! 120B model behind a single overloaded proxy needs a tighter budget and
+//! longer waits than a small model with three providers. A
+//! `[models."openai/gpt-oss-120b"]` table overrides any top-level field
+//! (and any field of `classify`, `timeouts`, `budget`, `health`) for that
+//! model only; everything it does not name is inherited.
+//!
+//! ```
+//! use retryctl::Policy;
+//!
+//! let policy = Policy::from_toml(r#"
+//!     max_rounds = 2
+//!     [models."openai/gpt-oss-120b"]
+//!     max_rounds = 3
+//!     [models."openai/gpt-oss-120b".budget]
+//!     ratio = 0.5
+//! "#).unwrap();
+//! let big = policy.resolve("openai/gpt-oss-120b");
+//! assert_eq!((big.max_rounds, big.budget.ratio), (3, 0.5));
+//! assert_eq!(big.delay, policy.delay); // inherited
+//! assert_eq!(policy.resolve("other-model"), Policy { models: Default::default(), ..policy.clone() });
+//! ```
+//!
+//! The override types are *generated* from one field list by a macro, so a
+//! new policy field cannot be forgotten in the merge. Overrides are
+//! validated as the policy they produce: each model's resolved policy must
+//! pass [`Policy::validate`], and an error names the full path
+//! (`models."openai/gpt-oss-120b".budget.ratio`) and where it is written.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -31,6 +63,10 @@ use serde::{Deserialize, Serialize};
 
 /// The largest `max_rounds` a policy may ask for.
 pub const MAX_ROUNDS_LIMIT: u32 = 10;
+
+/// The most `[models."..."]` overrides one policy may have: each is
+/// resolved and compiled when the policy is put in force.
+pub const MAX_MODEL_OVERRIDES: usize = 4096;
 
 /// Everything the pool needs to decide about retries.
 ///
@@ -69,6 +105,10 @@ pub struct Policy {
     pub budget: BudgetPolicy,
     /// When a provider is demoted and how it comes back.
     pub health: HealthPolicy,
+    /// Per-model overrides, by model name as requests name it. A model
+    /// without an entry uses the top-level values.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, PolicyOverride>,
 }
 
 /// Rules for turning a failed attempt into a
@@ -147,6 +187,128 @@ pub struct HealthPolicy {
     pub max_cooldown: Duration,
 }
 
+/// Generates the override type of a policy table: every field of `$base`
+/// as an `Option` ("absent = inherited"), every sub-table as its own
+/// override type, and `apply_to`, which writes the fields that are set into
+/// a base value. One list per table, so the merge cannot miss a field.
+macro_rules! policy_override {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident for $base:ident {
+            $( $(#[$fmeta:meta])* $field:ident : $ty:ty, )*
+        }
+        $( tables { $( $sub:ident : $subty:ty, )* } )?
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $(
+                #[doc = concat!("Replaces [`", stringify!($base), "::", stringify!($field), "`] when set.")]
+                $(#[$fmeta])*
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$ty>,
+            )*
+            $($(
+                #[doc = concat!("Overrides within [`", stringify!($base), "::", stringify!($sub), "`].")]
+                #[serde(skip_serializing_if = "is_default")]
+                pub $sub: $subty,
+            )*)?
+        }
+
+        impl $name {
+            /// Whether this overrides nothing.
+            pub fn is_empty(&self) -> bool {
+                true $( && self.$field.is_none() )* $($( && self.$sub.is_empty() )*)?
+            }
+
+            /// Writes every field that is set into `base`.
+            pub fn apply_to(&self, base: &mut $base) {
+                $( if let Some(value) = &self.$field { base.$field = value.clone(); } )*
+                $($( self.$sub.apply_to(&mut base.$sub); )*)?
+            }
+        }
+    };
+}
+
+/// Whether a value is its type's default (an override that overrides
+/// nothing is left out of the rendered TOML).
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+policy_override! {
+    /// One model's overrides of the top-level [`Policy`]
+    /// (`[models."name"]` in the policy file). Unknown keys are rejected.
+    pub struct PolicyOverride for Policy {
+        max_rounds: u32,
+        #[serde(with = "humantime_serde")]
+        delay: Duration,
+        backoff: f64,
+        #[serde(with = "humantime_serde")]
+        max_delay: Duration,
+        jitter: f64,
+        #[serde(with = "humantime_serde")]
+        rate_limited_delay: Duration,
+        #[serde(with = "humantime_serde")]
+        max_retry_after: Duration,
+    }
+    tables {
+        classify: ClassifyOverride,
+        timeouts: TimeoutsOverride,
+        budget: BudgetOverride,
+        health: HealthOverride,
+    }
+}
+
+policy_override! {
+    /// Overrides of [`ClassifyPolicy`] (`[models."name".classify]`). A list
+    /// replaces the inherited list; it is not appended to.
+    pub struct ClassifyOverride for ClassifyPolicy {
+        transient_keywords: Vec<String>,
+        next_provider_keywords: Vec<String>,
+        client_error_keywords: Vec<String>,
+        retryable_statuses: Vec<u16>,
+        permanent_statuses: Vec<u16>,
+        next_provider_statuses: Vec<u16>,
+        retry_response_timeout: bool,
+    }
+}
+
+policy_override! {
+    /// Overrides of [`Timeouts`] (`[models."name".timeouts]`).
+    pub struct TimeoutsOverride for Timeouts {
+        #[serde(with = "humantime_serde")]
+        connect: Duration,
+        #[serde(with = "humantime_serde")]
+        attempt: Duration,
+        #[serde(with = "humantime_serde")]
+        request: Duration,
+    }
+}
+
+policy_override! {
+    /// Overrides of [`BudgetPolicy`] (`[models."name".budget]`).
+    pub struct BudgetOverride for BudgetPolicy {
+        enabled: bool,
+        ratio: f64,
+        min_per_second: u32,
+        #[serde(with = "humantime_serde")]
+        window: Duration,
+    }
+}
+
+policy_override! {
+    /// Overrides of [`HealthPolicy`] (`[models."name".health]`).
+    pub struct HealthOverride for HealthPolicy {
+        demote_after: u32,
+        #[serde(with = "humantime_serde")]
+        cooldown: Duration,
+        #[serde(with = "humantime_serde")]
+        max_cooldown: Duration,
+    }
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Policy {
@@ -161,6 +323,7 @@ impl Default for Policy {
             timeouts: Timeouts::default(),
             budget: BudgetPolicy::default(),
             health: HealthPolicy::default(),
+            models: BTreeMap::new(),
         }
     }
 }
@@ -239,9 +402,12 @@ impl Default for HealthPolicy {
 /// where in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyError {
-    /// Dotted path of the field (`budget.ratio`), empty for syntax errors.
+    /// Dotted path of the field (`budget.ratio`,
+    /// `models."openai/gpt-oss-120b".budget.ratio`), empty for syntax
+    /// errors and bytes that are not text.
     pub field: String,
-    /// The offending value as written.
+    /// The offending value, empty when the parser refused it (wrong type,
+    /// unknown key: `allowed` then holds the parser's message).
     pub value: String,
     /// What would have been accepted, or the parser's message.
     pub allowed: String,
@@ -254,14 +420,14 @@ impl fmt::Display for PolicyError {
         if let Some((line, col)) = self.location {
             write!(f, "line {line}, column {col}: ")?;
         }
-        if self.field.is_empty() {
-            write!(f, "{}", self.allowed)
-        } else {
-            write!(
+        match (self.field.is_empty(), self.value.is_empty()) {
+            (true, _) => write!(f, "{}", self.allowed),
+            (false, true) => write!(f, "`{}`: {}", self.field, self.allowed),
+            (false, false) => write!(
                 f,
                 "`{}` = {} is invalid: {}",
                 self.field, self.value, self.allowed
-            )
+            ),
         }
     }
 }
@@ -284,31 +450,145 @@ fn secs(d: Duration) -> String {
 }
 
 impl Policy {
-    /// Parses and validates a TOML policy. Errors carry the line and column.
+    /// Parses and validates a TOML policy. Errors carry the line and column,
+    /// and the dotted path of the field whenever the text parsed as TOML.
     pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
         let policy: Policy = toml::from_str(text).map_err(|e| {
-            let location = e.span().map(|s| line_col(text, s.start));
+            let offset = e.span().map(|s| s.start);
             PolicyError {
-                field: String::new(),
+                field: offset.and_then(|o| field_at(text, o)).unwrap_or_default(),
                 value: String::new(),
                 allowed: e.message().trim().to_owned(),
-                location,
+                location: offset.map(|o| line_col(text, o)),
             }
         })?;
-        policy.validate().map_err(|mut e| {
-            e.location = locate(text, &e.field);
-            e
-        })?;
+        policy.check().map_err(|e| e.located(text))?;
         Ok(policy)
     }
 
+    /// Parses and validates a policy file's raw bytes: like
+    /// [`Policy::from_toml`], but bytes that are not UTF-8 (a binary file,
+    /// a Latin-1 editor) are an error naming the line and column of the
+    /// first invalid byte. A leading UTF-8 byte order mark is skipped.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Policy, PolicyError> {
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Policy::from_toml(text),
+            Err(e) => {
+                let at = e.valid_up_to();
+                let valid = bytes
+                    .get(..at)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .unwrap_or("");
+                let byte = bytes.get(at).copied().unwrap_or(0);
+                Err(PolicyError {
+                    field: String::new(),
+                    value: String::new(),
+                    allowed: format!(
+                        "not UTF-8 text (invalid byte 0x{byte:02x} at offset {at}): a policy file is TOML"
+                    ),
+                    location: Some(line_col(valid, valid.len())),
+                })
+            }
+        }
+    }
+
     /// Renders the policy as TOML with every field (defaults filled in).
+    /// Model overrides are rendered as written: only the fields they set.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render policy: {e}\n"))
     }
 
-    /// Checks every value against its allowed range.
+    /// The policy a request for `model` runs under: the top-level values
+    /// with the model's override applied, and no `models` of its own. A
+    /// model without an override gets the top-level values.
+    pub fn resolve(&self, model: &str) -> Policy {
+        let mut resolved = self.without_models();
+        if let Some(o) = self.models.get(model) {
+            o.apply_to(&mut resolved);
+        }
+        resolved
+    }
+
+    /// The top-level values alone. Destructured field by field (not
+    /// `..self.clone()`), so the model map is never copied and a new field
+    /// cannot be forgotten.
+    fn without_models(&self) -> Policy {
+        let Policy {
+            max_rounds,
+            delay,
+            backoff,
+            max_delay,
+            jitter,
+            rate_limited_delay,
+            max_retry_after,
+            classify,
+            timeouts,
+            budget,
+            health,
+            models: _,
+        } = self;
+        Policy {
+            max_rounds: *max_rounds,
+            delay: *delay,
+            backoff: *backoff,
+            max_delay: *max_delay,
+            jitter: *jitter,
+            rate_limited_delay: *rate_limited_delay,
+            max_retry_after: *max_retry_after,
+            classify: classify.clone(),
+            timeouts: timeouts.clone(),
+            budget: budget.clone(),
+            health: health.clone(),
+            models: BTreeMap::new(),
+        }
+    }
+
+    /// Checks every value against its allowed range: the top-level values
+    /// first, then each model's *resolved* policy (an override is valid
+    /// when the policy it produces is). A model error names the full path,
+    /// e.g. `models."openai/gpt-oss-120b".budget.ratio`.
     pub fn validate(&self) -> Result<(), PolicyError> {
+        self.check().map_err(Invalid::into_error)
+    }
+
+    fn check(&self) -> Result<(), Invalid<'_>> {
+        self.validate_values()
+            .map_err(|error| Invalid { model: None, error })?;
+        if self.models.len() > MAX_MODEL_OVERRIDES {
+            return Err(Invalid {
+                model: None,
+                error: PolicyError::field(
+                    "models",
+                    format!("{} models", self.models.len()),
+                    format!("at most {MAX_MODEL_OVERRIDES} model overrides"),
+                ),
+            });
+        }
+        let base = self.without_models();
+        for (name, o) in &self.models {
+            let model = Some(name.as_str());
+            if name.trim().is_empty() || name.len() > 256 {
+                return Err(Invalid {
+                    model,
+                    error: PolicyError::field(
+                        "",
+                        format!("{name:?}"),
+                        "a non-blank model name of at most 256 bytes",
+                    ),
+                });
+            }
+            let mut resolved = base.clone();
+            o.apply_to(&mut resolved);
+            resolved
+                .validate_values()
+                .map_err(|error| Invalid { model, error })?;
+        }
+        Ok(())
+    }
+
+    /// Checks the top-level values (not the model overrides).
+    fn validate_values(&self) -> Result<(), PolicyError> {
         if !(1..=MAX_ROUNDS_LIMIT).contains(&self.max_rounds) {
             return Err(PolicyError::field(
                 "max_rounds",
@@ -320,7 +600,7 @@ impl Policy {
         if !(self.backoff.is_finite() && (1.0..=10.0).contains(&self.backoff)) {
             return Err(PolicyError::field(
                 "backoff",
-                self.backoff,
+                format!("{:?}", self.backoff),
                 "a number within 1.0..=10.0",
             ));
         }
@@ -501,7 +781,7 @@ fn check_fraction(field: &str, value: f64) -> Result<(), PolicyError> {
     if !(value.is_finite() && (0.0..=1.0).contains(&value)) {
         return Err(PolicyError::field(
             field,
-            value,
+            format!("{value:?}"),
             "a number within 0.0..=1.0",
         ));
     }
@@ -522,16 +802,126 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Finds where a dotted field path's value is written, if it is.
-fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
+/// A validation error and the model whose resolved policy failed, if any
+/// (`error.field` is then relative to the model's table).
+struct Invalid<'a> {
+    model: Option<&'a str>,
+    error: PolicyError,
+}
+
+impl Invalid<'_> {
+    /// The error with the field's full path.
+    fn into_error(self) -> PolicyError {
+        match self.model {
+            None => self.error,
+            Some(model) => {
+                let mut segments = vec!["models", model];
+                segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
+                PolicyError {
+                    field: display_path(&segments),
+                    ..self.error
+                }
+            }
+        }
+    }
+
+    /// The error with its full path and where the value is written. A
+    /// model's value that its override does not set is inherited: the
+    /// error then points at the override's nearest enclosing table and
+    /// says so.
+    fn located(self, text: &str) -> PolicyError {
+        let mut segments = Vec::new();
+        if let Some(model) = self.model {
+            segments.extend(["models", model]);
+        }
+        segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
+        let (location, inherited) = match locate(text, &segments) {
+            Some(at) => (Some(at), false),
+            None if self.model.is_some() => {
+                let enclosing = (2..segments.len())
+                    .rev()
+                    .find_map(|n| locate(text, segments.get(..n).unwrap_or_default()));
+                (enclosing, true)
+            }
+            None => (None, false),
+        };
+        let mut e = self.into_error();
+        e.location = location;
+        if inherited {
+            e.allowed
+                .push_str(" (the override does not set this value: it is inherited)");
+        }
+        e
+    }
+}
+
+/// Renders a path of keys the way TOML writes it: bare keys as they are,
+/// model names (and anything that is not a bare key) quoted.
+fn display_path<S: AsRef<str>>(segments: &[S]) -> String {
+    let mut out = String::new();
+    for (i, segment) in segments.iter().enumerate() {
+        let segment = segment.as_ref();
+        if i > 0 {
+            out.push('.');
+        }
+        let bare = !segment.is_empty()
+            && segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let is_model = i == 1 && segments.first().is_some_and(|s| s.as_ref() == "models");
+        if bare && !is_model {
+            out.push_str(segment);
+        } else {
+            out.push('"');
+            for c in segment.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    c if c.is_control() => {
+                        out.push_str(&format!("\\u{:04X}", u32::from(c)));
+                    }
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+        }
+    }
+    out
+}
+
+/// Finds where the value at a path of keys is written, if it is.
+fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
     let root = toml::de::DeTable::parse(text).ok()?;
-    let mut parts = path.split('.');
-    let first = parts.next()?;
-    let mut value = root.get_ref().get(first)?;
-    for part in parts {
-        value = value.get_ref().get(part)?;
+    let (first, rest) = path.split_first()?;
+    let mut value = root.get_ref().get(*first)?;
+    for part in rest {
+        value = value.get_ref().get(*part)?;
     }
     Some(line_col(text, value.span().start))
+}
+
+/// The path of the key or value written at byte `offset` (where the TOML
+/// deserializer located a wrong type or an unknown key), if the text
+/// parses as TOML.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    fn walk(table: &toml::de::DeTable<'_>, offset: usize, path: &mut Vec<String>) -> bool {
+        for (key, value) in table.iter() {
+            path.push(key.get_ref().to_string());
+            if let Some(inner) = value.get_ref().as_table() {
+                if walk(inner, offset, path) {
+                    return true;
+                }
+            }
+            if key.span().contains(&offset) || value.span().contains(&offset) {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut path = Vec::new();
+    walk(root.get_ref(), offset, &mut path).then(|| display_path(&path))
 }
 
 #[cfg(test)]
@@ -603,6 +993,131 @@ mod tests {
         assert_eq!(e.field, "classify.retryable_statuses");
         let e = Policy::from_toml("[classify]\ntransient_keywords = [\"  \"]\n").unwrap_err();
         assert_eq!(e.field, "classify.transient_keywords");
+    }
+
+    const BIG: &str = "openai/gpt-oss-120b";
+
+    #[test]
+    fn model_override_replaces_what_it_names_and_inherits_the_rest() {
+        let p = Policy::from_toml(
+            "delay = \"250ms\"\n\
+             [models.\"openai/gpt-oss-120b\"]\n\
+             max_rounds = 3\n\
+             [models.\"openai/gpt-oss-120b\".budget]\n\
+             ratio = 0.5\n\
+             [models.\"openai/gpt-oss-120b\".classify]\n\
+             retryable_statuses = [408, 425]\n",
+        )
+        .unwrap();
+        let big = p.resolve(BIG);
+        assert_eq!((big.max_rounds, big.budget.ratio), (3, 0.5));
+        assert_eq!(big.classify.retryable_statuses, vec![408, 425]);
+        assert_eq!(big.delay, Duration::from_millis(250), "inherited");
+        assert_eq!(big.budget.window, p.budget.window, "inherited");
+        assert!(big.models.is_empty());
+        let other = p.resolve("other");
+        assert_eq!(
+            other,
+            Policy {
+                models: BTreeMap::new(),
+                ..p.clone()
+            }
+        );
+    }
+
+    #[test]
+    fn overrides_round_trip_through_to_toml() {
+        let mut p = Policy::default();
+        let mut o = PolicyOverride {
+            max_rounds: Some(3),
+            delay: Some(Duration::from_millis(100)),
+            ..PolicyOverride::default()
+        };
+        o.budget.ratio = Some(0.5);
+        o.timeouts.attempt = Some(Duration::from_secs(30));
+        o.classify.transient_keywords = Some(vec!["overloaded".into()]);
+        p.models.insert(BIG.into(), o);
+        p.models.insert("gpt-4.1".into(), PolicyOverride::default());
+        let text = p.to_toml();
+        assert!(
+            text.contains("[models.\"openai/gpt-oss-120b\".budget]"),
+            "{text}"
+        );
+        assert_eq!(Policy::from_toml(&text).unwrap(), p);
+        assert!(!Policy::default().to_toml().contains("models"));
+    }
+
+    #[test]
+    fn override_errors_name_the_full_path_and_where_it_is_written() {
+        let e = Policy::from_toml("[models.\"gpt-4.1\".budget]\nratio = 1.5\n").unwrap_err();
+        assert_eq!(e.field, "models.\"gpt-4.1\".budget.ratio");
+        assert_eq!((e.value.as_str(), e.location), ("1.5", Some((2, 9))));
+        let e = Policy::from_toml("[models.x]\njitter = 0.1\n[models.x.budget]\nratioo = 1\n")
+            .unwrap_err();
+        assert_eq!(e.field, "models.\"x\".budget.ratioo");
+        assert_eq!(e.location, Some((4, 1)));
+        assert!(e.allowed.contains("unknown field `ratioo`"), "{e}");
+        let e = Policy::from_toml("[models.x]\nmax_rounds = \"two\"\n").unwrap_err();
+        assert_eq!(e.field, "models.\"x\".max_rounds");
+        assert_eq!(e.location, Some((2, 14)));
+        let e = Policy::from_toml("[models]\n\"gpt-4.1\" = { jitter = 2.0 }\n").unwrap_err();
+        assert_eq!(e.field, "models.\"gpt-4.1\".jitter");
+        assert_eq!((e.value.as_str(), e.location), ("2.0", Some((2, 24))));
+        assert!(
+            e.to_string()
+                .starts_with("line 2, column 24: `models.\"gpt-4.1\".jitter` = 2.0 is invalid"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn resolved_model_policy_is_what_is_validated() {
+        // The override sets `attempt` below the inherited `connect`: the
+        // error names the inherited field and points at the override.
+        let e =
+            Policy::from_toml("jitter = 0.1\n[models.x.timeouts]\nattempt = \"1s\"\n").unwrap_err();
+        assert_eq!(e.field, "models.\"x\".timeouts.connect");
+        assert_eq!(e.location, Some((2, 1)));
+        assert!(e.allowed.contains("inherited"), "{e}");
+        // Valid on its own, valid with the base: accepted.
+        Policy::from_toml("[timeouts]\nconnect = \"1s\"\n[models.x.timeouts]\nattempt = \"2s\"\n")
+            .unwrap();
+        let e = Policy::from_toml("[models.\" \"]\njitter = 0.1\n").unwrap_err();
+        assert_eq!(e.field, "models.\" \"");
+        // Built in code, not parsed: the same path, no location.
+        let mut p = Policy::default();
+        let mut o = PolicyOverride::default();
+        o.health.demote_after = Some(0);
+        p.models.insert(BIG.into(), o);
+        let e = p.validate().unwrap_err();
+        assert_eq!(
+            e.field,
+            "models.\"openai/gpt-oss-120b\".health.demote_after"
+        );
+        assert_eq!(e.location, None);
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_name_the_line() {
+        let e = Policy::from_bytes(b"max_rounds = 2\n\xff\xfe\x00").unwrap_err();
+        assert_eq!(e.location, Some((2, 1)));
+        assert!(e.allowed.contains("not UTF-8"), "{e}");
+        let e = Policy::from_bytes(b"max_rounds = 2\n\x00\x01\x02").unwrap_err();
+        assert_eq!(e.location.map(|l| l.0), Some(2), "{e}");
+        assert_eq!(Policy::from_bytes(b"").unwrap(), Policy::default());
+        let bom = Policy::from_bytes(b"\xEF\xBB\xBFmax_rounds = 3\n").unwrap();
+        assert_eq!(bom.max_rounds, 3);
+    }
+
+    #[test]
+    fn paths_quote_what_toml_would_quote() {
+        assert_eq!(display_path(&["budget", "ratio"]), "budget.ratio");
+        assert_eq!(display_path(&["models", "small"]), "models.\"small\"");
+        assert_eq!(
+            display_path(&["models", "a\"b\\c"]),
+            "models.\"a\\\"b\\\\c\""
+        );
+        assert_eq!(display_path(&["a.b", "\u{7}"]), "\"a.b\".\"\\u0007\"");
     }
 
     #[test]
