@@ -1120,6 +1120,25 @@ mod tests {
         assert_eq!(display_path(&["a.b", "\u{7}"]), "\"a.b\".\"\\u0007\"");
     }
 
+    proptest::proptest! {
+        /// Whatever is on disk, parsing returns: no panic, no hang.
+        #[test]
+        fn any_bytes_are_a_policy_or_an_error(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            if let Err(e) = Policy::from_bytes(&bytes) {
+                let _ = e.to_string();
+            }
+        }
+
+        /// TOML-shaped noise around model tables and keys: errors are
+        /// located and rendered without panicking.
+        #[test]
+        fn toml_like_noise_never_panics(text in "(\\[models\\.\"[a-z./ ]{0,6}\"(\\.budget|\\.timeouts)?\\]\n|[a-z_]{1,12} = (\"[0-9a-z]{0,4}\"|-?[0-9.]{1,4}|\\[\\]|\\{\\})\n|\\[[a-z]{0,8}\\]\n){0,6}") {
+            if let Err(e) = Policy::from_toml(&text) {
+                let _ = e.to_string();
+            }
+        }
+    }
+
     #[test]
     fn line_col_counts_from_one() {
         assert_eq!(line_col("ab\ncd", 0), (1, 1));

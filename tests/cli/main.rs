@@ -30,17 +30,79 @@ fn shipped_policy_is_valid_and_documents_exactly_the_defaults() {
 }
 
 #[test]
-fn check_names_file_line_field_and_allowed_values() {
+fn shipped_override_example_is_valid_when_uncommented() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/policy.toml"))
+        .unwrap();
+    let start = text.find("# [models.").expect("an override example");
+    let (head, example) = text.split_at(start);
+    let uncommented: String = example
+        .lines()
+        .map(|l| l.strip_prefix("# ").or(l.strip_prefix("#")).unwrap_or(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let policy = Policy::from_toml(&format!("{head}{uncommented}")).unwrap();
+    let big = policy.resolve("openai/gpt-oss-120b");
+    assert_eq!((big.max_rounds, big.budget.ratio), (3, 0.5));
+    assert_eq!(big.timeouts.attempt, std::time::Duration::from_secs(180));
+    assert_eq!(policy.resolve("other"), policy.resolve("unknown"));
+}
+
+#[test]
+fn check_names_file_line_column_field_and_allowed_values() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "max_rounds = 2\n\n[budget]\nratio = 3.0\n").unwrap();
     let (code, out, err) = retryctl(&["check", path.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(out.is_empty());
-    assert!(err.contains("bad.toml"), "{err}");
-    assert!(err.contains("line 4"), "{err}");
-    assert!(err.contains("budget.ratio"), "{err}");
-    assert!(err.contains("0.0..=1.0"), "{err}");
+    let first = err.lines().next().unwrap();
+    assert!(first.starts_with("error: "), "{err}");
+    assert!(
+        first.ends_with("bad.toml:4:9: `budget.ratio` = 3.0 is invalid: a number within 0.0..=1.0"),
+        "{err}"
+    );
+    // The offending line, with a caret under the value.
+    assert!(err.contains("\n4 | ratio = 3.0\n  |         ^\n"), "{err}");
+}
+
+#[test]
+fn check_names_the_full_path_of_a_model_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("models.toml");
+    let write = |text: &str| std::fs::write(&path, text).unwrap();
+    let check = || retryctl(&["check", path.to_str().unwrap()]);
+
+    write("[models.\"openai/gpt-oss-120b\".budget]\nratio = 1.5\n");
+    let (code, _, err) = check();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "models.toml:2:9: `models.\"openai/gpt-oss-120b\".budget.ratio` = 1.5 is invalid"
+        ),
+        "{err}"
+    );
+    write("[models.\"gpt-4.1\"]\nmax_rounds = 3\n[models.\"gpt-4.1\".health]\ndemote_afterr = 3\n");
+    let (code, _, err) = check();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("models.toml:4:1: `models.\"gpt-4.1\".health.demote_afterr`: unknown field"),
+        "{err}"
+    );
+    write("[models.small.timeouts]\nattempt = \"1s\"\n");
+    let (code, _, err) = check();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("models.toml:1:1: `models.\"small\".timeouts.connect`"),
+        "{err}"
+    );
+    assert!(err.contains("inherited"), "{err}");
+
+    write("[models.\"openai/gpt-oss-120b\"]\nmax_rounds = 3\n");
+    let (code, out, err) = check();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("per-model overrides"), "{out}");
+    let printed = Policy::from_toml(&out).unwrap();
+    assert_eq!(printed.resolve("openai/gpt-oss-120b").max_rounds, 3);
 }
 
 #[test]
@@ -50,15 +112,39 @@ fn check_rejects_typos_garbage_and_missing_files() {
     std::fs::write(&typo, "max_round = 3\n").unwrap();
     let (code, _, err) = retryctl(&["check", typo.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("line 1") && err.contains("max_round"), "{err}");
+    assert!(err.contains("typo.toml:1:1: `max_round`"), "{err}");
+    assert!(err.contains("unknown field"), "{err}");
+
     let garbage = dir.path().join("garbage.toml");
-    std::fs::write(&garbage, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    std::fs::write(&garbage, b"max_rounds = 2\n\xff\xfe\x00\x41").unwrap();
     let (code, _, err) = retryctl(&["check", garbage.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("not UTF-8"), "{err}");
+    assert!(err.contains("garbage.toml:2:1: not UTF-8"), "{err}");
+
+    // Valid UTF-8 but not TOML: control characters, printed harmlessly.
+    let control = dir.path().join("control.toml");
+    std::fs::write(&control, b"\x1b[31m\x00\x07").unwrap();
+    let (code, _, err) = retryctl(&["check", control.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("control.toml:1:"), "{err}");
+    assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "{err:?}");
+
     let (code, _, err) = retryctl(&["check", "/nonexistent/policy.toml"]);
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent/policy.toml"), "{err}");
+    let (code, _, err) = retryctl(&["check", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn check_accepts_an_empty_file_as_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let (code, out, err) = retryctl(&["check", empty.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(Policy::from_toml(&out).unwrap(), Policy::default());
 }
 
 #[test]
