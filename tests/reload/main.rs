@@ -431,7 +431,9 @@ async fn requests_flow_while_the_policy_is_replaced_100_times() {
     let live_w = live.clone();
     let swaps = tokio::task::spawn_blocking(move || {
         for n in 1..=100 {
-            std::fs::write(&path, text(n)).unwrap();
+            // Atomic replacement: an in-place write can be seen truncated,
+            // and an empty file is the (valid) default policy.
+            replace_by_rename(&path, &text(n));
             wait_until(&format!("policy {n}"), || {
                 live_w.load().policy().budget.min_per_second == n
             });
