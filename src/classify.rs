@@ -387,7 +387,7 @@ impl Rules {
                 return Verdict::transient(Cause::ConnectTimeout);
             }
             return match self.cause_below(err) {
-                Some(v) if v.cause == Cause::ConnectRefused => v,
+                Some(v) if matches!(v.cause, Cause::ConnectRefused | Cause::Reset) => v,
                 Some(v) if v.cause == Cause::Timeout => Verdict::transient(Cause::ConnectTimeout),
                 _ => Verdict::transient(Cause::Connect),
             };

@@ -55,6 +55,8 @@
 
 pub mod budget;
 pub mod classify;
+pub mod demo;
+pub mod gateway;
 mod health;
 mod live;
 pub mod policy;
@@ -72,13 +74,13 @@ pub struct ReadmeDoctests;
 pub use budget::RetryBudget;
 pub use classify::{Cause, Classification, Classify, Rules, Verdict};
 pub use health::HealthSnapshot;
-pub use live::{ActivePolicy, LivePolicy};
 pub use live::ModelPolicy;
+pub use live::{ActivePolicy, LivePolicy};
 pub use policy::PolicyOverride;
-pub use reload::{PolicyWatcher, ReloadOptions};
 pub use policy::{BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, Timeouts};
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,
     ProviderStats, Report, Served,
 };
+pub use reload::{PolicyWatcher, ReloadOptions};
 pub use stats::WindowStats;

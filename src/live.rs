@@ -124,6 +124,10 @@ impl ActivePolicy {
     /// The policy for requests to `model`: its resolved override, or the
     /// top level when it has none. One hash lookup, no allocation.
     pub fn for_model(&self, model: &str) -> &ModelPolicy {
+        // Most policies have no overrides: skip hashing the name then.
+        if self.models.is_empty() {
+            return &self.base;
+        }
         self.models.get(model).unwrap_or(&self.base)
     }
 

@@ -16,6 +16,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Faulty upstreams on loopback, the same traffic with and without
+    /// retries, side by side (about 30 s).
+    Demo(DemoArgs),
     /// Validate a policy file; print the effective policy (defaults filled in).
     Check {
         /// The policy file (TOML).
@@ -23,12 +26,54 @@ enum Command {
     },
     /// Print the default policy as TOML.
     Defaults,
+    /// Run the reference OpenAI-compatible gateway (see
+    /// config/gateway.toml); stops gracefully on SIGTERM or Ctrl-C.
+    Serve {
+        /// The gateway configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Options of `retryctl demo`.
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Seed of the fault schedule (same seed, same faults).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Requests per second sent to each pool.
+    #[arg(long, default_value_t = 200)]
+    rps: u32,
+    /// How long traffic runs (e.g. "30s", "2m").
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// The retry policy (default: the embedded defaults, as in
+    /// config/policy.toml).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Cap on the policy's connect timeout for the loopback upstreams.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    connect_timeout: std::time::Duration,
+    /// Where to serve /metrics (loopback; port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: std::net::SocketAddr,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw failures per second over time as SVG here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo(args),
         Command::Check { path } => check(&path),
+        Command::Serve { config } => serve(&config),
         Command::Defaults => {
             print!("{}", Policy::default().to_toml());
             ExitCode::SUCCESS
@@ -84,6 +129,122 @@ fn check(path: &std::path::Path) -> ExitCode {
                     eprintln!("{:gutter$} | {pad}^", "");
                 }
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_policy(path: &std::path::Path) -> Result<Policy, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    Policy::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    let policy = match &args.policy {
+        Some(path) => match read_policy(path) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Policy::default(),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        // Install the recorder before the pools resolve their metrics.
+        let metrics = retryctl::telemetry::serve(args.metrics_addr).or_else(|_| {
+            let any = std::net::SocketAddr::new(args.metrics_addr.ip(), 0);
+            retryctl::telemetry::serve(any)
+        });
+        match &metrics {
+            Ok(m) => eprintln!("metrics: http://{}/metrics", m.local_addr()),
+            Err(e) => eprintln!("metrics disabled: {e}"),
+        }
+        let config = retryctl::demo::DemoConfig {
+            seed: args.seed,
+            rps: args.rps,
+            duration: args.duration,
+            policy,
+            connect_timeout: args.connect_timeout,
+            progress: !args.quiet,
+        };
+        eprintln!(
+            "faulty upstreams on loopback: seed {}, {} req/s per pool for {}; baseline = the same policy with max_rounds = 1",
+            config.seed,
+            config.rps,
+            humantime::format_duration(config.duration)
+        );
+        let report = match retryctl::demo::run(&config).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("demo failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        println!("{}", report.table());
+        if let Some(path) = &args.json {
+            if let Err(e) = report.write_json(path) {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!("report written to {}", path.display());
+        }
+        if let Some(path) = &args.plot {
+            if let Err(e) = report.write_svg(path) {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!("chart written to {}", path.display());
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let config = match retryctl::gateway::GatewayConfig::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(retryctl::gateway::run(config));
+    // Connections still open after the drain are dropped here, without
+    // waiting on a blocked DNS lookup.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
             ExitCode::FAILURE
         }
     }

@@ -236,6 +236,83 @@ impl RouteMetrics {
     }
 }
 
+/// Registers the HELP text and unit of every pool metric with the current
+/// recorder (Prometheus requires help text; `promtool check metrics` lints
+/// its absence).
+pub(crate) fn describe(prefix: &str) {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    let n = |name: &str| format!("{prefix}{name}");
+    describe_counter!(
+        n("requests_total"),
+        Unit::Count,
+        "Logical requests by model, outcome (success_first_try, success_after_retry, failed_after_retry, failed_without_retry) and failure reason."
+    );
+    describe_counter!(
+        n("first_round_failures_total"),
+        Unit::Count,
+        "Requests whose first round failed: what would have failed without retries."
+    );
+    describe_counter!(
+        n("fallbacks_total"),
+        Unit::Count,
+        "Requests served by a provider other than the first one tried."
+    );
+    describe_counter!(
+        n("attempts_total"),
+        Unit::Count,
+        "Upstream attempts by model, provider and result (ok or the failure cause)."
+    );
+    describe_counter!(
+        n("retries_total"),
+        Unit::Count,
+        "Retry attempts: attempts in rounds after the first."
+    );
+    describe_counter!(
+        n("retries_skipped_total"),
+        Unit::Count,
+        "Retries not made, by reason: budget, deadline, retry_after."
+    );
+    describe_counter!(
+        n("provider_demotions_total"),
+        Unit::Count,
+        "Times a provider was demoted after consecutive failed requests."
+    );
+    describe_counter!(
+        n("provider_recoveries_total"),
+        Unit::Count,
+        "Times a demoted provider succeeded and was restored."
+    );
+    describe_counter!(
+        n("unknown_model_requests_total"),
+        Unit::Count,
+        "Requests for a model the pool does not know (no model label by design)."
+    );
+    describe_gauge!(
+        n("provider_demoted"),
+        "1 while the provider is demoted (tried after the healthy ones), else 0."
+    );
+    describe_histogram!(
+        n("attempt_duration_seconds"),
+        Unit::Seconds,
+        "Duration of one upstream attempt, until the operation returned (response headers)."
+    );
+    describe_histogram!(
+        n("request_duration_seconds"),
+        Unit::Seconds,
+        "Duration of a logical request, all rounds and waits included."
+    );
+    describe_histogram!(
+        n("attempts_per_request"),
+        Unit::Count,
+        "Upstream attempts per logical request."
+    );
+    describe_histogram!(
+        n("retry_delay_seconds"),
+        Unit::Seconds,
+        "Time waited before a retry."
+    );
+}
+
 /// The counter of requests for models the pool does not know (no model
 /// label: outside input must not create series).
 pub(crate) fn unknown_model(prefix: &str) -> Counter {

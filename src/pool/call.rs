@@ -11,7 +11,7 @@ use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report,
 use super::{Model, Pool};
 use crate::classify::{Classification, Classify, Verdict};
 use crate::health::HealthEvent;
-use crate::live::ActivePolicy;
+use crate::live::ModelPolicy;
 use crate::policy::Policy;
 use crate::telemetry::Skip;
 
@@ -169,8 +169,10 @@ impl<P> Pool<P> {
                 report: Report::default(),
             });
         };
+        // One snapshot for the whole request, resolved for this model.
         let active = self.policy.load();
-        let policy = active.policy();
+        let resolved = active.for_model(&m.name);
+        let policy = resolved.policy();
         let start = Instant::now();
         let deadline = options
             .deadline
@@ -195,7 +197,7 @@ impl<P> Pool<P> {
             if k > 0 {
                 now = Instant::now();
             }
-            match attempt(m, i, 1, now, deadline, &mut op, &active, &mut req).await {
+            match attempt(m, i, 1, now, deadline, &mut op, resolved, &mut req).await {
                 Attempted::Served(value, ended) => {
                     return Ok(served(m, i, order[0] != i, value, req, start, ended));
                 }
@@ -286,7 +288,11 @@ impl<P> Pool<P> {
                 } else {
                     now = before;
                 }
-                match attempt(m, r.index, round, now, deadline, &mut op, &active, &mut req).await {
+                match attempt(
+                    m, r.index, round, now, deadline, &mut op, resolved, &mut req,
+                )
+                .await
+                {
                     Attempted::Served(value, ended) => {
                         let fell_back = order[0] != r.index;
                         return Ok(served(m, r.index, fell_back, value, req, start, ended));
@@ -322,7 +328,7 @@ async fn attempt<'a, P, T, E, F, Fut>(
     now: Instant,
     deadline: Instant,
     op: &mut F,
-    active: &ActivePolicy,
+    active: &ModelPolicy,
     req: &mut Request<'a, E>,
 ) -> Attempted<T>
 where

@@ -205,6 +205,7 @@ impl<P> PoolBuilder<P> {
             .as_deref()
             .unwrap_or(telemetry::DEFAULT_PREFIX)
             .into();
+        telemetry::describe(&prefix);
         if self.models.is_empty() {
             return Err(BuildError::Empty);
         }
@@ -306,7 +307,10 @@ impl<P> Pool<P> {
     pub fn budget_available(&self, model: &str) -> Option<f64> {
         let m = &self.models[*self.index.get(model)?];
         let active = self.policy.load();
-        Some(m.budget.available(Instant::now(), &active.policy().budget))
+        Some(
+            m.budget
+                .available(Instant::now(), &active.for_model(model).policy().budget),
+        )
     }
 
     fn model(&self, name: &str) -> Option<&Model<P>> {

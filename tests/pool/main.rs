@@ -646,3 +646,123 @@ async fn cancelled_probe_releases_the_probe_slot() {
     assert_eq!(call(&pool).await.unwrap().value, "a");
     assert!(!pool.stats()[0].health.demoted);
 }
+
+// ---- tracing events carry the real accounting -----------------------------
+
+/// Collects formatted log lines.
+#[derive(Clone, Default)]
+struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .without_time()
+        .with_writer(move || writer.clone())
+        .finish();
+    (lines, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn events_report_the_real_attempt_count() {
+    let (lines, _guard) = capture();
+    let ps = vec![
+        Scripted::new("a", vec![refused()]),
+        Scripted::new("b", vec![Step::Status(502, None)]),
+        Scripted::new("c", vec![refused()]),
+    ];
+    let pool = pool(ps, Policy::default());
+    let err = call(&pool).await.unwrap_err();
+    assert_eq!(err.report.attempts, 6);
+    let text = lines.text();
+    let retrying: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("retrying after transient failure"))
+        .collect();
+    assert_eq!(retrying.len(), 1, "{text}");
+    assert!(
+        retrying[0].contains("round=2") && retrying[0].contains("attempts=3"),
+        "{text}"
+    );
+    assert!(retrying[0].contains("providers=3"), "{text}");
+    let failed: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("all providers failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{text}");
+    assert!(failed[0].contains("WARN"), "{text}");
+    assert!(
+        failed[0].contains("attempts=6") && failed[0].contains("rounds=2"),
+        "{text}"
+    );
+    assert!(
+        failed[0].contains("reason=\"rounds_exhausted\"")
+            || failed[0].contains("reason=rounds_exhausted"),
+        "{text}"
+    );
+    assert_eq!(text.matches("attempt failed").count(), 6, "{text}");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_early_stop_logs_one_attempt_and_no_outage() {
+    let (lines, _guard) = capture();
+    let ps = vec![
+        Scripted::new("a", vec![Step::Status(400, None)]),
+        Scripted::new("b", vec![Step::Ok]),
+        Scripted::new("c", vec![Step::Ok]),
+    ];
+    let pool = pool(ps, Policy::default());
+    let err = call(&pool).await.unwrap_err();
+    assert_eq!(err.report.attempts, 1);
+    let text = lines.text();
+    assert!(!text.contains("all providers failed"), "{text}");
+    let rejected: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("rejected by the upstream"))
+        .collect();
+    assert_eq!(rejected.len(), 1, "{text}");
+    assert!(rejected[0].contains("attempts=1"), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_model_overrides_apply_to_their_model_only() {
+    let policy = Policy::from_toml(
+        "max_rounds = 2\n[models.\"no-retry\"]\nmax_rounds = 1\n[models.\"slow\"]\ndelay = \"2s\"\njitter = 0.0\n",
+    )
+    .unwrap();
+    let a = Scripted::new("a", vec![refused()]);
+    let pool: Pool<P> = Pool::builder()
+        .policy(LivePolicy::new(policy).unwrap())
+        .provider(MODEL, "a", a.clone())
+        .provider("no-retry", "a", a.clone())
+        .provider("slow", "a", a.clone())
+        .build()
+        .unwrap();
+    let attempts = |r: Outcome| r.unwrap_err().report.attempts;
+    assert_eq!(attempts(pool.call(MODEL, |p: &P| p.attempt()).await), 2);
+    assert_eq!(
+        attempts(pool.call("no-retry", |p: &P| p.attempt()).await),
+        1
+    );
+    let start = Instant::now();
+    assert_eq!(attempts(pool.call("slow", |p: &P| p.attempt()).await), 2);
+    assert_eq!(Instant::now() - start, Duration::from_secs(2));
+}

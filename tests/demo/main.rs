@@ -1,0 +1,276 @@
+//! The demo's core on real sockets: each fault produces the socket-level
+//! failure it claims, a seeded run is reproducible, and a policy that
+//! retries nothing shows no reduction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use retryctl::demo::faults::{ATTEMPT_HEADER, FaultServer, REQUEST_HEADER};
+use retryctl::demo::schedule::{FaultKind, Noise, NoiseRates, Window};
+use retryctl::demo::{DemoConfig, Schedule};
+use retryctl::{Cause, Classify, Policy, Rules};
+use tokio::time::Instant;
+
+/// The real-time tests run one at a time: each one's timing margins assume
+/// it has the machine's attention, not a sibling's burst of connections.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn window(kind: FaultKind, start_ms: u64, end_ms: u64, reset: bool) -> Window {
+    Window {
+        kind,
+        start: Duration::from_millis(start_ms),
+        end: Duration::from_millis(end_ms),
+        reset,
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(200))
+        .timeout(Duration::from_secs(3))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    id: u64,
+) -> Result<reqwest::Response, reqwest::Error> {
+    client
+        .post(format!("{url}/v1/chat/completions"))
+        .header(REQUEST_HEADER, id)
+        .header(ATTEMPT_HEADER, 1)
+        .body("{}")
+        .send()
+        .await
+}
+
+fn cause(err: &reqwest::Error) -> Cause {
+    err.classify(&Rules::default()).cause
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fault_produces_the_failure_it_claims() {
+    let _serial = SERIAL.lock().await;
+    let schedule = Arc::new(Schedule {
+        seed: 3,
+        windows: vec![
+            window(FaultKind::Reload, 200, 800, false),
+            window(FaultKind::Reload, 1100, 1700, true),
+            window(FaultKind::Backlog, 2000, 3000, false),
+            window(FaultKind::Restart, 3300, 3900, false),
+        ],
+        noise: NoiseRates::default(),
+    });
+    let epoch = Instant::now() + Duration::from_millis(100);
+    let server = FaultServer::start(schedule.clone(), epoch).await.unwrap();
+    let url = server.url();
+    let c = client();
+    let at = |ms: u64| tokio::time::sleep_until(epoch + Duration::from_millis(ms));
+    // a request id with no noise
+    let clean = (0..)
+        .find(|&i| schedule.noise(i, 1) == Noise::None)
+        .unwrap();
+
+    at(50).await;
+    assert_eq!(send(&c, &url, clean).await.unwrap().status(), 200);
+
+    at(500).await;
+    let e = send(&c, &url, clean).await.unwrap_err();
+    assert_eq!(cause(&e), Cause::ConnectRefused, "reload (refuse): {e:?}");
+
+    at(1400).await;
+    let e = send(&c, &url, clean).await.unwrap_err();
+    assert!(
+        matches!(cause(&e), Cause::Reset | Cause::NotSent),
+        "reload (reset): {e:?}"
+    );
+    assert!(
+        server
+            .counters()
+            .reset
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+
+    at(1850).await;
+    assert_eq!(send(&c, &url, clean).await.unwrap().status(), 200);
+
+    // A burst of new connections overflows the slow accept queue.
+    at(2100).await;
+    let burst: Vec<_> = (0..12)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move { send(&c, &url, clean).await })
+        })
+        .collect();
+    let mut stalled = 0;
+    let mut served = 0;
+    for r in burst {
+        match r.await.unwrap() {
+            Ok(resp) if resp.status() == 200 => served += 1,
+            Ok(resp) => panic!("unexpected {}", resp.status()),
+            Err(e) => {
+                assert_eq!(cause(&e), Cause::ConnectTimeout, "{e:?}");
+                stalled += 1;
+            }
+        }
+    }
+    assert!(
+        stalled >= 1 && served >= 1,
+        "stalled {stalled}, served {served}"
+    );
+
+    at(3600).await;
+    let e = send(&c, &url, clean).await.unwrap_err();
+    assert_eq!(cause(&e), Cause::ConnectRefused, "restart: {e:?}");
+
+    at(4100).await;
+    assert_eq!(send(&c, &url, clean).await.unwrap().status(), 200);
+
+    // Noise, decided per request id and attempt.
+    let find = |f: fn(Noise) -> bool| (0..100_000u64).find(|&i| f(schedule.noise(i, 1))).unwrap();
+    let id = find(|n| n == Noise::Status(502, None));
+    assert_eq!(send(&c, &url, id).await.unwrap().status(), 502);
+    let id = find(|n| n == Noise::Status(503, Some(1)));
+    let resp = send(&c, &url, id).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let id = find(|n| n == Noise::ClientError);
+    assert_eq!(send(&c, &url, id).await.unwrap().status(), 400);
+}
+
+/// Windows whose edges fall midway between two requests (20 req/s: every
+/// 50 ms) and between two retries (500 ms and 1 s after a request), so the
+/// same requests meet the same faults on every run, even on a loaded
+/// machine (25 ms of slack).
+fn aligned_schedule() -> Schedule {
+    Schedule {
+        seed: 11,
+        windows: vec![
+            window(FaultKind::Reload, 1025, 1225, false),
+            window(FaultKind::Reload, 2525, 2725, true),
+            window(FaultKind::Restart, 4025, 5025, false),
+        ],
+        noise: NoiseRates {
+            slow: 0.0,
+            ..NoiseRates::default()
+        },
+    }
+}
+
+fn config(policy: Policy) -> DemoConfig {
+    DemoConfig {
+        seed: 11,
+        rps: 20,
+        duration: Duration::from_secs(6),
+        policy,
+        connect_timeout: Duration::from_millis(250),
+        progress: false,
+    }
+}
+
+fn no_jitter() -> Policy {
+    Policy {
+        jitter: 0.0,
+        ..Policy::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_run_gives_the_same_counts_twice() {
+    let _serial = SERIAL.lock().await;
+    let a = retryctl::demo::run_schedule(&config(no_jitter()), aligned_schedule())
+        .await
+        .unwrap();
+    let b = retryctl::demo::run_schedule(&config(no_jitter()), aligned_schedule())
+        .await
+        .unwrap();
+    assert_eq!(a.requests, 120);
+    let counts = |r: &retryctl::demo::DemoReport| {
+        (
+            r.baseline.failures,
+            r.retrying.failures,
+            r.baseline.attempts,
+            r.retrying.attempts,
+            r.faults
+                .iter()
+                .map(|f| (f.hit, f.baseline_failed, f.retrying_failed, f.absorbed))
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(counts(&a), counts(&b), "\n{}\n{}", a.table(), b.table());
+    // The reload windows (4 requests each) are absorbed; the 1 s restart
+    // is not (a retry 500 ms later finds the port still closed, except for
+    // requests sent in its last 500 ms).
+    let row = |k: FaultKind| a.faults.iter().find(|f| f.kind == k).unwrap().clone();
+    let reload = row(FaultKind::Reload);
+    assert_eq!((reload.hit, reload.baseline_failed), (8, 8));
+    assert_eq!(reload.absorbed + reload.retrying_failed, 8);
+    assert!(
+        reload.absorbed >= 6,
+        "a retry fails only on noise: {reload:?}"
+    );
+    let restart = row(FaultKind::Restart);
+    assert_eq!((restart.hit, restart.baseline_failed), (20, 20));
+    // requests sent in the first half retry into the window: 10 fail
+    // (more only if a retry meets a 5xx by the schedule's noise)
+    assert!((10..=12).contains(&restart.retrying_failed), "{restart:?}");
+    assert_eq!(a.client_errors_retried, 0);
+    let client = row(FaultKind::ClientError);
+    assert_eq!(client.baseline_failed, client.retrying_failed);
+    assert!(a.retrying.failures < a.baseline.failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_retries_nothing_shows_no_reduction() {
+    let _serial = SERIAL.lock().await;
+    let policy = Policy {
+        max_rounds: 1,
+        ..no_jitter()
+    };
+    let r = retryctl::demo::run_schedule(&config(policy), aligned_schedule())
+        .await
+        .unwrap();
+    assert!(r.baseline.failures > 0);
+    assert_eq!(r.baseline.failures, r.retrying.failures, "{}", r.table());
+    assert_eq!(r.baseline.attempts, r.retrying.attempts);
+    assert_eq!(r.reduction_pct, 0.0);
+    assert_eq!(r.retrying.amplification_pct, 0.0);
+}
+
+#[test]
+fn report_renders_json_and_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let schedule = Schedule {
+        seed: 5,
+        windows: vec![window(FaultKind::Reload, 300, 500, false)],
+        noise: NoiseRates::default(),
+    };
+    let cfg = DemoConfig {
+        rps: 20,
+        duration: Duration::from_secs(1),
+        ..config(no_jitter())
+    };
+    let report = rt
+        .block_on(async {
+            let _serial = SERIAL.lock().await;
+            retryctl::demo::run_schedule(&cfg, schedule).await
+        })
+        .unwrap();
+    let json = dir.path().join("r.json");
+    let svg = dir.path().join("r.svg");
+    report.write_json(&json).unwrap();
+    report.write_svg(&svg).unwrap();
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(value["requests"], 20);
+    assert_eq!(value["windows"][0]["kind"], "reload");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg"));
+    assert!(text.contains("retryctl") && text.contains("baseline"));
+    assert!(report.table().contains("failure reduction"));
+}
