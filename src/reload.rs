@@ -95,7 +95,7 @@ pub const RELOAD_FAILING: &str = "retryctl_policy_reload_failing";
 /// Gauge set to 1 for the policy in force, labelled `hash` with its
 /// [`version`](crate::ActivePolicy::version) in 16 hex digits; the series
 /// of the policy it replaced is set to 0.
-pub const POLICY_INFO: &str = "retryctl_policy_info";
+pub const POLICY_INFO: &str = crate::telemetry::POLICY_INFO;
 
 /// The largest policy file read. A policy is a few kilobytes; anything
 /// past this is a wrong path (a log file, a device), not a policy.
@@ -684,10 +684,7 @@ impl Reloader {
         metrics::gauge!(RELOAD_FAILING).set(0.0);
         metrics::gauge!(LAST_RELOAD_SUCCESS_TIMESTAMP).set(unix_now());
         if self.info_hash != Some(version) {
-            if let Some(old) = self.info_hash {
-                metrics::gauge!(POLICY_INFO, "hash" => hex(old)).set(0.0);
-            }
-            metrics::gauge!(POLICY_INFO, "hash" => hex(version)).set(1.0);
+            crate::telemetry::policy_in_force(self.info_hash, version);
             self.info_hash = Some(version);
         }
         if outcome == Outcome::Applied {
@@ -726,7 +723,7 @@ impl Reloader {
 }
 
 fn hex(version: u64) -> String {
-    format!("{version:016x}")
+    crate::telemetry::policy_hash(version)
 }
 
 fn unix_now() -> f64 {

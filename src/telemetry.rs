@@ -313,6 +313,23 @@ pub(crate) fn describe(prefix: &str) {
     );
 }
 
+/// The info gauge naming the policy in force: `hash` is its version in 16
+/// hex digits; 1 for the active one, 0 for the one it replaced.
+pub const POLICY_INFO: &str = "retryctl_policy_info";
+
+/// A policy version as the `hash` label writes it.
+pub(crate) fn policy_hash(version: u64) -> String {
+    format!("{version:016x}")
+}
+
+/// Reports that `new` replaced `old` as the policy in force.
+pub(crate) fn policy_in_force(old: Option<u64>, new: u64) {
+    if let Some(old) = old.filter(|&o| o != new) {
+        metrics::gauge!(POLICY_INFO, "hash" => policy_hash(old)).set(0.0);
+    }
+    metrics::gauge!(POLICY_INFO, "hash" => policy_hash(new)).set(1.0);
+}
+
 /// The counter of requests for models the pool does not know (no model
 /// label: outside input must not create series).
 pub(crate) fn unknown_model(prefix: &str) -> Counter {

@@ -1,10 +1,12 @@
 //! `Pool::call`: rounds over the providers with exact accounting.
 
 use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use smallvec::SmallVec;
 use tokio::time::Instant;
+use tokio::time::error::Elapsed;
 
 use super::order::{self, ProbeGuard};
 use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
@@ -171,6 +173,7 @@ impl<P> Pool<P> {
         };
         // One snapshot for the whole request, resolved for this model.
         let active = self.policy.load();
+        self.note_version(active.version());
         let resolved = active.for_model(&m.name);
         let policy = resolved.policy();
         let start = Instant::now();
@@ -318,6 +321,19 @@ impl<P> Pool<P> {
     }
 }
 
+/// Runs `fut` until `deadline`. The timer is armed only if the first poll
+/// does not finish the operation: arming it costs a runtime-handle clone
+/// and a timer-wheel entry, which an operation that completes at once (a
+/// cached answer, a local call) should not pay.
+async fn limited<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(output) => Ok(output),
+        Poll::Pending => tokio::time::timeout_at(deadline, fut).await,
+    }
+}
+
 /// Runs one attempt under the attempt's time limit, records its outcome in
 /// the request's accounting and in the provider's health.
 #[allow(clippy::too_many_arguments)]
@@ -349,7 +365,7 @@ where
         m.metrics.retry();
     }
     let was_probe = req.probe.as_ref().is_some_and(|g| g.index == i);
-    let result = tokio::time::timeout(limit, op(&route.provider)).await;
+    let result = limited(now + limit, op(&route.provider)).await;
     let (verdict, expired) = match result {
         Ok(Ok(value)) => {
             let ended = Instant::now();

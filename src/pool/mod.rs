@@ -38,7 +38,7 @@ mod outcome;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::time::Instant;
 
@@ -107,6 +107,8 @@ pub struct Pool<P> {
     index: HashMap<Arc<str>, usize>,
     policy: LivePolicy,
     unknown_model: metrics::Counter,
+    /// The policy version last reported as in force.
+    policy_seen: AtomicU64,
 }
 
 impl<P> fmt::Debug for Pool<P> {
@@ -248,11 +250,15 @@ impl<P> PoolBuilder<P> {
                 budget: RetryBudget::new(),
             });
         }
+        let policy = self.policy.unwrap_or_default();
+        let version = policy.load().version();
+        telemetry::policy_in_force(None, version);
         Ok(Pool {
             models,
             index,
-            policy: self.policy.unwrap_or_default(),
+            policy,
             unknown_model: telemetry::unknown_model(&prefix),
+            policy_seen: AtomicU64::new(version),
         })
     }
 }
@@ -311,6 +317,17 @@ impl<P> Pool<P> {
             m.budget
                 .available(Instant::now(), &active.for_model(model).policy().budget),
         )
+    }
+
+    /// Reports a policy version change seen by a request (rare: one
+    /// relaxed load otherwise).
+    fn note_version(&self, version: u64) {
+        if self.policy_seen.load(Ordering::Relaxed) != version {
+            let old = self.policy_seen.swap(version, Ordering::Relaxed);
+            if old != version {
+                telemetry::policy_in_force(Some(old), version);
+            }
+        }
     }
 
     fn model(&self, name: &str) -> Option<&Model<P>> {

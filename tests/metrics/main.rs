@@ -328,3 +328,19 @@ async fn stats_snapshot_reports_recent_latency_and_errors() {
     assert!(s.recent.p50.is_some());
     assert_eq!(s.health.consecutive_failures, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_policy_in_force_is_an_info_gauge_from_the_start() {
+    let a = Script::new(&[true]);
+    let f = fixture(&[("a", a)], fast());
+    let version = f.pool.policy().load().version();
+    let m = parse(&f.handle.render());
+    assert_eq!(
+        value(
+            &m,
+            "retryctl_policy_info",
+            &[("hash", &format!("{version:016x}"))]
+        ),
+        1.0
+    );
+}
