@@ -38,7 +38,6 @@ use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::classify::Cause;
-use crate::pool::FailReason;
 use crate::stats;
 
 /// The default metric name prefix.
@@ -91,15 +90,10 @@ pub(crate) enum Skip {
 
 const SKIPS: [&str; 3] = ["budget", "deadline", "retry_after"];
 
-fn reason_index(reason: &FailReason) -> usize {
-    match reason {
-        FailReason::Permanent => 0,
-        FailReason::NotRetryable | FailReason::UnknownModel { .. } => 1,
-        FailReason::RoundsExhausted => 2,
-        FailReason::BudgetExhausted => 3,
-        FailReason::DeadlineExceeded { .. } => 4,
-        FailReason::RetryAfterTooLong { .. } => 5,
-    }
+/// The index of a failure reason label (see `FailReason::as_str`); an
+/// unknown label counts as `not_retryable`.
+fn reason_index(reason: &str) -> usize {
+    REASONS.iter().position(|r| *r == reason).unwrap_or(1)
 }
 
 /// Handles for one model, resolved once.
@@ -169,13 +163,7 @@ impl ModelMetrics {
     }
 
     /// A failed request.
-    pub(crate) fn failed(
-        &self,
-        reason: &FailReason,
-        rounds: u32,
-        attempts: u32,
-        elapsed: Duration,
-    ) {
+    pub(crate) fn failed(&self, reason: &str, rounds: u32, attempts: u32, elapsed: Duration) {
         let retried = usize::from(rounds <= 1);
         self.failed[retried][reason_index(reason)].increment(1);
         self.first_round_failures.increment(1);

@@ -485,7 +485,8 @@ fn fail<P, E: std::fmt::Display>(
 ) -> PoolError<E> {
     req.report.elapsed = Instant::now().saturating_duration_since(start);
     let r = &req.report;
-    m.metrics.failed(&reason, r.rounds, r.attempts, r.elapsed);
+    m.metrics
+        .failed(reason.as_str(), r.rounds, r.attempts, r.elapsed);
     let level_warn = !matches!(reason, FailReason::Permanent);
     let last = req.last.as_ref().map(|e| e.to_string()).unwrap_or_default();
     if level_warn {
