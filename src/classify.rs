@@ -71,6 +71,9 @@ pub enum Cause {
     Timeout,
     /// No response headers before the attempt's time limit.
     ResponseTimeout,
+    /// No response headers within the adaptive limit (a multiple of the
+    /// provider's recent p99): most likely a stalled connection.
+    AdaptiveTimeout,
     /// Reading the response body failed.
     Body,
     /// The response could not be decoded (not a transport failure).
@@ -93,7 +96,7 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause, in declaration order (for pre-registering metrics).
-    pub const ALL: [Cause; 16] = [
+    pub const ALL: [Cause; 17] = [
         Cause::ConnectRefused,
         Cause::Connect,
         Cause::ConnectTimeout,
@@ -101,6 +104,7 @@ impl Cause {
         Cause::NotSent,
         Cause::Timeout,
         Cause::ResponseTimeout,
+        Cause::AdaptiveTimeout,
         Cause::Body,
         Cause::Decode,
         Cause::Status5xx,
@@ -122,6 +126,7 @@ impl Cause {
             Cause::NotSent => "not_sent",
             Cause::Timeout => "timeout",
             Cause::ResponseTimeout => "response_timeout",
+            Cause::AdaptiveTimeout => "adaptive_timeout",
             Cause::Body => "body",
             Cause::Decode => "decode",
             Cause::Status5xx => "status_5xx",

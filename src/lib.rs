@@ -77,7 +77,9 @@ pub use health::HealthSnapshot;
 pub use live::ModelPolicy;
 pub use live::{ActivePolicy, LivePolicy};
 pub use policy::PolicyOverride;
-pub use policy::{BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, Timeouts};
+pub use policy::{
+    AdaptivePolicy, BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, Timeouts,
+};
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,
     ProviderStats, Report, Served,

@@ -105,10 +105,40 @@ pub struct Policy {
     pub budget: BudgetPolicy,
     /// When a provider is demoted and how it comes back.
     pub health: HealthPolicy,
+    /// Decisions driven by each provider's observed latency.
+    pub adaptive: AdaptivePolicy,
     /// Per-model overrides, by model name as requests name it. A model
     /// without an entry uses the top-level values.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub models: BTreeMap<String, PolicyOverride>,
+}
+
+/// Decisions driven by each provider's recent latency (the windowed
+/// histograms of [`stats`](crate::stats)). Each is off by default until the
+/// demo shows it better than the fixed rule; see the README.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptivePolicy {
+    /// Skip a retry when the time left is less than its wait plus the
+    /// provider's recent median attempt latency: it could not finish. With
+    /// too few samples, the fixed rule (the wait alone) applies.
+    pub deadline_aware: bool,
+    /// Cut an attempt that has no response headers after
+    /// `attempt_timeout_factor` x the provider's recent p99 (within
+    /// `attempt_timeout_min..=attempt_timeout_max`, and never beyond
+    /// `timeouts.attempt`), and treat the cut as transient: a stalled
+    /// connection is retried early while a slow model keeps its p99.
+    pub attempt_timeout: bool,
+    /// Multiple of the recent p99 (1.0..=100.0).
+    pub attempt_timeout_factor: f64,
+    /// Lower bound of the adaptive limit.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout_min: Duration,
+    /// Upper bound of the adaptive limit.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout_max: Duration,
+    /// Successful attempts in the window needed before latency is trusted.
+    pub min_samples: u32,
 }
 
 /// Rules for turning a failed attempt into a
@@ -258,6 +288,7 @@ policy_override! {
         timeouts: TimeoutsOverride,
         budget: BudgetOverride,
         health: HealthOverride,
+        adaptive: AdaptiveOverride,
     }
 }
 
@@ -299,6 +330,20 @@ policy_override! {
 }
 
 policy_override! {
+    /// Overrides of [`AdaptivePolicy`] (`[models."name".adaptive]`).
+    pub struct AdaptiveOverride for AdaptivePolicy {
+        deadline_aware: bool,
+        attempt_timeout: bool,
+        attempt_timeout_factor: f64,
+        #[serde(with = "humantime_serde")]
+        attempt_timeout_min: Duration,
+        #[serde(with = "humantime_serde")]
+        attempt_timeout_max: Duration,
+        min_samples: u32,
+    }
+}
+
+policy_override! {
     /// Overrides of [`HealthPolicy`] (`[models."name".health]`).
     pub struct HealthOverride for HealthPolicy {
         demote_after: u32,
@@ -323,6 +368,7 @@ impl Default for Policy {
             timeouts: Timeouts::default(),
             budget: BudgetPolicy::default(),
             health: HealthPolicy::default(),
+            adaptive: AdaptivePolicy::default(),
             models: BTreeMap::new(),
         }
     }
@@ -384,6 +430,19 @@ impl Default for BudgetPolicy {
             ratio: 0.2,
             min_per_second: 10,
             window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for AdaptivePolicy {
+    fn default() -> Self {
+        AdaptivePolicy {
+            deadline_aware: false,
+            attempt_timeout: false,
+            attempt_timeout_factor: 3.0,
+            attempt_timeout_min: Duration::from_secs(1),
+            attempt_timeout_max: Duration::from_secs(30),
+            min_samples: 50,
         }
     }
 }
@@ -526,6 +585,7 @@ impl Policy {
             timeouts,
             budget,
             health,
+            adaptive,
             models: _,
         } = self;
         Policy {
@@ -540,6 +600,7 @@ impl Policy {
             timeouts: timeouts.clone(),
             budget: budget.clone(),
             health: health.clone(),
+            adaptive: adaptive.clone(),
             models: BTreeMap::new(),
         }
     }
@@ -696,6 +757,39 @@ impl Policy {
             allowed: format!("{} and at least `health.cooldown`", e.allowed),
             ..e
         })?;
+        let a = &self.adaptive;
+        if !(a.attempt_timeout_factor.is_finite()
+            && (1.0..=100.0).contains(&a.attempt_timeout_factor))
+        {
+            return Err(PolicyError::field(
+                "adaptive.attempt_timeout_factor",
+                a.attempt_timeout_factor,
+                "a number within 1.0..=100.0",
+            ));
+        }
+        check_duration(
+            "adaptive.attempt_timeout_min",
+            a.attempt_timeout_min,
+            Duration::from_millis(1),
+            Duration::from_secs(86_400),
+        )?;
+        check_duration(
+            "adaptive.attempt_timeout_max",
+            a.attempt_timeout_max,
+            a.attempt_timeout_min,
+            Duration::from_secs(86_400),
+        )
+        .map_err(|e| PolicyError {
+            allowed: format!("{} and at least `adaptive.attempt_timeout_min`", e.allowed),
+            ..e
+        })?;
+        if !(1..=1_000_000).contains(&a.min_samples) {
+            return Err(PolicyError::field(
+                "adaptive.min_samples",
+                a.min_samples,
+                "an integer within 1..=1000000",
+            ));
+        }
         Ok(())
     }
 }

@@ -1,10 +1,17 @@
 //! Recent per-provider statistics, for decisions and for a gateway's own use.
 //!
-//! Each route (model x provider) keeps attempt latency in `hdrhistogram`s
-//! and attempt counts by result over a sliding window of six 10 s slots, so
-//! "recent" means the last minute. The latency recorded is the time until
-//! the operation returned: for an HTTP upstream, the time to response
-//! headers.
+//! Each route (model x provider) keeps the latency of successful attempts
+//! in `hdrhistogram`s and attempt counts by result over a sliding window of
+//! six 10 s slots, so "recent" means the last minute. The latency recorded
+//! is the time until the operation returned: for an HTTP upstream, the time
+//! to response headers. Failed attempts are counted but their latency is
+//! not recorded: a refused connect is fast and a timed-out one lasts exactly
+//! its limit, and neither says how long a good answer takes (an adaptive
+//! limit fed with its own cuts would only ever grow).
+//!
+//! Adaptive decisions read [`RouteStats::recent_latency`]: a p50/p99 cached
+//! in atomics and recomputed at most once per [`REFRESH`] by whichever
+//! request finds it stale, so the request path never merges histograms.
 //!
 //! # Bounded memory
 //!
@@ -24,7 +31,7 @@
 //! snapshot merges the shards.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -42,6 +49,9 @@ const SHARDS: usize = 2;
 const MAX_MICROS: u64 = 600_000_000;
 /// Results counted: success, then every [`Cause`].
 const RESULTS: usize = 1 + Cause::ALL.len();
+
+/// How often the cached percentiles are recomputed.
+pub const REFRESH: Duration = Duration::from_secs(1);
 
 /// The window statistics exposes: [`SLOTS`] x [`SLOT`].
 pub const WINDOW: Duration = Duration::from_secs(SLOTS as u64 * SLOT.as_secs());
@@ -85,6 +95,12 @@ struct Shard(Mutex<[Slot; SLOTS]>);
 pub(crate) struct RouteStats {
     origin: Instant,
     shards: [Shard; SHARDS],
+    /// Cached percentiles (microseconds) and sample count, and when they
+    /// were computed (nanoseconds since `origin`; `u64::MAX`: never).
+    cached_p50: AtomicU64,
+    cached_p99: AtomicU64,
+    cached_samples: AtomicU64,
+    cached_at: AtomicU64,
 }
 
 thread_local! {
@@ -101,6 +117,10 @@ impl RouteStats {
             shards: std::array::from_fn(|_| {
                 Shard(Mutex::new(std::array::from_fn(|_| Slot::new())))
             }),
+            cached_p50: AtomicU64::new(0),
+            cached_p99: AtomicU64::new(0),
+            cached_samples: AtomicU64::new(0),
+            cached_at: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -137,8 +157,41 @@ impl RouteStats {
             slot.latency.reset();
             slot.counts = [0; RESULTS];
         }
-        slot.latency.saturating_record(micros);
+        if cause.is_none() {
+            slot.latency.saturating_record(micros);
+        }
         slot.counts[result] = slot.counts[result].saturating_add(1);
+    }
+
+    /// Recent p50 and p99 of successful attempts, if at least `min_samples`
+    /// succeeded in the window. Recomputed at most once per [`REFRESH`].
+    pub(crate) fn recent_latency(
+        &self,
+        now: Instant,
+        min_samples: u32,
+    ) -> Option<(Duration, Duration)> {
+        let at = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        let last = self.cached_at.load(Ordering::Acquire);
+        let stale = last == u64::MAX || at.saturating_sub(last) >= REFRESH.as_nanos() as u64;
+        if stale
+            && self
+                .cached_at
+                .compare_exchange(last, at, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            let w = self.snapshot(now);
+            let micros = |d: Option<Duration>| d.map_or(0, |d| d.as_micros() as u64);
+            self.cached_p50.store(micros(w.p50), Ordering::Release);
+            self.cached_p99.store(micros(w.p99), Ordering::Release);
+            self.cached_samples.store(w.successes, Ordering::Release);
+        }
+        if self.cached_samples.load(Ordering::Acquire) < u64::from(min_samples) {
+            return None;
+        }
+        Some((
+            Duration::from_micros(self.cached_p50.load(Ordering::Acquire)),
+            Duration::from_micros(self.cached_p99.load(Ordering::Acquire)),
+        ))
     }
 
     /// Merges the live slots of every shard.
@@ -187,11 +240,11 @@ pub struct WindowStats {
     pub attempts: u64,
     /// Of which succeeded.
     pub successes: u64,
-    /// Median attempt latency (time to response headers).
+    /// Median latency of successful attempts (time to response headers).
     pub p50: Option<Duration>,
-    /// 90th percentile attempt latency.
+    /// 90th percentile latency of successful attempts.
     pub p90: Option<Duration>,
-    /// 99th percentile attempt latency.
+    /// 99th percentile latency of successful attempts.
     pub p99: Option<Duration>,
     /// Failed attempts by cause (only causes seen).
     pub failures: Vec<(Cause, u64)>,
@@ -236,6 +289,8 @@ mod tests {
         s.record(now, Duration::from_millis(5), Some(Cause::Reset));
         s.record(now, Duration::from_secs(5000), Some(Cause::ResponseTimeout));
         let w = s.snapshot(now);
+        // failures are counted, but only successes shape the latency
+        assert_eq!(w.p99.unwrap().as_millis(), 99);
         assert_eq!((w.attempts, w.successes), (103, 100));
         let p50 = w.p50.unwrap().as_millis();
         assert!((49..=52).contains(&p50), "{p50}");
@@ -263,6 +318,26 @@ mod tests {
         let w = s.snapshot(t0 + Duration::from_secs(60));
         assert_eq!(w.attempts, 1);
         assert_eq!(w.p50.unwrap().as_millis(), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recent_latency_is_cached_and_needs_enough_samples() {
+        let s = RouteStats::new();
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            s.record(t0, Duration::from_millis(100), None);
+        }
+        assert_eq!(s.recent_latency(t0, 20), None, "10 samples < 20");
+        for _ in 0..10 {
+            s.record(t0, Duration::from_millis(300), None);
+        }
+        // cached for a second: still the old answer
+        assert_eq!(s.recent_latency(t0 + Duration::from_millis(500), 20), None);
+        let t1 = t0 + REFRESH;
+        let (p50, p99) = s.recent_latency(t1, 20).unwrap();
+        // two significant digits: within 1%
+        assert_eq!(p50.as_millis(), 100);
+        assert!((300..=303).contains(&p99.as_millis()), "{p99:?}");
     }
 
     #[test]

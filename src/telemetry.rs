@@ -71,13 +71,14 @@ pub const OUTCOMES: [&str; 4] = [
 ];
 
 /// Failure reason label values (`none` for successes).
-const REASONS: [&str; 6] = [
+const REASONS: [&str; 7] = [
     "permanent",
     "not_retryable",
     "rounds_exhausted",
     "budget_exhausted",
     "deadline_exceeded",
     "retry_after_too_long",
+    "retry_cannot_finish",
 ];
 
 /// Why a retry was not made, as a label value.
@@ -86,9 +87,11 @@ pub(crate) enum Skip {
     Budget = 0,
     Deadline = 1,
     RetryAfter = 2,
+    /// `adaptive.deadline_aware` predicted the retry could not finish.
+    DeadlinePredicted = 3,
 }
 
-const SKIPS: [&str; 3] = ["budget", "deadline", "retry_after"];
+const SKIPS: [&str; 4] = ["budget", "deadline", "retry_after", "deadline_predicted"];
 
 /// The index of a failure reason label (see `FailReason::as_str`); an
 /// unknown label counts as `not_retryable`.
@@ -258,7 +261,7 @@ pub(crate) fn describe(prefix: &str) {
     describe_counter!(
         n("retries_skipped_total"),
         Unit::Count,
-        "Retries not made, by reason: budget, deadline, retry_after."
+        "Retries not made, by reason: budget, deadline, retry_after, deadline_predicted."
     );
     describe_counter!(
         n("provider_demotions_total"),

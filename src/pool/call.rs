@@ -11,7 +11,7 @@ use tokio::time::error::Elapsed;
 use super::order::{self, ProbeGuard};
 use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
 use super::{Model, Pool};
-use crate::classify::{Classification, Classify, Verdict};
+use crate::classify::{Cause, Classification, Classify, Verdict};
 use crate::health::HealthEvent;
 use crate::live::ModelPolicy;
 use crate::policy::Policy;
@@ -267,6 +267,19 @@ impl<P> Pool<P> {
                     stopped = Some(FailReason::DeadlineExceeded { wait: Some(r.wait) });
                     break;
                 }
+                if let Some(p50) = cannot_finish(m, r.index, policy, round_end, ready, deadline) {
+                    tracing::info!(
+                        target: "retryctl",
+                        model = req.model,
+                        provider = &*m.routes[r.index as usize].name,
+                        wait_ms = r.wait.as_millis() as u64,
+                        p50_ms = p50.as_millis() as u64,
+                        "retry skipped: it could not finish before the deadline"
+                    );
+                    m.metrics.skipped(Skip::DeadlinePredicted);
+                    stopped = Some(FailReason::RetryCannotFinish { wait: r.wait, p50 });
+                    continue;
+                }
                 if !m.budget.withdraw(Instant::now(), &policy.budget) {
                     tracing::warn!(
                         target: "retryctl",
@@ -334,6 +347,42 @@ async fn limited<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, Elap
     }
 }
 
+/// With `adaptive.deadline_aware`: `Some(p50)` when a retry of provider
+/// `i` that starts at `ready` would, at the provider's recent median
+/// attempt latency, end past the deadline. With too few samples, `None`
+/// (the fixed rule, the wait alone, already applied).
+fn cannot_finish<P>(
+    m: &Model<P>,
+    i: u8,
+    policy: &Policy,
+    now: Instant,
+    ready: Instant,
+    deadline: Instant,
+) -> Option<Duration> {
+    if !policy.adaptive.deadline_aware {
+        return None;
+    }
+    let route = &m.routes[i as usize];
+    let (p50, _) = route
+        .stats
+        .recent_latency(now, policy.adaptive.min_samples)?;
+    (ready + p50 > deadline).then_some(p50)
+}
+
+/// With `adaptive.attempt_timeout`: the attempt limit derived from the
+/// provider's recent p99, when there are enough samples.
+fn adaptive_limit<P>(route: &super::Route<P>, policy: &Policy, now: Instant) -> Option<Duration> {
+    let a = &policy.adaptive;
+    if !a.attempt_timeout {
+        return None;
+    }
+    let (_, p99) = route.stats.recent_latency(now, a.min_samples)?;
+    Some(
+        p99.mul_f64(a.attempt_timeout_factor)
+            .clamp(a.attempt_timeout_min, a.attempt_timeout_max),
+    )
+}
+
 /// Runs one attempt under the attempt's time limit, records its outcome in
 /// the request's accounting and in the provider's health.
 #[allow(clippy::too_many_arguments)]
@@ -358,7 +407,9 @@ where
     if remaining.is_zero() {
         return Attempted::Expired;
     }
-    let limit = policy.timeouts.attempt.min(remaining);
+    let fixed = policy.timeouts.attempt.min(remaining);
+    let adaptive = adaptive_limit(route, policy, now).filter(|a| *a < fixed);
+    let limit = adaptive.unwrap_or(fixed);
     req.report.attempts += 1;
     if round > 1 {
         req.report.retries += 1;
@@ -394,10 +445,17 @@ where
         }
         Err(_) => {
             req.last = Some(AttemptError::TimedOut(limit));
-            (
-                active.rules().response_timeout(),
-                limit < policy.timeouts.attempt,
-            )
+            if adaptive.is_some() {
+                // Far beyond this provider's usual answer time: most likely
+                // a stalled connection, worth retrying.
+                let v = Verdict::new(Classification::Transient, Cause::AdaptiveTimeout);
+                (v, false)
+            } else {
+                (
+                    active.rules().response_timeout(),
+                    limit < policy.timeouts.attempt,
+                )
+            }
         }
     };
     let ended = Instant::now();

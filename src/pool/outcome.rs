@@ -93,6 +93,15 @@ pub enum FailReason {
         /// The wait that did not fit, when a wait was the reason.
         wait: Option<Duration>,
     },
+    /// The retry could not finish before the deadline: its wait plus the
+    /// provider's recent median attempt latency pass it
+    /// (`adaptive.deadline_aware`).
+    RetryCannotFinish {
+        /// The wait before the retry.
+        wait: Duration,
+        /// The provider's recent median attempt latency.
+        p50: Duration,
+    },
     /// A provider asked for a Retry-After longer than `max_retry_after`.
     RetryAfterTooLong {
         /// What it asked for.
@@ -111,6 +120,7 @@ impl FailReason {
             FailReason::BudgetExhausted => "budget_exhausted",
             FailReason::DeadlineExceeded { .. } => "deadline_exceeded",
             FailReason::RetryAfterTooLong { .. } => "retry_after_too_long",
+            FailReason::RetryCannotFinish { .. } => "retry_cannot_finish",
         }
     }
 }
@@ -129,6 +139,12 @@ impl fmt::Display for FailReason {
                 humantime::format_duration(*w)
             ),
             FailReason::DeadlineExceeded { wait: None } => f.write_str("deadline exceeded"),
+            FailReason::RetryCannotFinish { wait, p50 } => write!(
+                f,
+                "deadline: a retry after {} would not finish (recent median attempt {})",
+                humantime::format_duration(*wait),
+                humantime::format_duration(*p50)
+            ),
             FailReason::RetryAfterTooLong { retry_after } => write!(
                 f,
                 "provider asked to retry after {}, beyond max_retry_after",

@@ -766,3 +766,128 @@ async fn per_model_overrides_apply_to_their_model_only() {
     assert_eq!(attempts(pool.call("slow", |p: &P| p.attempt()).await), 2);
     assert_eq!(Instant::now() - start, Duration::from_secs(2));
 }
+
+// ---- adaptive decisions driven by observed latency ---------------------------
+
+/// Fills a provider's recent latency with `n` successes of `took` each
+/// (concurrently, so they all land in the current window).
+async fn prime(pool: &Arc<Pool<P>>, p: &P, n: usize, took: Duration) {
+    p.set(vec![Step::After(took, Box::new(Step::Ok))]);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let pool = pool.clone();
+        set.spawn(async move { call(&pool).await.unwrap() });
+    }
+    while set.join_next().await.is_some() {}
+    // the percentiles are recomputed at most once a second
+    tokio::time::advance(retryctl::stats::REFRESH).await;
+}
+
+fn adaptive_policy(deadline_aware: bool, attempt_timeout: bool) -> Policy {
+    let mut p = Policy {
+        jitter: 0.0,
+        ..Policy::default()
+    };
+    p.adaptive.deadline_aware = deadline_aware;
+    p.adaptive.attempt_timeout = attempt_timeout;
+    p.adaptive.attempt_timeout_min = Duration::from_millis(100);
+    p.adaptive.min_samples = 50;
+    p
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_aware_skips_a_retry_that_could_not_finish() {
+    for aware in [true, false] {
+        let a = Scripted::new("a", vec![Step::Ok]);
+        let pool = Arc::new(pool([a.clone()], adaptive_policy(aware, false)));
+        prime(&pool, &a, 50, Duration::from_secs(2)).await;
+        a.set(vec![
+            refused(),
+            Step::After(Duration::from_secs(2), Box::new(Step::Ok)),
+        ]);
+        let start = Instant::now();
+        let err = pool
+            .call_with(
+                MODEL,
+                CallOptions::timeout(Duration::from_millis(2300)),
+                |p: &P| p.attempt(),
+            )
+            .await
+            .unwrap_err();
+        if aware {
+            // 0.5 s wait + 2 s median > 2.3 s left: not even started
+            match err.reason {
+                FailReason::RetryCannotFinish { wait, p50 } => {
+                    assert_eq!(wait, Duration::from_millis(500));
+                    // two significant digits
+                    assert!((2000..=2020).contains(&p50.as_millis()), "{p50:?}");
+                }
+                ref other => panic!("{other:?}"),
+            }
+            assert_eq!(err.report.attempts, 1);
+            assert_eq!(Instant::now(), start, "failed at once");
+        } else {
+            // the fixed rule starts the retry, which the deadline cuts
+            assert_eq!(err.reason, FailReason::DeadlineExceeded { wait: None });
+            assert_eq!(err.report.attempts, 2);
+            assert_eq!(Instant::now() - start, Duration::from_millis(2300));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_aware_without_data_falls_back_to_the_fixed_rule() {
+    let a = Scripted::new("a", vec![refused(), Step::Ok]);
+    let pool = pool([a.clone()], adaptive_policy(true, false));
+    let served = pool
+        .call_with(
+            MODEL,
+            CallOptions::timeout(Duration::from_secs(1)),
+            |p: &P| p.attempt(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(served.rounds(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_attempt_timeout_cuts_a_stall_and_retries_it() {
+    // p99 of 100 ms x 3 = a 300 ms limit instead of the fixed 90 s
+    let a = Scripted::new("a", vec![Step::Ok]);
+    let adaptive = Arc::new(pool([a.clone()], adaptive_policy(false, true)));
+    prime(&adaptive, &a, 50, Duration::from_millis(100)).await;
+    a.set(vec![Step::Hang, Step::Ok]);
+    let start = Instant::now();
+    let served = call(&adaptive).await.unwrap();
+    assert_eq!(served.rounds(), 2);
+    let cut = &served.report.failures()[0];
+    assert_eq!(cut.verdict.cause, Cause::AdaptiveTimeout);
+    assert_eq!(cut.verdict.class, Classification::Transient);
+    assert!(
+        (297..=306).contains(&cut.elapsed.as_millis()),
+        "{:?}",
+        cut.elapsed
+    );
+    assert!(Instant::now() - start < Duration::from_secs(1));
+
+    // the fixed rule waits out the whole attempt limit and does not retry
+    let b = Scripted::new("b", vec![Step::Ok]);
+    let fixed = Arc::new(pool([b.clone()], adaptive_policy(false, false)));
+    prime(&fixed, &b, 50, Duration::from_millis(100)).await;
+    b.set(vec![Step::Hang, Step::Ok]);
+    let start = Instant::now();
+    let err = call(&fixed).await.unwrap_err();
+    assert_eq!(err.reason, FailReason::NotRetryable);
+    assert_eq!(Instant::now() - start, Duration::from_secs(90));
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_attempt_timeout_leaves_a_slow_model_alone() {
+    // A provider that always takes 20 s: its p99 is 20 s, so the adaptive
+    // limit (capped at 30 s) never cuts a normal answer.
+    let a = Scripted::new("a", vec![Step::Ok]);
+    let pool = Arc::new(pool([a.clone()], adaptive_policy(false, true)));
+    prime(&pool, &a, 50, Duration::from_secs(20)).await;
+    let served = call(&pool).await.unwrap();
+    assert_eq!((served.attempts(), served.rounds()), (1, 1));
+}

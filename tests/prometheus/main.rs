@@ -422,7 +422,9 @@ async fn dashboard_and_alerts_against_a_real_prometheus() {
             reloads.rejected as f64,
         ),
         ("max(retryctl_policy_reload_failing)", 1.0),
-        (r#"count(retryctl_policy_info == 1)"#, 1.0),
+        // Two pools with their own policies: each reports the policy it
+        // runs (the watched one's replaced version goes to 0).
+        (r#"count(retryctl_policy_info == 1)"#, 2.0),
         (r#"count(retryctl_policy_info == 0)"#, 1.0),
     ]
     .into_iter()
