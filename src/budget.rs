@@ -80,10 +80,12 @@ impl RetryBudget {
     }
 
     fn epoch(&self, now: Instant, policy: &BudgetPolicy) -> u32 {
-        let slot = (policy.window.as_nanos() / SLOTS as u128).max(1);
+        // u64 arithmetic: a u128 division costs more than the rest of a
+        // deposit. 2^64 ns is 584 years.
+        let slot = (policy.window.as_nanos() as u64 / SLOTS as u64).max(1);
+        let since = now.saturating_duration_since(self.origin).as_nanos() as u64;
         // +1 so that epoch 0 (the zeroed slots) is never current.
-        let e = now.saturating_duration_since(self.origin).as_nanos() / slot + 1;
-        e.min(u32::MAX as u128) as u32
+        (since / slot + 1).min(u32::MAX as u64) as u32
     }
 
     /// Adds `delta` thousandths to the current slot.

@@ -125,7 +125,7 @@ impl RouteStats {
     }
 
     fn epoch(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.origin).as_nanos() / SLOT.as_nanos()) as u64
+        now.saturating_duration_since(self.origin).as_nanos() as u64 / SLOT.as_nanos() as u64
     }
 
     /// Records one attempt that ended at `now` after `elapsed`, with its

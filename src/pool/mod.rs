@@ -104,7 +104,10 @@ struct Model<P> {
 /// ```
 pub struct Pool<P> {
     models: Vec<Model<P>>,
-    index: HashMap<Arc<str>, usize>,
+    /// Model name to index, looked up on every request. foldhash rather
+    /// than SipHash: about 5x fewer instructions per lookup, and still
+    /// seeded per map, so request-chosen names cannot aim collisions.
+    index: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
     policy: LivePolicy,
     unknown_model: metrics::Counter,
     /// The policy version last reported as in force.
@@ -212,7 +215,10 @@ impl<P> PoolBuilder<P> {
             return Err(BuildError::Empty);
         }
         let mut models = Vec::with_capacity(self.models.len());
-        let mut index = HashMap::with_capacity(self.models.len());
+        let mut index = HashMap::with_capacity_and_hasher(
+            self.models.len(),
+            foldhash::fast::RandomState::default(),
+        );
         for (name, providers) in self.models {
             if name.is_empty() || providers.iter().any(|(p, _)| p.is_empty()) {
                 return Err(BuildError::EmptyName);
