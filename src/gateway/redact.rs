@@ -43,6 +43,9 @@ use std::net::Ipv6Addr;
 
 /// What replaces a secret, a bearer token or a key.
 const REDACTED: &str = "[redacted]";
+/// The shortest start of a known secret redacted at the end of a text
+/// (a key cut by a length limit); shorter pieces say nothing about it.
+const MIN_PARTIAL: usize = 6;
 /// What replaces an IP address.
 const IP: &str = "[ip]";
 /// What replaces a URL's authority.
@@ -78,6 +81,11 @@ impl Redactor {
     }
 
     /// `text` with the known secrets and every pattern redacted.
+    ///
+    /// A text that ends with the first six or more characters of a known
+    /// secret loses that tail too: upstream error bodies are
+    /// cut at a byte limit before they are redacted, and a key straddling
+    /// the cut is no longer the whole secret.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_owned();
         for secret in &self.secrets {
@@ -85,7 +93,25 @@ impl Redactor {
                 out = out.replace(secret.as_str(), REDACTED);
             }
         }
+        if let Some(cut) = self.partial_tail(&out) {
+            out.truncate(cut);
+            out.push_str(REDACTED);
+        }
         redact_patterns(&out)
+    }
+
+    /// Where a trailing piece of a known secret (its first `MIN_PARTIAL`
+    /// characters or more) starts in `text`, if it ends with one.
+    fn partial_tail(&self, text: &str) -> Option<usize> {
+        self.secrets
+            .iter()
+            .filter_map(|secret| {
+                (MIN_PARTIAL..secret.len().min(text.len() + 1))
+                    .rev()
+                    .find(|&n| secret.is_char_boundary(n) && text.ends_with(&secret[..n]))
+                    .map(|n| text.len() - n)
+            })
+            .min()
     }
 }
 
@@ -444,6 +470,26 @@ mod tests {
         );
         assert!(!format!("{r:?}").contains("tok"));
         assert_eq!(Redactor::default().redact("plain text"), "plain text");
+    }
+
+    #[test]
+    fn a_secret_cut_at_the_end_of_a_text() {
+        let r = Redactor::new(["k3y-0123456789-plain".to_owned()]);
+        // A body cut at a byte limit inside the key.
+        assert_eq!(
+            r.redact("refused: k3y-0123456789-pl"),
+            "refused: [redacted]"
+        );
+        assert_eq!(r.redact("refused: k3y-01"), "refused: [redacted]");
+        // Five characters say nothing; elsewhere than the end, a prefix
+        // is ordinary text.
+        assert_eq!(r.redact("refused: k3y-0"), "refused: k3y-0");
+        assert_eq!(r.redact("k3y-0123 and more"), "k3y-0123 and more");
+        // The whole key, then a cut one.
+        assert_eq!(
+            r.redact("k3y-0123456789-plain, k3y-0123456"),
+            "[redacted], [redacted]"
+        );
     }
 
     #[test]
