@@ -54,6 +54,9 @@ const MILLI: i64 = 1000;
 pub struct RetryBudget {
     origin: Instant,
     slots: [AtomicU64; SLOTS],
+    /// Retry outcomes per slot: epoch (upper 32 bits), retries (16 bits),
+    /// successful retries (16 bits), saturating.
+    outcomes: [AtomicU64; SLOTS],
 }
 
 impl Default for RetryBudget {
@@ -70,12 +73,21 @@ fn unpack(word: u64) -> (u32, i32) {
     ((word >> 32) as u32, word as u32 as i32)
 }
 
+fn pack_outcomes(epoch: u32, tries: u16, wins: u16) -> u64 {
+    ((epoch as u64) << 32) | ((tries as u64) << 16) | wins as u64
+}
+
+fn unpack_outcomes(word: u64) -> (u32, u16, u16) {
+    ((word >> 32) as u32, (word >> 16) as u16, word as u16)
+}
+
 impl RetryBudget {
     /// An empty budget whose window starts now.
     pub fn new() -> Self {
         RetryBudget {
             origin: Instant::now(),
             slots: Default::default(),
+            outcomes: Default::default(),
         }
     }
 
@@ -127,10 +139,71 @@ impl RetryBudget {
 
     /// Records one request: adds `ratio` of a retry to the budget.
     pub fn deposit(&self, now: Instant, policy: &BudgetPolicy) {
-        let delta = (policy.ratio * MILLI as f64).round() as i64;
+        self.deposit_scaled(now, policy, 1.0);
+    }
+
+    /// Records one request, adding `ratio x scale` of a retry (`scale`
+    /// within 0..=1: see [`RetryBudget::scale`]).
+    pub fn deposit_scaled(&self, now: Instant, policy: &BudgetPolicy, scale: f64) {
+        let delta = (policy.ratio * scale.clamp(0.0, 1.0) * MILLI as f64).round() as i64;
         if delta > 0 {
             self.add(self.epoch(now, policy), delta);
         }
+    }
+
+    /// Records whether a retry succeeded.
+    pub fn record_retry(&self, now: Instant, policy: &BudgetPolicy, succeeded: bool) {
+        let epoch = self.epoch(now, policy);
+        let slot = &self.outcomes[epoch as usize % SLOTS];
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let (e, tries, wins) = unpack_outcomes(cur);
+            let (tries, wins) = if e == epoch { (tries, wins) } else { (0, 0) };
+            let next = pack_outcomes(
+                epoch,
+                tries.saturating_add(1),
+                wins.saturating_add(u16::from(succeeded)),
+            );
+            match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Retries and successful retries over the window.
+    pub fn retry_outcomes(&self, now: Instant, policy: &BudgetPolicy) -> (u64, u64) {
+        let epoch = self.epoch(now, policy);
+        let mut tries = 0u64;
+        let mut wins = 0u64;
+        for slot in &self.outcomes {
+            let (e, t, w) = unpack_outcomes(slot.load(Ordering::Acquire));
+            if e <= epoch && epoch - e < SLOTS as u32 {
+                tries += u64::from(t);
+                wins += u64::from(w);
+            }
+        }
+        (tries, wins)
+    }
+
+    /// How much of `ratio` new requests should deposit when retries stop
+    /// helping: 1.0 while the window's retry success rate is at least
+    /// `min_success` (or there were fewer than `min_retries` retries),
+    /// falling linearly to 0.0 as the rate falls to 0. The reserve
+    /// (`min_per_second`) is never scaled: a dead upstream still gets its
+    /// trickle of retries, which is how the budget notices it came back.
+    pub fn scale(
+        &self,
+        now: Instant,
+        policy: &BudgetPolicy,
+        min_success: f64,
+        min_retries: u32,
+    ) -> f64 {
+        let (tries, wins) = self.retry_outcomes(now, policy);
+        if tries < u64::from(min_retries) || min_success <= 0.0 {
+            return 1.0;
+        }
+        (wins as f64 / tries as f64 / min_success).min(1.0)
     }
 
     /// Takes one retry from the budget; `false` when there is none left.
@@ -226,6 +299,26 @@ mod tests {
         };
         let b = RetryBudget::new();
         assert!((0..1000).all(|_| b.withdraw(Instant::now(), &p)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scale_follows_the_retry_success_rate() {
+        let p = policy(0.2, 0);
+        let b = RetryBudget::new();
+        let t0 = Instant::now();
+        assert_eq!(b.scale(t0, &p, 0.2, 10), 1.0, "no data: full ratio");
+        for i in 0..20 {
+            b.record_retry(t0, &p, i % 20 == 0); // 1 in 20 succeeds: 5%
+        }
+        assert_eq!(b.retry_outcomes(t0, &p), (20, 1));
+        assert!((b.scale(t0, &p, 0.2, 10) - 0.25).abs() < 1e-9);
+        // scaled deposits: 10 requests x 0.2 x 0.25 = 0.5 retries
+        for _ in 0..10 {
+            b.deposit_scaled(t0, &p, 0.25);
+        }
+        assert_eq!(b.available(t0, &p), 0.5);
+        // the window moves on: outcomes expire, the full ratio returns
+        assert_eq!(b.scale(t0 + Duration::from_secs(10), &p, 0.2, 10), 1.0);
     }
 
     #[test]

@@ -139,6 +139,15 @@ pub struct AdaptivePolicy {
     pub attempt_timeout_max: Duration,
     /// Successful attempts in the window needed before latency is trusted.
     pub min_samples: u32,
+    /// Shrink the retry budget toward its floor when retries stop helping
+    /// (a full outage): new requests deposit `budget.ratio` scaled by the
+    /// window's retry success rate / `budget_min_success` (at most 1).
+    pub budget: bool,
+    /// The retry success rate at and above which the full ratio applies
+    /// (0.0..=1.0).
+    pub budget_min_success: f64,
+    /// Retries in the window needed before their success rate is judged.
+    pub budget_min_retries: u32,
 }
 
 /// Rules for turning a failed attempt into a
@@ -340,6 +349,9 @@ policy_override! {
         #[serde(with = "humantime_serde")]
         attempt_timeout_max: Duration,
         min_samples: u32,
+        budget: bool,
+        budget_min_success: f64,
+        budget_min_retries: u32,
     }
 }
 
@@ -443,6 +455,9 @@ impl Default for AdaptivePolicy {
             attempt_timeout_min: Duration::from_secs(1),
             attempt_timeout_max: Duration::from_secs(30),
             min_samples: 50,
+            budget: false,
+            budget_min_success: 0.2,
+            budget_min_retries: 20,
         }
     }
 }
@@ -787,6 +802,14 @@ impl Policy {
             return Err(PolicyError::field(
                 "adaptive.min_samples",
                 a.min_samples,
+                "an integer within 1..=1000000",
+            ));
+        }
+        check_fraction("adaptive.budget_min_success", a.budget_min_success)?;
+        if !(1..=1_000_000).contains(&a.budget_min_retries) {
+            return Err(PolicyError::field(
+                "adaptive.budget_min_retries",
+                a.budget_min_retries,
                 "an integer within 1..=1000000",
             ));
         }

@@ -26,6 +26,8 @@
 //! | `retryctl_provider_recoveries_total` | counter | model, provider |
 //! | `retryctl_unknown_model_requests_total` | counter | |
 //! | `retryctl_provider_demoted` | gauge | model, provider |
+//! | `retryctl_retry_budget_scale` | gauge | model |
+//! | `retryctl_policy_info` | gauge | hash |
 //! | `retryctl_attempt_duration_seconds` | histogram | model, provider |
 //! | `retryctl_request_duration_seconds` | histogram | model |
 //! | `retryctl_attempts_per_request` | histogram | model |
@@ -113,6 +115,7 @@ pub(crate) struct ModelMetrics {
     request_duration: Histogram,
     attempts_per_request: Histogram,
     retry_delay: Histogram,
+    budget_scale: Gauge,
 }
 
 /// Handles for one route (model x provider), resolved once.
@@ -146,7 +149,12 @@ impl ModelMetrics {
             }),
             request_duration: metrics::histogram!(name("request_duration_seconds"), "model" => m.clone()),
             attempts_per_request: metrics::histogram!(name("attempts_per_request"), "model" => m.clone()),
-            retry_delay: metrics::histogram!(name("retry_delay_seconds"), "model" => m),
+            retry_delay: metrics::histogram!(name("retry_delay_seconds"), "model" => m.clone()),
+            budget_scale: {
+                let g = metrics::gauge!(name("retry_budget_scale"), "model" => m);
+                g.set(1.0);
+                g
+            },
         }
     }
 
@@ -180,6 +188,11 @@ impl ModelMetrics {
 
     pub(crate) fn retry_delay(&self, wait: Duration) {
         self.retry_delay.record(wait.as_secs_f64());
+    }
+
+    /// The share of `budget.ratio` new requests deposit (adaptive budget).
+    pub(crate) fn budget_scale(&self, scale: f64) {
+        self.budget_scale.set(scale);
     }
 
     pub(crate) fn skipped(&self, why: Skip) {
@@ -277,6 +290,10 @@ pub(crate) fn describe(prefix: &str) {
         n("unknown_model_requests_total"),
         Unit::Count,
         "Requests for a model the pool does not know (no model label by design)."
+    );
+    describe_gauge!(
+        n("retry_budget_scale"),
+        "Share of budget.ratio new requests deposit: below 1 while the adaptive budget sees retries failing."
     );
     describe_gauge!(
         n("provider_demoted"),

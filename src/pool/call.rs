@@ -182,7 +182,19 @@ impl<P> Pool<P> {
             .or_else(|| options.timeout.and_then(|t| start.checked_add(t)))
             .or_else(|| start.checked_add(policy.timeouts.request))
             .unwrap_or(start + Duration::from_secs(86_400));
-        m.budget.deposit(start, &policy.budget);
+        let adaptive = &policy.adaptive;
+        if adaptive.budget {
+            let scale = m.budget.scale(
+                start,
+                &policy.budget,
+                adaptive.budget_min_success,
+                adaptive.budget_min_retries,
+            );
+            m.budget.deposit_scaled(start, &policy.budget, scale);
+            m.metrics.budget_scale(scale);
+        } else {
+            m.budget.deposit(start, &policy.budget);
+        }
         let (order, probe) = order::plan(m.routes.iter().map(|r| &r.health), &m.rr, start);
         let mut req = Request {
             model: &m.name,
@@ -420,6 +432,9 @@ where
     let (verdict, expired) = match result {
         Ok(Ok(value)) => {
             let ended = Instant::now();
+            if round > 1 {
+                m.budget.record_retry(ended, &policy.budget, true);
+            }
             let elapsed = ended.saturating_duration_since(now);
             route.stats.record(ended, elapsed, None);
             route.metrics.attempt(None, elapsed);
@@ -459,6 +474,9 @@ where
         }
     };
     let ended = Instant::now();
+    if round > 1 {
+        m.budget.record_retry(ended, &policy.budget, false);
+    }
     let elapsed = ended.saturating_duration_since(now);
     route.stats.record(ended, elapsed, Some(verdict.cause));
     route.metrics.attempt(Some(verdict.cause), elapsed);

@@ -891,3 +891,43 @@ async fn adaptive_attempt_timeout_leaves_a_slow_model_alone() {
     let served = call(&pool).await.unwrap();
     assert_eq!((served.attempts(), served.rounds()), (1, 1));
 }
+
+/// 1,000 requests over 10 s (one every 10 ms) against `steps`; returns the
+/// retries made.
+async fn retries_over_ten_seconds(adaptive_budget: bool, steps: Vec<Step>) -> u32 {
+    let mut policy = Policy {
+        delay: Duration::ZERO,
+        jitter: 0.0,
+        ..Policy::default()
+    };
+    policy.adaptive.budget = adaptive_budget;
+    let a = Scripted::new("a", steps);
+    let pool = pool([a.clone()], policy);
+    let mut retries = 0;
+    for _ in 0..1000 {
+        retries += match call(&pool).await {
+            Ok(s) => s.report.retries,
+            Err(e) => e.report.retries,
+        };
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    retries
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_budget_shrinks_in_an_outage_and_keeps_flaky_recoveries() {
+    // A total outage: every retry fails.
+    let fixed = retries_over_ten_seconds(false, vec![refused()]).await;
+    let adaptive = retries_over_ten_seconds(true, vec![refused()]).await;
+    assert!((295..=300).contains(&fixed), "{fixed}");
+    // the floor (10/s x 10 s) stays; the ratio part stops once 20 retries
+    // have all failed
+    assert!((100..=110).contains(&adaptive), "{adaptive}");
+    // A flaky period: every first attempt fails, every retry succeeds.
+    let flaky: Vec<Step> = (0..2000)
+        .map(|i| if i % 2 == 0 { refused() } else { Step::Ok })
+        .collect();
+    let fixed = retries_over_ten_seconds(false, flaky.clone()).await;
+    let adaptive = retries_over_ten_seconds(true, flaky).await;
+    assert_eq!(fixed, adaptive, "retries that work are not cut");
+}

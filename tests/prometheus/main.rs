@@ -59,6 +59,7 @@ const METRICS: &[&str] = &[
     "retryctl_unknown_model_requests_total",
     "retryctl_policy_reloads_total",
     "retryctl_provider_demoted",
+    "retryctl_retry_budget_scale",
     "retryctl_policy_info",
     "retryctl_policy_reload_failing",
     "retryctl_policy_last_reload_success_timestamp_seconds",
