@@ -43,11 +43,16 @@ mod redact;
 mod request;
 mod stream;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use reqwest::header::HeaderValue;
 use tokio::net::TcpListener;
 
@@ -279,6 +284,12 @@ impl Gateway {
     /// accepting and lets in-flight requests (streams included) finish for
     /// up to the configured `shutdown_timeout`; after that it returns and
     /// the remaining connections are dropped with the runtime.
+    ///
+    /// Clients are served HTTP/1.1 by hyper with a timer: a connection
+    /// that does not send a complete request head within
+    /// `request_timeout` (at most 30 s; 30 s when unset) is closed, so a
+    /// client that trickles its headers, or sends nothing, holds no socket
+    /// for long.
     pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> Result<(), GatewayError>
     where
         F: Future<Output = ()> + Send + 'static,
@@ -286,31 +297,72 @@ impl Gateway {
         let router = self.router();
         // The policy file is followed until the server stops.
         let _watcher = self.watcher;
-        let signalled = Arc::new(tokio::sync::Notify::new());
-        let notify = signalled.clone();
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!(target: "retryctl::gateway", "shutting down: draining in-flight requests");
-                notify.notify_one();
-            })
-            .into_future();
-        let drain = self.shutdown_timeout;
-        tokio::select! {
-            result = server => result.map_err(GatewayError::Serve),
-            () = async {
-                signalled.notified().await;
-                tokio::time::sleep(drain).await;
-            } => {
-                tracing::warn!(
-                    target: "retryctl::gateway",
-                    timeout_ms = drain.as_millis() as u64,
-                    "shutdown timeout passed: dropping the requests still in flight"
-                );
-                Ok(())
-            }
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout(self.shared.request_timeout));
+        let graceful = GracefulShutdown::new();
+        let mut shutdown = pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) if is_connection_error(&e) => continue,
+                    Err(e) => {
+                        // E.g. out of file descriptors: wait for some to
+                        // be closed rather than spin.
+                        tracing::error!(target: "retryctl::gateway", error = %e, "accept failed");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            () = &mut shutdown => break,
+                        }
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let service = TowerToHyperService::new(router.clone());
+            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    // Header timeouts, resets, malformed requests: the
+                    // client's doing, and no address is named.
+                    tracing::debug!(target: "retryctl::gateway", error = %e, "connection ended");
+                }
+            });
         }
+        drop(listener);
+        tracing::info!(target: "retryctl::gateway", "shutting down: draining in-flight requests");
+        let drain = self.shutdown_timeout;
+        if tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                target: "retryctl::gateway",
+                timeout_ms = drain.as_millis() as u64,
+                "shutdown timeout passed: dropping the requests still in flight"
+            );
+        }
+        Ok(())
     }
+}
+
+/// The longest a client may take to send a request head (hyper's
+/// default): the request's time limit when it is shorter.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn header_read_timeout(request_timeout: Option<Duration>) -> Duration {
+    request_timeout.map_or(HEADER_READ_TIMEOUT, |t| t.min(HEADER_READ_TIMEOUT))
+}
+
+/// Errors of one connection being accepted (the client left first), not
+/// of the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Builds a [`Gateway`] from `config`, with API keys from the process

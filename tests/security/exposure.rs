@@ -262,9 +262,6 @@ async fn time_to_cut(mut stream: TcpStream, trickle: &[u8], limit: Duration) -> 
 /// `header_read_timeout` = the request's time limit, at most 30 s) makes
 /// this test and the next one pass, and `tests/gateway` still does.
 #[tokio::test]
-#[ignore = "missing protection: no header read timeout (axum::serve gives hyper no timer); \
-            fix in src/gateway/mod.rs: serve with hyper::server::conn::http1::Builder, \
-            .timer(TokioTimer::new()).header_read_timeout(..)"]
 async fn a_client_trickling_its_headers_is_cut_off() {
     let upstream = HttpServer::always(Reply::json("{}")).await;
     let gw = start(
@@ -291,9 +288,6 @@ async fn a_client_trickling_its_headers_is_cut_off() {
 
 /// A connection that never sends a byte is held forever too.
 #[tokio::test]
-#[ignore = "missing protection: an idle connection is never closed (no timer, and \
-            hyper_util's auto protocol detection waits for a first byte); same fix: \
-            hyper's http1::Builder starts its header timer on an idle connection"]
 async fn an_idle_connection_is_closed() {
     let upstream = HttpServer::always(Reply::json("{}")).await;
     let gw = start(
