@@ -9,7 +9,9 @@
 //!
 //! Cases: `success` (1 provider, statistics and Prometheus on),
 //! `success_no_metrics`, `retry` (refused once, zero delay), `tower` (tower's
-//! `Retry` with `TpsBudget`, success), `direct`. Instructions per call are
+//! `Retry` with `TpsBudget`, success), `direct`, and loopback HTTP through
+//! reqwest, `http_plain` and `http_pool` (only the calling thread's
+//! instructions are collected: the server's thread is not in the region). Instructions per call are
 //! the difference between two runs (e.g. 20,000 and 40,000 calls) / 20,000:
 //! noise-free, unlike times on a shared machine.
 //! Run under `cargo bench` it does a `success` run of 100,000 calls.
@@ -23,8 +25,9 @@ use tower::retry::Retry;
 use tower::{Service, ServiceExt, service_fn};
 
 use common::{
-    TowerPolicy, default_policy, pool, pool_call, pool_call_refused_once, pool_without_metrics,
-    runtime, upkeep, upstream, zero_delay_policy,
+    HttpProvider, MODEL, TowerPolicy, default_policy, http_plain, http_pool, pool, pool_call,
+    pool_call_refused_once, pool_without_metrics, runtime, start_server, upkeep, upstream,
+    zero_delay_policy,
 };
 
 /// The pools of every case, built and warmed up outside the profiled region.
@@ -32,13 +35,34 @@ struct Pools {
     one: retryctl::Pool<()>,
     quiet: retryctl::Pool<()>,
     retry: retryctl::Pool<()>,
+    http: retryctl::Pool<HttpProvider>,
+    client: reqwest::Client,
+    url: String,
 }
 
 fn setup(rt: &tokio::runtime::Runtime) -> Pools {
+    let url = format!("http://{}/v1/chat/completions", start_server());
+    let client = retryctl::upstream::client_builder(&default_policy().timeouts)
+        .build()
+        .expect("client");
+    let http = retryctl::Pool::builder()
+        .provider(
+            MODEL,
+            "loopback",
+            HttpProvider {
+                client: client.clone(),
+                url: url.clone(),
+            },
+        )
+        .build()
+        .expect("pool");
     let pools = Pools {
         one: pool(1, default_policy()),
         quiet: pool_without_metrics(1, default_policy()),
         retry: pool(1, zero_delay_policy()),
+        http,
+        client,
+        url,
     };
     rt.block_on(async {
         // First-touch costs and lazy initialisation, outside the profile.
@@ -46,6 +70,8 @@ fn setup(rt: &tokio::runtime::Runtime) -> Pools {
             black_box(pool_call(&pools.one).await);
             black_box(pool_call(&pools.quiet).await);
             black_box(pool_call_refused_once(&pools.retry).await);
+            black_box(http_plain(&pools.client, &pools.url).await);
+            black_box(http_pool(&pools.http).await);
         }
     });
     upkeep();
@@ -86,6 +112,16 @@ fn measured_calls(
                 for _ in 0..calls {
                     let ready = svc.ready().await.expect("ready");
                     black_box(ready.call(0).await.expect("served"));
+                }
+            }
+            "http_plain" => {
+                for _ in 0..calls {
+                    black_box(http_plain(&pools.client, &pools.url).await);
+                }
+            }
+            "http_pool" => {
+                for _ in 0..calls {
+                    black_box(http_pool(&pools.http).await);
                 }
             }
             "direct" => {
