@@ -60,8 +60,10 @@ enum Attempted<T> {
     /// Success, and when the attempt ended.
     Served(T, Instant),
     Failed(Verdict),
-    /// The call's deadline ended the attempt (or left no time to start it).
+    /// The call's deadline ended the attempt.
     Expired,
+    /// The deadline had passed before the attempt could start.
+    NotStarted,
 }
 
 /// A provider to retry in the next round, and the wait it needs.
@@ -223,7 +225,7 @@ impl<P> Pool<P> {
                     c if c.is_retryable() => pending.push((i, c)),
                     _ => {}
                 },
-                Attempted::Expired => {
+                Attempted::Expired | Attempted::NotStarted => {
                     return Err(fail(
                         m,
                         req,
@@ -266,7 +268,9 @@ impl<P> Pool<P> {
             }
             let mut started_round = false;
             for r in &plan {
-                let ready = round_end + r.wait;
+                // Not before now: an earlier retry of this round may have used
+                // the time up to (or past) this one's planned start.
+                let ready = (round_end + r.wait).max(Instant::now());
                 if ready >= deadline {
                     tracing::info!(
                         target: "retryctl",
@@ -333,6 +337,13 @@ impl<P> Pool<P> {
                         _ => {}
                     },
                     Attempted::Expired => {
+                        let reason = FailReason::DeadlineExceeded { wait: None };
+                        return Err(fail(m, req, reason, start));
+                    }
+                    Attempted::NotStarted => {
+                        // The wait ended at the deadline (timers round up to
+                        // the millisecond). The retry it paid for stays paid:
+                        // like one cancelled during its wait, it is counted.
                         let reason = FailReason::DeadlineExceeded { wait: None };
                         return Err(fail(m, req, reason, start));
                     }
@@ -417,7 +428,7 @@ where
     let route = &m.routes[i as usize];
     let remaining = deadline.saturating_duration_since(now);
     if remaining.is_zero() {
-        return Attempted::Expired;
+        return Attempted::NotStarted;
     }
     let fixed = policy.timeouts.attempt.min(remaining);
     let adaptive = adaptive_limit(route, policy, now).filter(|a| *a < fixed);

@@ -531,9 +531,6 @@ fn the_checks_catch_a_pool_that_lies() {
 /// start (`round_end + wait` = 500 ms), withdraws a budget token, and only
 /// then finds no time left (`DeadlineExceeded { wait: None }`).
 #[test]
-#[ignore = "bug in src/pool/call.rs: a retry is paid for after the deadline passed \
-            (deadline checked against the stale `round_end + wait`); \
-            fix: `let ready = (round_end + r.wait).max(Instant::now());`"]
 fn a_retry_past_the_deadline_spends_no_budget() {
     let step = |kind, delay_ms| Step { kind, delay_ms };
     let policy = PolicySpec {
