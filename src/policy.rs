@@ -905,8 +905,9 @@ fn check_fraction(field: &str, value: f64) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+/// 1-based line and column of a byte offset (shared with the gateway's
+/// configuration errors).
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;

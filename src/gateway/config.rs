@@ -19,6 +19,7 @@
 //! dotted path of the offending field, and what would have been accepted.
 //! See `config/gateway.toml` for a documented example of every field.
 
+use crate::policy::line_col;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -275,20 +276,6 @@ fn path_at(text: &str, offset: usize) -> Vec<Seg> {
         path.pop();
     }
     path
-}
-
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit_once('\n')
-        .map_or(before, |(_, tail)| tail)
-        .chars()
-        .count()
-        + 1;
-    (line, col)
 }
 
 /// A byte size: an integer (bytes) or a string with a unit.
