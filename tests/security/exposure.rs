@@ -4,8 +4,9 @@
 //! A client cannot make the gateway buffer more than `body_limit` (413) or
 //! more than `max_headers` headers (431), and a client that sends its body
 //! slowly is cut off by the request's time limit (408) before the pool is
-//! ever called. A client that sends its *headers* slowly is not cut off
-//! today: see `a_client_trickling_its_headers_is_cut_off`.
+//! ever called. A client that sends its *headers* slowly, or opens a
+//! connection and says nothing, is cut off by hyper's header-read timeout
+//! (`request_timeout`, at most 30 s).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
