@@ -26,7 +26,7 @@
 use retryctl::gateway::{Redactor, redact};
 
 /// Whether `redact` removes an IPv4 address followed by several dots.
-const ELLIPSIS_FIXED: bool = false;
+const ELLIPSIS_FIXED: bool = true;
 /// Whether `Redactor::redact` replaces all secrets in one pass.
 const ONE_PASS_SECRETS: bool = false;
 

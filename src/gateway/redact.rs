@@ -268,10 +268,8 @@ fn ipv4(text: &str) -> String {
             end += 1;
         }
         // A sentence may end right after the address.
-        let mut candidate = &text[i..end];
-        if candidate.ends_with('.') {
-            candidate = &candidate[..candidate.len() - 1];
-        }
+        // Trailing dots end the sentence (or an ellipsis), not the address.
+        let candidate = text[i..end].trim_end_matches('.');
         let next = bytes.get(i + candidate.len()).copied();
         let bounded = !next.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
         if bounded && is_ipv4(candidate) {

@@ -14,7 +14,6 @@ use retryctl::gateway::{Redactor, redact};
 /// all, as `ipv6()` does: `let candidate = text[i..end].trim_end_matches('.');`.
 /// With the fix, set `ELLIPSIS_FIXED` in `fuzz/targets/redact.rs` to `true`.
 #[test]
-#[ignore = "open bug: src/gateway/redact.rs ipv4() trims only one trailing dot"]
 fn ipv4_before_an_ellipsis_is_redacted() {
     assert_eq!(
         redact("connect to 10.0.0.5... failed"),
