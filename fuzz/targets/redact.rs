@@ -8,12 +8,9 @@
 //! an API key) survives; no `sk-` key of 8+ characters survives; and no
 //! dotted-quad IPv4 address at a word boundary survives.
 //!
-//! Known bug (found by this target): an address followed by more than one
-//! dot ("refused by 10.0.0.5...") survives, because `ipv4()` trims only
-//! one trailing dot. Until the fix is in `src/gateway/redact.rs`, that
-//! case is left out here ([`ELLIPSIS_FIXED`]) so the fuzzer can look for
-//! other leaks; `tests/fuzz_corpus/regressions.rs` holds it as an ignored
-//! test. Set `ELLIPSIS_FIXED` to `true` with the fix.
+//! Found by this target and fixed: an address followed by several dots
+//! ("refused by 10.0.0.5...") survived redaction
+//! (`tests/fuzz_corpus/regressions.rs` keeps the input).
 //!
 //! Known bug (found by this target, as a timeout): `Redactor::redact`
 //! replaces the secrets one after the other on the text already redacted,
@@ -25,8 +22,6 @@
 
 use retryctl::gateway::{Redactor, redact};
 
-/// Whether `redact` removes an IPv4 address followed by several dots.
-const ELLIPSIS_FIXED: bool = true;
 /// Whether `Redactor::redact` replaces all secrets in one pass.
 const ONE_PASS_SECRETS: bool = false;
 
@@ -100,11 +95,7 @@ fn no_ipv4(out: &str) {
         let bounded = !bytes
             .get(end)
             .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
-        let candidate = if ELLIPSIS_FIXED {
-            run.trim_end_matches('.')
-        } else {
-            run.strip_suffix('.').unwrap_or(run)
-        };
+        let candidate = run.trim_end_matches('.');
         let quad = candidate.split('.').count() == 4
             && candidate
                 .split('.')

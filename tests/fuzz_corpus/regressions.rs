@@ -12,7 +12,6 @@ use retryctl::gateway::{Redactor, redact};
 /// `ipv4()` in `src/gateway/redact.rs` trims one trailing dot from the
 /// candidate (`if candidate.ends_with('.') { ... }`); it must trim them
 /// all, as `ipv6()` does: `let candidate = text[i..end].trim_end_matches('.');`.
-/// With the fix, set `ELLIPSIS_FIXED` in `fuzz/targets/redact.rs` to `true`.
 #[test]
 fn ipv4_before_an_ellipsis_is_redacted() {
     assert_eq!(
