@@ -128,10 +128,19 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 /// Parses a Retry-After value relative to `now`. A date in the past means
 /// "now" (zero); anything unparseable is ignored.
+///
+/// Delay-seconds is `1*DIGIT` (RFC 9110 §10.2.3): a sign (`+5`, `-3`) or a
+/// fraction is not a delay and is ignored. A delay too large for any clock
+/// is capped at `u32::MAX` seconds (136 years) rather than ignored: the
+/// upstream clearly asked for a long wait, and the pool's
+/// `max_retry_after` then refuses to wait for it.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    const CAP: u64 = u32::MAX as u64;
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs.min(u32::MAX as u64)));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // All digits: only overflow can fail, and that is "very long".
+        let secs = value.parse::<u64>().map_or(CAP, |secs| secs.min(CAP));
+        return Some(Duration::from_secs(secs));
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
@@ -167,6 +176,11 @@ mod tests {
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
+        assert_eq!(parse_retry_after("+5", now), None);
+        assert_eq!(parse_retry_after("1.5", now), None);
+        let cap = Some(Duration::from_secs(u64::from(u32::MAX)));
+        assert_eq!(parse_retry_after("99999999999", now), cap);
+        assert_eq!(parse_retry_after(&"9".repeat(40), now), cap);
         assert_eq!(parse_retry_after("", now), None);
     }
 

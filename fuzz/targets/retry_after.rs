@@ -7,8 +7,8 @@
 //! ([`retry_after`] on a `HeaderMap`, the real clock) when it is a valid
 //! header value.
 //!
-//! Checks: a number of seconds gives exactly that many (capped at
-//! `u32::MAX` s); a date gives at most the time to that date; a parsed
+//! Checks: a number of seconds (digits only: `+5` is not one) gives
+//! exactly that many (capped at `u32::MAX` s, overflow included); a date gives at most the time to that date; a parsed
 //! value never depends on surrounding whitespace.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,11 +28,12 @@ pub fn run(data: &[u8]) {
             let parsed = parse_retry_after(value, now);
             assert_eq!(parse_retry_after(&format!(" \t{value} "), now), parsed);
             let trimmed = value.trim();
-            if let Ok(secs) = trimmed.parse::<u64>() {
-                assert_eq!(
-                    parsed,
-                    Some(Duration::from_secs(secs.min(u64::from(u32::MAX))))
-                );
+            let cap = u64::from(u32::MAX);
+            if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit()) {
+                // Delay-seconds (1*DIGIT): exactly that many, an overflow
+                // capped like any other very long delay.
+                let secs = trimmed.parse::<u64>().map_or(cap, |s| s.min(cap));
+                assert_eq!(parsed, Some(Duration::from_secs(secs)), "{value:?}");
             } else if let Some(d) = parsed {
                 let when = httpdate_like(trimmed).expect("only numbers and dates are accepted");
                 let until = when.duration_since(now).unwrap_or(Duration::ZERO);

@@ -41,6 +41,8 @@
 
 use std::net::Ipv6Addr;
 
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+
 /// What replaces a secret, a bearer token or a key.
 const REDACTED: &str = "[redacted]";
 /// The shortest start of a known secret redacted at the end of a text
@@ -57,8 +59,13 @@ const HOST: &str = "host-redacted";
 /// behind an `Arc`.
 #[derive(Clone, Default)]
 pub struct Redactor {
-    /// Longest first, so a key that contains another is replaced whole.
+    /// Longest first (for the partial tail at the end of a text).
     secrets: Vec<String>,
+    /// All secrets in one automaton, leftmost-longest: one pass over the
+    /// original text, so a key that contains another is replaced whole
+    /// and nothing the redactor wrote (its own `[redacted]`) is scanned
+    /// again. `None` when there are no secrets.
+    matcher: Option<AhoCorasick>,
 }
 
 impl std::fmt::Debug for Redactor {
@@ -77,7 +84,13 @@ impl Redactor {
         let mut secrets: Vec<String> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
-        Redactor { secrets }
+        let matcher = (!secrets.is_empty()).then(|| {
+            AhoCorasickBuilder::new()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&secrets)
+                .expect("literal secrets always build an automaton")
+        });
+        Redactor { secrets, matcher }
     }
 
     /// `text` with the known secrets and every pattern redacted.
@@ -87,12 +100,10 @@ impl Redactor {
     /// cut at a byte limit before they are redacted, and a key straddling
     /// the cut is no longer the whole secret.
     pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for secret in &self.secrets {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), REDACTED);
-            }
-        }
+        let mut out = match &self.matcher {
+            Some(matcher) => matcher.replace_all(text, &vec![REDACTED; self.secrets.len()]),
+            None => text.to_owned(),
+        };
         if let Some(cut) = self.partial_tail(&out) {
             out.truncate(cut);
             out.push_str(REDACTED);

@@ -1,7 +1,7 @@
-//! Inputs of bugs found by fuzzing, kept as tests. Each is `#[ignore]`d
-//! while the fix (named in its doc comment) is not in `src/` yet; remove
-//! the `#[ignore]` with the fix. `cargo test --test fuzz_corpus --
-//! --ignored` shows which are still open.
+//! Inputs of bugs found by fuzzing, kept as tests. A bug found and not
+//! yet fixed is kept `#[ignore]`d, with the fix named in its doc comment,
+//! until the fix lands (`cargo test --test fuzz_corpus -- --ignored`
+//! shows any that are open).
 
 use retryctl::gateway::{Redactor, redact};
 
@@ -43,15 +43,10 @@ fn ipv4_before_one_dot_is_redacted() {
 /// did not finish in 10 s). Keys come from the operator's
 /// environment, so this takes odd keys, but a redactor must be linear.
 ///
-/// Fix in `src/gateway/redact.rs`: replace all secrets in one pass over
-/// the original text, leftmost-longest, e.g. with the `aho-corasick`
-/// crate the classifier already uses, built once in `Redactor::new`:
-/// `AhoCorasick::builder().match_kind(MatchKind::LeftmostLongest).build(&secrets)`
-/// and `ac.replace_all(text, &vec![REDACTED; secrets.len()])`. Each input
-/// byte then yields at most one marker. With the fix, set
-/// `ONE_PASS_SECRETS` in `fuzz/targets/redact.rs` to `true`.
+/// Fixed in `src/gateway/redact.rs`: all secrets are replaced in one
+/// leftmost-longest pass (aho-corasick) over the original text, built
+/// once in `Redactor::new`; each input byte yields at most one marker.
 #[test]
-#[ignore = "open bug: src/gateway/redact.rs Redactor::redact re-scans its own markers"]
 fn secrets_are_replaced_in_one_pass() {
     let secrets = ["e", "d", "a", "c", "t", "r"].map(str::to_owned);
     let r = Redactor::new(secrets);
