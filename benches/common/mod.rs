@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
+use retryctl::telemetry::MetricsHandle;
 use retryctl::upstream;
 use retryctl::{BudgetPolicy, LivePolicy, Policy, Pool};
 use tokio::runtime::Runtime;
@@ -50,13 +50,12 @@ pub fn runtime() -> Runtime {
 
 /// The process-wide Prometheus recorder with retryctl's buckets, installed
 /// once (before any pool is built, as in production).
-pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+pub fn prometheus() -> &'static MetricsHandle {
+    static HANDLE: OnceLock<MetricsHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        retryctl::telemetry::prometheus_builder()
-            .expect("bucket configuration")
-            .install_recorder()
-            .expect("install the Prometheus recorder")
+        retryctl::telemetry::Recorder::new()
+            .install()
+            .expect("install the metrics recorder")
     })
 }
 

@@ -385,9 +385,7 @@ async fn unknown_model_is_404_and_creates_no_metric_series() {
     let config = GatewayConfig::from_toml(&text).unwrap();
     // The pool resolves its metric handles when it is built: build it
     // under a recorder of this test's own.
-    let recorder = retryctl::telemetry::prometheus_builder()
-        .unwrap()
-        .build_recorder();
+    let recorder = retryctl::telemetry::Recorder::new();
     let handle = recorder.handle();
     let gateway =
         metrics::with_local_recorder(&recorder, || Gateway::with_env(config, env_none)).unwrap();

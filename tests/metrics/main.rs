@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
+use retryctl::telemetry::MetricsHandle;
 use retryctl::{LivePolicy, Policy, Pool, telemetry};
 
 /// Parses the exposition text into `series -> value` (series as written).
@@ -41,7 +41,7 @@ fn value(map: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64
 /// A pool whose providers follow shared scripts: each call pops the next
 /// outcome of its provider (true = success).
 struct Fixture {
-    handle: PrometheusHandle,
+    handle: MetricsHandle,
     pool: Pool<Arc<Script>>,
 }
 
@@ -69,7 +69,7 @@ impl Script {
 }
 
 fn fixture(providers: &[(&str, Arc<Script>)], policy: Policy) -> Fixture {
-    let recorder = telemetry::prometheus_builder().unwrap().build_recorder();
+    let recorder = telemetry::Recorder::new();
     let handle = recorder.handle();
     let pool = metrics::with_local_recorder(&recorder, || {
         let mut b = Pool::builder().policy(LivePolicy::new(policy).unwrap());

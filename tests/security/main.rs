@@ -23,9 +23,9 @@ mod secrets;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, Once};
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use retryctl::Policy;
 use retryctl::gateway::{Gateway, GatewayConfig, GatewayError};
+use retryctl::telemetry::MetricsHandle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing_subscriber::layer::SubscriberExt;
@@ -131,7 +131,7 @@ pub fn capture_logs() -> Logs {
 /// the providers' key set, until dropped.
 pub struct TestGateway {
     pub addr: SocketAddr,
-    pub metrics: PrometheusHandle,
+    pub metrics: MetricsHandle,
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), GatewayError>>>,
@@ -159,9 +159,7 @@ pub fn client() -> reqwest::Client {
 pub async fn start(config: &str, policy: Policy) -> TestGateway {
     let text = format!("metrics_listen = \"off\"\n{config}");
     let config = GatewayConfig::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let recorder = retryctl::telemetry::prometheus_builder()
-        .expect("buckets")
-        .build_recorder();
+    let recorder = retryctl::telemetry::Recorder::new();
     let metrics = recorder.handle();
     // The pool resolves its metric handles when it is built.
     let gateway = metrics::with_local_recorder(&recorder, || {

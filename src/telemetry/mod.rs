@@ -8,11 +8,14 @@
 //! enums; a request for an unknown model increments one unlabelled counter
 //! and creates no series.
 //!
-//! Install the recorder (e.g. with [`serve`]) **before** building the pool:
-//! handles resolved with no recorder installed record nothing.
+//! Install the [`Recorder`] (e.g. with [`serve`]) **before** building the
+//! pool: handles resolved with no recorder installed record nothing.
 //!
 //! Histograms are bucketed (`_bucket` / `_sum` / `_count`) with explicit
-//! buckets: summaries cannot be aggregated across gateway replicas.
+//! buckets: summaries cannot be aggregated across gateway replicas. The
+//! [`Recorder`] keeps them in fixed-bucket atomics of its own (a sample
+//! costs two relaxed atomic updates) and Prometheus's recorder keeps the
+//! counters and gauges.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -37,10 +40,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::classify::Cause;
 use crate::stats;
+
+mod recorder;
+
+pub use self::recorder::{MetricsHandle, Recorder, buckets_for};
 
 /// The default metric name prefix.
 pub const DEFAULT_PREFIX: &str = "retryctl_";
@@ -344,25 +350,13 @@ pub(crate) fn unknown_model(prefix: &str) -> Counter {
     metrics::counter!(format!("{prefix}unknown_model_requests_total"))
 }
 
-/// A Prometheus exporter builder with retryctl's buckets set.
-pub fn prometheus_builder() -> Result<PrometheusBuilder, BuildError> {
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Suffix("retry_delay_seconds".into()), DELAY_BUCKETS)?
-        .set_buckets_for_metric(
-            Matcher::Suffix("attempts_per_request".into()),
-            ATTEMPTS_BUCKETS,
-        )
-}
-
 /// Why the metrics endpoint could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TelemetryError {
-    /// The recorder could not be built or installed (e.g. another global
-    /// recorder is already installed).
-    #[error("cannot install the Prometheus recorder: {0}")]
-    Recorder(#[from] BuildError),
+    /// Another global metrics recorder is already installed.
+    #[error("cannot install the metrics recorder: another one is installed")]
+    RecorderInstalled,
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -373,14 +367,13 @@ pub enum TelemetryError {
     },
 }
 
-/// A running `/metrics` endpoint. Dropping it stops the server and the
-/// upkeep task (the recorder stays installed).
+/// A running `/metrics` endpoint. Dropping it stops the server (the
+/// recorder stays installed).
 #[derive(Debug)]
 pub struct MetricsServer {
     addr: SocketAddr,
-    handle: PrometheusHandle,
+    handle: MetricsHandle,
     server: tokio::task::JoinHandle<()>,
-    upkeep: tokio::task::JoinHandle<()>,
 }
 
 impl MetricsServer {
@@ -394,8 +387,8 @@ impl MetricsServer {
         self.handle.render()
     }
 
-    /// The exporter handle.
-    pub fn handle(&self) -> &PrometheusHandle {
+    /// The recorder's handle.
+    pub fn handle(&self) -> &MetricsHandle {
         &self.handle
     }
 }
@@ -403,15 +396,10 @@ impl MetricsServer {
 impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.server.abort();
-        self.upkeep.abort();
     }
 }
 
-/// How often histogram samples are folded into buckets, so they do not
-/// accumulate between scrapes.
-const UPKEEP_EVERY: Duration = Duration::from_secs(5);
-
-/// Installs the global Prometheus recorder and serves `GET /metrics` on
+/// Installs a [`Recorder`] as the global recorder and serves `GET /metrics` on
 /// `addr` (port 0 picks a free port). Must run inside a tokio runtime.
 /// Bind loopback ([`DEFAULT_ADDR`]) unless the network is trusted.
 pub fn serve(addr: SocketAddr) -> Result<MetricsServer, TelemetryError> {
@@ -420,7 +408,9 @@ pub fn serve(addr: SocketAddr) -> Result<MetricsServer, TelemetryError> {
     std_listener.set_nonblocking(true).map_err(bind_err)?;
     let local = std_listener.local_addr().map_err(bind_err)?;
     let listener = tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?;
-    let handle = prometheus_builder()?.install_recorder()?;
+    let handle = Recorder::new()
+        .install()
+        .map_err(|_| TelemetryError::RecorderInstalled)?;
     let render = handle.clone();
     let app = axum::Router::new().route(
         "/metrics",
@@ -442,18 +432,9 @@ pub fn serve(addr: SocketAddr) -> Result<MetricsServer, TelemetryError> {
             tracing::error!(target: "retryctl", error = %e, "metrics server stopped");
         }
     });
-    let keep = handle.clone();
-    let upkeep = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(UPKEEP_EVERY);
-        loop {
-            tick.tick().await;
-            keep.run_upkeep();
-        }
-    });
     Ok(MetricsServer {
         addr: local,
         handle,
         server,
-        upkeep,
     })
 }

@@ -1,0 +1,356 @@
+//! The metrics recorder: Prometheus's for counters and gauges, fixed-bucket
+//! atomic histograms of our own for the histograms.
+//!
+//! Why not the exporter's histograms: `metrics-exporter-prometheus` records
+//! every histogram sample into a lock-free buffer (a `quanta` clock read, an
+//! epoch pin, a 16-byte sample, a 1 KiB block allocated every 64 samples)
+//! and folds the buffer into buckets at scrape or upkeep time. That is the
+//! right design for an exporter that does not know its buckets in advance,
+//! and it costs ~80 ns and an occasional allocation per sample; a pool call
+//! records three samples, which made the histograms the largest single
+//! cost of a successful call (docs/benchmarks.md). Our buckets are known
+//! when a handle is registered, so a sample is one binary search over the
+//! bounds and two relaxed atomic updates, with no clock read and no
+//! allocation; the `/metrics` text is rendered from the same atomics.
+//!
+//! Histograms whose name has no retryctl bucket layout (any name outside
+//! [`buckets_for`]) go to the Prometheus recorder unchanged, so metrics an
+//! embedding application records through the same recorder still work.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use metrics::{Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use super::{ATTEMPTS_BUCKETS, DELAY_BUCKETS, SECONDS_BUCKETS};
+
+/// The bucket bounds retryctl uses for a histogram named `name`, if any:
+/// `*retry_delay_seconds` and `*attempts_per_request` have their own,
+/// every other `*_seconds` the latency buckets.
+pub fn buckets_for(name: &str) -> Option<&'static [f64]> {
+    if name.ends_with("retry_delay_seconds") {
+        Some(DELAY_BUCKETS)
+    } else if name.ends_with("attempts_per_request") {
+        Some(ATTEMPTS_BUCKETS)
+    } else if name.ends_with("_seconds") {
+        Some(SECONDS_BUCKETS)
+    } else {
+        None
+    }
+}
+
+/// A cumulative histogram with fixed bucket bounds, updated with relaxed
+/// atomics (each bucket and the sum are exact; a scrape that races a
+/// record may see the sample in the buckets before it sees it in the sum,
+/// which Prometheus tolerates).
+#[derive(Debug)]
+struct BucketHistogram {
+    bounds: &'static [f64],
+    /// `counts[i]`: samples `<= bounds[i]` and `> bounds[i - 1]`; the last
+    /// one counts samples above every bound (`+Inf`).
+    counts: Box<[AtomicU64]>,
+    /// The sum of the samples, as `f64` bits.
+    sum: AtomicU64,
+}
+
+impl BucketHistogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        BucketHistogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    /// The cumulative count of each bucket (`le` order, `+Inf` last) and
+    /// the sum.
+    fn snapshot(&self) -> (Vec<u64>, f64) {
+        let mut total = 0;
+        let cumulative = self
+            .counts
+            .iter()
+            .map(|c| {
+                total += c.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        (cumulative, f64::from_bits(self.sum.load(Ordering::Relaxed)))
+    }
+}
+
+impl HistogramFn for BucketHistogram {
+    fn record(&self, value: f64) {
+        self.record_many(value, 1);
+    }
+
+    fn record_many(&self, value: f64, count: usize) {
+        // A NaN would poison the sum forever; a duration is never one.
+        if value.is_nan() || count == 0 {
+            return;
+        }
+        let i = self.bounds.partition_point(|bound| *bound < value);
+        self.counts[i].fetch_add(count as u64, Ordering::Relaxed);
+        let add = value * count as f64;
+        // A compare-and-swap loop: there is no atomic f64 add. Uncontended
+        // it succeeds at once.
+        let _ = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + add).to_bits())
+            });
+    }
+}
+
+/// The histograms of one recorder, by name then by labels.
+#[derive(Debug, Default)]
+struct Histograms {
+    families: Mutex<BTreeMap<String, Family>>,
+}
+
+#[derive(Debug, Default)]
+struct Family {
+    help: Option<String>,
+    /// Rendered label sets (`a="x",b="y"`), sorted.
+    series: BTreeMap<String, Arc<BucketHistogram>>,
+}
+
+impl Histograms {
+    fn describe(&self, name: &str, help: &str) {
+        let mut families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        families.entry(name.to_owned()).or_default().help = Some(help.to_owned());
+    }
+
+    fn register(&self, key: &Key, bounds: &'static [f64]) -> Arc<BucketHistogram> {
+        let mut labels = String::new();
+        for label in key.labels() {
+            if !labels.is_empty() {
+                labels.push(',');
+            }
+            let _ = write!(labels, "{}=\"{}\"", label.key(), escape(label.value()));
+        }
+        let mut families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        families
+            .entry(key.name().to_owned())
+            .or_default()
+            .series
+            .entry(labels)
+            .or_insert_with(|| Arc::new(BucketHistogram::new(bounds)))
+            .clone()
+    }
+
+    /// Appends the histograms in the Prometheus text format.
+    fn render(&self, out: &mut String) {
+        let families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, family) in families.iter().filter(|(_, f)| !f.series.is_empty()) {
+            if let Some(help) = &family.help {
+                let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
+            }
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            for (labels, histogram) in &family.series {
+                let (cumulative, sum) = histogram.snapshot();
+                let sep = if labels.is_empty() { "" } else { "," };
+                let les = histogram.bounds.iter().map(|b| b.to_string());
+                for (le, count) in les.chain(["+Inf".to_owned()]).zip(&cumulative) {
+                    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {count}");
+                }
+                let count = cumulative.last().copied().unwrap_or(0);
+                let braces = |labels: &str| {
+                    if labels.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{{{labels}}}")
+                    }
+                };
+                let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+                let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
+            }
+        }
+    }
+}
+
+/// A label value escaped for the text format.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', r"\\")
+        .replace('"', r#"\""#)
+        .replace('\n', r"\n")
+}
+
+/// HELP text escaped for the text format.
+fn escape_help(help: &str) -> String {
+    help.replace('\\', r"\\").replace('\n', r"\n")
+}
+
+/// The recorder retryctl's metrics go to: install it (or make it the local
+/// recorder) **before** building a pool, and render `/metrics` from its
+/// [`handle`](Recorder::handle).
+///
+/// ```
+/// use retryctl::telemetry::Recorder;
+///
+/// let recorder = Recorder::new();
+/// let handle = recorder.handle();
+/// metrics::with_local_recorder(&recorder, || {
+///     metrics::histogram!("retryctl_request_duration_seconds", "model" => "m").record(0.2);
+/// });
+/// let text = handle.render();
+/// assert!(text.contains(r#"retryctl_request_duration_seconds_bucket{model="m",le="0.25"} 1"#));
+/// assert!(text.contains(r#"retryctl_request_duration_seconds_count{model="m"} 1"#));
+/// ```
+#[derive(Debug)]
+pub struct Recorder {
+    prometheus: PrometheusRecorder,
+    histograms: Arc<Histograms>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Recorder {
+    /// A recorder with nothing recorded yet.
+    pub fn new() -> Self {
+        Recorder {
+            prometheus: PrometheusBuilder::new().build_recorder(),
+            histograms: Arc::default(),
+        }
+    }
+
+    /// A handle that renders everything this recorder records.
+    pub fn handle(&self) -> MetricsHandle {
+        MetricsHandle {
+            prometheus: self.prometheus.handle(),
+            histograms: self.histograms.clone(),
+        }
+    }
+
+    /// Installs this recorder as the process-wide one and returns its
+    /// handle. Fails if a global recorder is already installed.
+    pub fn install(self) -> Result<MetricsHandle, metrics::SetRecorderError<Recorder>> {
+        let handle = self.handle();
+        metrics::set_global_recorder(self)?;
+        Ok(handle)
+    }
+}
+
+impl metrics::Recorder for Recorder {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.prometheus.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.prometheus.describe_gauge(key, unit, description);
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        if buckets_for(key.as_str()).is_some() {
+            self.histograms.describe(key.as_str(), &description);
+        } else {
+            self.prometheus.describe_histogram(key, unit, description);
+        }
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.prometheus.register_counter(key, metadata)
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.prometheus.register_gauge(key, metadata)
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        match buckets_for(key.name()) {
+            Some(bounds) => Histogram::from_arc(self.histograms.register(key, bounds)),
+            None => self.prometheus.register_histogram(key, metadata),
+        }
+    }
+}
+
+/// Renders what a [`Recorder`] recorded, in the Prometheus text format.
+/// Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct MetricsHandle {
+    prometheus: PrometheusHandle,
+    histograms: Arc<Histograms>,
+}
+
+impl MetricsHandle {
+    /// The current metrics in the Prometheus text format (0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = self.prometheus.render();
+        if !out.is_empty() && !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+        self.histograms.render(&mut out);
+        out
+    }
+
+    /// Folds buffered samples of histograms outside retryctl's layouts
+    /// into their summaries (retryctl's own histograms need no upkeep).
+    pub fn run_upkeep(&self) {
+        self.prometheus.run_upkeep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_with_le_semantics() {
+        let h = BucketHistogram::new(&[1.0, 2.0, 5.0]);
+        for v in [0.5, 1.0, 1.5, 2.0, 7.0, f64::NAN] {
+            h.record(v);
+        }
+        h.record_many(3.0, 2);
+        let (cumulative, sum) = h.snapshot();
+        // <=1: 0.5, 1.0; <=2: +1.5, 2.0; <=5: +3.0 x2; +Inf: +7.0.
+        assert_eq!(cumulative, vec![2, 4, 6, 7]);
+        assert_eq!(sum, 0.5 + 1.0 + 1.5 + 2.0 + 7.0 + 6.0);
+    }
+
+    #[test]
+    fn renders_families_with_help_and_escaped_labels() {
+        let recorder = Recorder::new();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::describe_histogram!("x_attempts_per_request", "Attempts.");
+            metrics::histogram!("x_attempts_per_request", "model" => "a\"b").record(2.0);
+            metrics::histogram!("x_other", "model" => "m").record(2.0);
+            metrics::counter!("x_total").increment(3);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("# HELP x_attempts_per_request Attempts.\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE x_attempts_per_request histogram\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_attempts_per_request_bucket{model=\"a\\\"b\",le=\"1\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_attempts_per_request_bucket{model=\"a\\\"b\",le=\"2\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_attempts_per_request_bucket{model=\"a\\\"b\",le=\"+Inf\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_attempts_per_request_sum{model=\"a\\\"b\"} 2\n"),
+            "{text}"
+        );
+        // Not one of ours: the exporter's summary.
+        assert!(text.contains("# TYPE x_other summary"), "{text}");
+        assert!(text.contains("x_total 3"), "{text}");
+    }
+}
