@@ -3,9 +3,9 @@
 //! A [`LivePolicy`] is a cheap, clonable handle to an `ArcSwap` holding the
 //! validated, compiled [`ActivePolicy`]. Writers validate first and then
 //! swap the whole thing in one atomic store; an invalid policy never
-//! replaces a valid one. Each request loads **one** snapshot
-//! (`load_full`, since it is held across `.await`) and uses it from its
-//! first attempt to its last, so a request never mixes two policy versions.
+//! replaces a valid one. Each request loads **one** snapshot (a guard
+//! held across its `.await`s) and uses it from its first attempt to its
+//! last, so a request never mixes two policy versions.
 //!
 //! ```
 //! use retryctl::{LivePolicy, Policy};
@@ -176,6 +176,15 @@ impl LivePolicy {
     /// The policy in force now; hold it for the whole of one request.
     pub fn load(&self) -> Arc<ActivePolicy> {
         self.current.load_full()
+    }
+
+    /// The policy in force, as a guard: on the thread's first few guards
+    /// no shared reference count is touched (arc-swap's debt slots), so
+    /// concurrent requests on two cores do not bounce one cache line. The
+    /// pool holds it for one request; a writer that swaps the policy
+    /// meanwhile pays the debt, the request keeps its snapshot.
+    pub(crate) fn snapshot(&self) -> arc_swap::Guard<Arc<ActivePolicy>> {
+        self.current.load()
     }
 }
 

@@ -174,7 +174,7 @@ impl<P> Pool<P> {
             });
         };
         // One snapshot for the whole request, resolved for this model.
-        let active = self.policy.load();
+        let active = self.policy.snapshot();
         self.note_version(active.version());
         let resolved = active.for_model(&m.name);
         let policy = resolved.policy();

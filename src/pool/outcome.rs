@@ -5,8 +5,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smallvec::SmallVec;
-
 use crate::classify::Verdict;
 
 /// One failed attempt, as the pool saw it.
@@ -35,7 +33,9 @@ pub struct Report {
     pub waited: Duration,
     /// From the call's start to its end.
     pub elapsed: Duration,
-    pub(crate) failures: SmallVec<[FailedAttempt; 2]>,
+    /// Out of line: a success carries an empty `Vec` (no allocation), and
+    /// the `Report` moved through every await of the call stays small.
+    pub(crate) failures: Vec<FailedAttempt>,
 }
 
 impl Report {
