@@ -52,7 +52,7 @@ pub fn buckets_for(name: &str) -> Option<&'static [f64]> {
 
 /// How many cache lines a counter or histogram is striped over: threads
 /// take stripes in turn, so up to this many cores never share a line.
-pub const STRIPES: usize = 8;
+const STRIPES: usize = 8;
 
 /// A value alone on its cache line pair (the adjacent-line prefetcher
 /// pulls lines in pairs).
