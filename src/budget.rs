@@ -14,8 +14,11 @@
 //! This is the Finagle / Linkerd / tower design.
 //!
 //! Unlike tower's `TpsBudget`, which takes a mutex and reads the clock on
-//! every call, [`RetryBudget`] is a ring of atomic slots and uses the clock
-//! reading the request already took: a deposit is one compare-and-swap.
+//! every call, [`RetryBudget`] is rings of atomic slots and uses the clock
+//! reading the request already took: a deposit is one compare-and-swap on
+//! the calling thread's own stripe of slots (`crate::stripe`), so requests
+//! on different cores never contend for it. Withdrawals, one per retry, sum
+//! the stripes and serialise on one ledger, which keeps the budget exact.
 //!
 //! ```
 //! use retryctl::{BudgetPolicy, RetryBudget};
@@ -38,22 +41,72 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::policy::BudgetPolicy;
+use crate::stripe::{self, Padded};
 
 /// Slots in the sliding window: the window moves in steps of `window / 10`.
 const SLOTS: usize = 10;
 /// Fixed-point scale: balances are kept in thousandths of a retry.
 const MILLI: i64 = 1000;
 
+/// How many stripes deposits spread over (of [`stripe::STRIPES`]): a
+/// withdrawal reads every slot of every stripe, so fewer stripes keep the
+/// retry path short; 4 covers the cores a gateway process usually has.
+const DEPOSIT_STRIPES: usize = 4;
+
+/// A ring of slots, each packing a slot's epoch (upper 32 bits) and a
+/// count in thousandths of a retry (lower 32 bits, saturating), so a slot
+/// is claimed for a new epoch and updated in one compare-and-swap.
+#[derive(Debug, Default)]
+struct Ring([AtomicU64; SLOTS]);
+
+impl Ring {
+    /// Adds `delta` thousandths to the slot of `epoch`.
+    fn add(&self, epoch: u32, delta: u32) {
+        let slot = &self.0[epoch as usize % SLOTS];
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let (e, v) = unpack(cur);
+            let base = if e == epoch { v } else { 0 };
+            let next = pack(epoch, base.saturating_add(delta));
+            match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// The sum of the slots live at `epoch` (the window ending there),
+    /// leaving out the slot of `epoch` itself when `skip_current`.
+    fn sum(&self, epoch: u32, skip_current: bool) -> i64 {
+        let mut sum = 0i64;
+        for (i, slot) in self.0.iter().enumerate() {
+            if skip_current && i == epoch as usize % SLOTS {
+                continue;
+            }
+            let (e, v) = unpack(slot.load(Ordering::Acquire));
+            if e <= epoch && epoch - e < SLOTS as u32 {
+                sum += i64::from(v);
+            }
+        }
+        sum
+    }
+}
+
 /// A lock-free retry budget over a sliding window.
 ///
-/// Each slot packs the slot's epoch (upper 32 bits) and its balance in
-/// thousandths of a token (lower 32 bits, signed), so a slot is claimed for
-/// a new epoch and updated in one compare-and-swap. Changing the window
+/// Deposits and withdrawals are kept apart: deposits in per-thread stripes
+/// of slot rings (a request's deposit never contends with another core's),
+/// withdrawals in one ring. A withdrawal succeeds by a compare-and-swap on
+/// the withdrawal ring's current slot after checking deposits + reserve -
+/// withdrawals >= 1; deposits only ever raise the balance, so a deposit
+/// racing the check can only make it conservative, and two withdrawals
+/// racing for the last token serialise on the slot. Changing the window
 /// length re-bases the epochs, which empties the budget once.
 #[derive(Debug)]
 pub struct RetryBudget {
     origin: Instant,
-    slots: [AtomicU64; SLOTS],
+    deposits: [Padded<Ring>; DEPOSIT_STRIPES],
+    withdrawals: Padded<Ring>,
     /// Retry outcomes per slot: epoch (upper 32 bits), retries (16 bits),
     /// successful retries (16 bits), saturating.
     outcomes: [AtomicU64; SLOTS],
@@ -65,12 +118,12 @@ impl Default for RetryBudget {
     }
 }
 
-fn pack(epoch: u32, value: i32) -> u64 {
-    ((epoch as u64) << 32) | (value as u32 as u64)
+fn pack(epoch: u32, value: u32) -> u64 {
+    ((epoch as u64) << 32) | value as u64
 }
 
-fn unpack(word: u64) -> (u32, i32) {
-    ((word >> 32) as u32, word as u32 as i32)
+fn unpack(word: u64) -> (u32, u32) {
+    ((word >> 32) as u32, word as u32)
 }
 
 fn pack_outcomes(epoch: u32, tries: u16, wins: u16) -> u64 {
@@ -86,7 +139,8 @@ impl RetryBudget {
     pub fn new() -> Self {
         RetryBudget {
             origin: Instant::now(),
-            slots: Default::default(),
+            deposits: Default::default(),
+            withdrawals: Default::default(),
             outcomes: Default::default(),
         }
     }
@@ -100,37 +154,12 @@ impl RetryBudget {
         (since / slot + 1).min(u32::MAX as u64) as u32
     }
 
-    /// Adds `delta` thousandths to the current slot.
-    fn add(&self, epoch: u32, delta: i64) {
-        let slot = &self.slots[epoch as usize % SLOTS];
-        let mut cur = slot.load(Ordering::Relaxed);
-        loop {
-            let (e, v) = unpack(cur);
-            let base = if e == epoch { v as i64 } else { 0 };
-            let next = pack(
-                epoch,
-                (base + delta).clamp(i32::MIN as i64, i32::MAX as i64) as i32,
-            );
-            match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    /// Sum of the live slots other than the current one, in thousandths.
-    fn others(&self, epoch: u32) -> i64 {
-        let mut sum = 0i64;
-        for (i, slot) in self.slots.iter().enumerate() {
-            if i == epoch as usize % SLOTS {
-                continue;
-            }
-            let (e, v) = unpack(slot.load(Ordering::Acquire));
-            if e <= epoch && epoch - e < SLOTS as u32 {
-                sum += v as i64;
-            }
-        }
-        sum
+    /// Deposits over the window ending at `epoch`, in thousandths.
+    fn deposited(&self, epoch: u32) -> i64 {
+        self.deposits
+            .iter()
+            .map(|Padded(ring)| ring.sum(epoch, false))
+            .sum()
     }
 
     fn reserve(policy: &BudgetPolicy) -> i64 {
@@ -145,9 +174,10 @@ impl RetryBudget {
     /// Records one request, adding `ratio x scale` of a retry (`scale`
     /// within 0..=1: see [`RetryBudget::scale`]).
     pub fn deposit_scaled(&self, now: Instant, policy: &BudgetPolicy, scale: f64) {
-        let delta = (policy.ratio * scale.clamp(0.0, 1.0) * MILLI as f64).round() as i64;
-        if delta > 0 {
-            self.add(self.epoch(now, policy), delta);
+        let delta = (policy.ratio * scale.clamp(0.0, 1.0) * MILLI as f64).round();
+        if delta >= 1.0 {
+            let Padded(ring) = &self.deposits[stripe::index() % DEPOSIT_STRIPES];
+            ring.add(self.epoch(now, policy), delta.min(u32::MAX as f64) as u32);
         }
     }
 
@@ -214,16 +244,18 @@ impl RetryBudget {
             return true;
         }
         let epoch = self.epoch(now, policy);
-        let reserve = Self::reserve(policy);
-        let slot = &self.slots[epoch as usize % SLOTS];
+        let credit = self.deposited(epoch) + Self::reserve(policy);
+        let Padded(ring) = &self.withdrawals;
+        let earlier = ring.sum(epoch, true);
+        let slot = &ring.0[epoch as usize % SLOTS];
         let mut cur = slot.load(Ordering::Acquire);
         loop {
-            let (e, v) = unpack(cur);
-            let current = if e == epoch { v as i64 } else { 0 };
-            if self.others(epoch) + current + reserve < MILLI {
+            let (e, w) = unpack(cur);
+            let current = if e == epoch { w } else { 0 };
+            if credit - earlier - i64::from(current) < MILLI {
                 return false;
             }
-            let next = pack(epoch, (current - MILLI).max(i32::MIN as i64) as i32);
+            let next = pack(epoch, current.saturating_add(MILLI as u32));
             match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
@@ -234,9 +266,9 @@ impl RetryBudget {
     /// Retries currently available (may be fractional).
     pub fn available(&self, now: Instant, policy: &BudgetPolicy) -> f64 {
         let epoch = self.epoch(now, policy);
-        let (e, v) = unpack(self.slots[epoch as usize % SLOTS].load(Ordering::Acquire));
-        let current = if e == epoch { v as i64 } else { 0 };
-        (self.others(epoch) + current + Self::reserve(policy)) as f64 / MILLI as f64
+        let Padded(withdrawals) = &self.withdrawals;
+        let balance = self.deposited(epoch) + Self::reserve(policy) - withdrawals.sum(epoch, false);
+        balance as f64 / MILLI as f64
     }
 
     /// The length of one slot: the window's granularity.

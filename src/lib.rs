@@ -63,6 +63,7 @@ pub mod policy;
 pub mod pool;
 pub mod reload;
 pub mod stats;
+mod stripe;
 pub mod telemetry;
 pub mod upstream;
 

@@ -31,7 +31,7 @@
 //! snapshot merges the shards.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -103,13 +103,6 @@ pub(crate) struct RouteStats {
     cached_at: AtomicU64,
 }
 
-thread_local! {
-    static PREFERRED: usize = {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
-    };
-}
-
 impl RouteStats {
     pub(crate) fn new() -> Self {
         RouteStats {
@@ -134,7 +127,7 @@ impl RouteStats {
         let epoch = self.epoch(now);
         let micros = (elapsed.as_micros() as u64).clamp(1, MAX_MICROS);
         let result = result_index(cause);
-        let first = PREFERRED.with(|p| *p);
+        let first = crate::stripe::index() % SHARDS;
         let mut guard = None;
         for k in 0..SHARDS {
             if let Ok(g) = self.shards[(first + k) % SHARDS].0.try_lock() {

@@ -16,8 +16,8 @@
 //! Counters are ours too, for the same reason on more than one core: a
 //! counter every request increments is one cache line that the cores pass
 //! back and forth (~100 ns a transfer). Ours, like the histograms, are
-//! striped: each thread writes its own cache line (one of [`STRIPES`]),
-//! and a scrape sums the stripes.
+//! striped (`crate::stripe`): each thread writes its own cache line, and
+//! a scrape sums the stripes.
 //!
 //! Histograms whose name has no retryctl bucket layout (any name outside
 //! [`buckets_for`]) go to the Prometheus recorder unchanged, so metrics an
@@ -34,6 +34,7 @@ use metrics::{
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use super::{ATTEMPTS_BUCKETS, DELAY_BUCKETS, SECONDS_BUCKETS};
+use crate::stripe::{self, Padded, STRIPES};
 
 /// The bucket bounds retryctl uses for a histogram named `name`, if any:
 /// `*retry_delay_seconds` and `*attempts_per_request` have their own,
@@ -48,34 +49,6 @@ pub fn buckets_for(name: &str) -> Option<&'static [f64]> {
     } else {
         None
     }
-}
-
-/// How many cache lines a counter or histogram is striped over: threads
-/// take stripes in turn, so up to this many cores never share a line.
-const STRIPES: usize = 8;
-
-/// A value alone on its cache line pair (the adjacent-line prefetcher
-/// pulls lines in pairs).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Padded<T>(T);
-
-/// This thread's stripe.
-fn stripe() -> usize {
-    use std::cell::Cell;
-    use std::sync::atomic::AtomicUsize;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    STRIPE.with(|s| {
-        let mut i = s.get();
-        if i == usize::MAX {
-            i = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
-            s.set(i);
-        }
-        i
-    })
 }
 
 /// A monotonic counter striped over [`STRIPES`] cache lines.
@@ -94,7 +67,9 @@ impl StripedCounter {
 
 impl CounterFn for StripedCounter {
     fn increment(&self, value: u64) {
-        self.stripes[stripe()].0.fetch_add(value, Ordering::Relaxed);
+        self.stripes[stripe::index()]
+            .0
+            .fetch_add(value, Ordering::Relaxed);
     }
 
     /// Raises the counter to `value` (never lowers it), as Prometheus's
@@ -172,7 +147,7 @@ impl HistogramFn for BucketHistogram {
             return;
         }
         let i = self.bounds.partition_point(|bound| *bound < value);
-        let Padded(stripe) = &self.stripes[stripe()];
+        let Padded(stripe) = &self.stripes[stripe::index()];
         stripe.counts[i].fetch_add(count as u64, Ordering::Relaxed);
         let add = value * count as f64;
         // There is no atomic f64 add; on its own stripe this load and store
