@@ -172,7 +172,7 @@ pub(crate) fn pool_failure(e: &PoolError<AttemptFailure>, redactor: &Redactor) -
                 .iter()
                 .map(|f| {
                     json!({
-                        "provider": &*f.provider,
+                        "provider": f.provider,
                         "round": f.round,
                         "cause": f.verdict.cause.as_str(),
                     })

@@ -169,7 +169,7 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
             tracing::debug!(
                 target: "retryctl::gateway",
                 model = %model,
-                provider = &*served.provider,
+                provider = served.provider,
                 attempts = served.attempts(),
                 rounds = served.rounds(),
                 stream,
@@ -240,7 +240,7 @@ fn respond(
         } => {
             let context = StreamContext {
                 model,
-                provider: provider.clone(),
+                provider,
                 redactor: redactor.clone(),
             };
             let body = stream::relay(head, rest, deadline, context);
@@ -263,7 +263,7 @@ fn respond(
             response
         }
     };
-    if let Ok(name) = HeaderValue::from_str(&provider) {
+    if let Ok(name) = HeaderValue::from_str(provider) {
         response.headers_mut().insert(PROVIDER_HEADER, name);
     }
     errors::with_report(response, &report)

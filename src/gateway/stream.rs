@@ -222,7 +222,7 @@ enum Relay {
 /// What the relay reports when the stream ends early.
 pub(crate) struct StreamContext {
     pub(crate) model: String,
-    pub(crate) provider: std::sync::Arc<str>,
+    pub(crate) provider: &'static str,
     pub(crate) redactor: std::sync::Arc<Redactor>,
 }
 
@@ -257,7 +257,7 @@ impl RelayState {
         tracing::warn!(
             target: "retryctl::gateway",
             model = %self.context.model,
-            provider = &*self.context.provider,
+            provider = self.context.provider,
             bytes = self.sent,
             code,
             error = %cause,

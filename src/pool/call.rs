@@ -176,7 +176,7 @@ impl<P> Pool<P> {
         // One snapshot for the whole request, resolved for this model.
         let active = self.policy.snapshot();
         self.note_version(active.version());
-        let resolved = active.for_model(&m.name);
+        let resolved = active.for_model(m.name);
         let policy = resolved.policy();
         let start = Instant::now();
         let deadline = options
@@ -199,7 +199,7 @@ impl<P> Pool<P> {
         }
         let (order, probe) = order::plan(m.routes.iter().map(|r| &r.health), &m.rr, start);
         let mut req = Request {
-            model: &m.name,
+            model: m.name,
             counted: 0,
             report: Report::default(),
             last: None,
@@ -287,7 +287,7 @@ impl<P> Pool<P> {
                     tracing::info!(
                         target: "retryctl",
                         model = req.model,
-                        provider = &*m.routes[r.index as usize].name,
+                        provider = m.routes[r.index as usize].name,
                         wait_ms = r.wait.as_millis() as u64,
                         p50_ms = p50.as_millis() as u64,
                         "retry skipped: it could not finish before the deadline"
@@ -457,7 +457,7 @@ where
                 tracing::info!(
                     target: "retryctl",
                     model = req.model,
-                    provider = &*route.name,
+                    provider = route.name,
                     probe = was_probe,
                     "provider recovered"
                 );
@@ -492,7 +492,7 @@ where
     route.stats.record(ended, elapsed, Some(verdict.cause));
     route.metrics.attempt(Some(verdict.cause), elapsed);
     req.report.failures.push(FailedAttempt {
-        provider: route.name.clone(),
+        provider: route.name,
         round,
         verdict,
         elapsed,
@@ -500,7 +500,7 @@ where
     tracing::debug!(
         target: "retryctl",
         model = req.model,
-        provider = &*route.name,
+        provider = route.name,
         round,
         cause = verdict.cause.as_str(),
         "attempt failed"
@@ -520,7 +520,7 @@ where
                 tracing::warn!(
                 target: "retryctl",
                 model = req.model,
-                provider = &*route.name,
+                provider = route.name,
                 after = policy.health.demote_after,
                 "provider demoted after consecutive failed requests"
                 )
@@ -528,7 +528,7 @@ where
             HealthEvent::ProbeFailed => tracing::info!(
                 target: "retryctl",
                 model = req.model,
-                provider = &*route.name,
+                provider = route.name,
                 "probe of demoted provider failed"
             ),
             HealthEvent::Unchanged | HealthEvent::Recovered => {}
@@ -558,7 +558,7 @@ fn served<P, T, E>(
     m.metrics.served(r.rounds, r.attempts, r.elapsed, fell_back);
     Served {
         value,
-        provider: m.routes[i as usize].name.clone(),
+        provider: m.routes[i as usize].name,
         fell_back,
         report: req.report,
     }

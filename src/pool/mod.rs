@@ -32,6 +32,7 @@
 //! before the retry it pays for, so every counter stays consistent.
 
 mod call;
+mod names;
 mod order;
 mod outcome;
 
@@ -61,7 +62,7 @@ pub const MAX_PROVIDERS_PER_MODEL: usize = 64;
 /// must not demote the provider for the models it still serves.
 #[derive(Debug)]
 struct Route<P> {
-    name: Arc<str>,
+    name: &'static str,
     provider: P,
     health: ProviderHealth,
     stats: RouteStats,
@@ -70,7 +71,7 @@ struct Route<P> {
 
 #[derive(Debug)]
 struct Model<P> {
-    name: Arc<str>,
+    name: &'static str,
     routes: Box<[Route<P>]>,
     rr: AtomicUsize,
     budget: RetryBudget,
@@ -107,7 +108,7 @@ pub struct Pool<P> {
     /// Model name to index, looked up on every request. foldhash rather
     /// than SipHash: about 5x fewer instructions per lookup, and still
     /// seeded per map, so request-chosen names cannot aim collisions.
-    index: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
+    index: HashMap<&'static str, usize, foldhash::fast::RandomState>,
     policy: LivePolicy,
     unknown_model: metrics::Counter,
     /// The policy version last reported as in force.
@@ -241,15 +242,16 @@ impl<P> PoolBuilder<P> {
                 .into_iter()
                 .map(|(provider_name, provider)| Route {
                     metrics: RouteMetrics::new(&prefix, &name, &provider_name),
-                    name: provider_name,
+                    name: names::intern(&provider_name),
                     provider,
                     health: ProviderHealth::new(),
                     stats: RouteStats::new(),
                 })
                 .collect();
-            index.insert(name.clone(), models.len());
+            let name = names::intern(&name);
+            index.insert(name, models.len());
             models.push(Model {
-                metrics: ModelMetrics::new(&prefix, &name),
+                metrics: ModelMetrics::new(&prefix, name),
                 name,
                 routes,
                 rr: AtomicUsize::new(0),
@@ -273,9 +275,9 @@ impl<P> PoolBuilder<P> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProviderStats {
     /// The model.
-    pub model: Arc<str>,
+    pub model: &'static str,
     /// The provider.
-    pub provider: Arc<str>,
+    pub provider: &'static str,
     /// Its health.
     pub health: HealthSnapshot,
     /// Its attempts over the last [`stats::WINDOW`](crate::stats::WINDOW).
@@ -295,7 +297,7 @@ impl<P> Pool<P> {
 
     /// The configured model names, in the order they were added.
     pub fn models(&self) -> impl Iterator<Item = &str> {
-        self.models.iter().map(|m| &*m.name)
+        self.models.iter().map(|m| m.name)
     }
 
     /// Health and recent statistics of every provider of every model, in
@@ -306,8 +308,8 @@ impl<P> Pool<P> {
             .iter()
             .flat_map(|m| {
                 m.routes.iter().map(move |r| ProviderStats {
-                    model: m.name.clone(),
-                    provider: r.name.clone(),
+                    model: m.name,
+                    provider: r.name,
                     health: r.health.snapshot(now),
                     recent: r.stats.snapshot(now),
                 })

@@ -2,7 +2,6 @@
 //! with the same accounting and the last upstream error.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::classify::Verdict;
@@ -10,8 +9,9 @@ use crate::classify::Verdict;
 /// One failed attempt, as the pool saw it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FailedAttempt {
-    /// The provider's name.
-    pub provider: Arc<str>,
+    /// The provider's name (as configured; interned, so copying it is
+    /// free).
+    pub provider: &'static str,
     /// The round it belonged to (1-based).
     pub round: u32,
     /// How the failure was classified.
@@ -50,8 +50,9 @@ impl Report {
 pub struct Served<T> {
     /// What the operation returned.
     pub value: T,
-    /// The provider that served it.
-    pub provider: Arc<str>,
+    /// The provider that served it (as configured; interned, so copying
+    /// it is free).
+    pub provider: &'static str,
     /// Whether a provider other than the first one tried served it.
     pub fell_back: bool,
     /// Attempts, rounds, failures and time.

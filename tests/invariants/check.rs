@@ -6,7 +6,6 @@
 //! readings the pool and the provider both take, with nothing in between.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use retryctl::{Cause, FailReason, Policy, Report, RetryBudget};
@@ -26,7 +25,7 @@ macro_rules! ensure {
 #[derive(Debug)]
 pub enum Outcome {
     Served {
-        provider: Arc<str>,
+        provider: &'static str,
         value: usize,
         fell_back: bool,
         report: Report,

@@ -130,7 +130,7 @@ async fn demotion_needs_ten_failed_requests_not_five() {
     let demoted = |pool: &Pool<P>| {
         pool.stats()
             .iter()
-            .find(|s| &*s.provider == "a")
+            .find(|s| s.provider == "a")
             .map(|s| (s.health.consecutive_failures, s.health.demoted))
             .unwrap()
     };
@@ -602,7 +602,7 @@ async fn cancelled_calls_leave_health_and_budget_consistent() {
         assert!(!h.demoted);
         // at most once per request, and never more than the attempts seen
         assert!(h.consecutive_failures <= 1000, "{h:?}");
-        let seen = if &*s.provider == "a" {
+        let seen = if s.provider == "a" {
             a.count()
         } else {
             b.count()
