@@ -1,6 +1,7 @@
 //! `Pool::call`: rounds over the providers with exact accounting.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -360,9 +361,10 @@ impl<P> Pool<P> {
 /// Runs `fut` until `deadline`. The timer is armed only if the first poll
 /// does not finish the operation: arming it costs a runtime-handle clone
 /// and a timer-wheel entry, which an operation that completes at once (a
-/// cached answer, a local call) should not pay.
-async fn limited<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, Elapsed> {
-    let mut fut = std::pin::pin!(fut);
+/// cached answer, a local call) should not pay. The future is polled where
+/// the caller pinned it, never moved: an HTTP client's request future is
+/// over a kilobyte, and every move is a `memcpy` on every request.
+async fn limited<F: Future>(deadline: Instant, mut fut: Pin<&mut F>) -> Result<F::Output, Elapsed> {
     let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
     match first {
         Poll::Ready(output) => Ok(output),
@@ -439,7 +441,8 @@ where
         m.metrics.retry();
     }
     let was_probe = req.probe.as_ref().is_some_and(|g| g.index == i);
-    let result = limited(now + limit, op(&route.provider)).await;
+    let fut = std::pin::pin!(op(&route.provider));
+    let result = limited(now + limit, fut).await;
     let (verdict, expired) = match result {
         Ok(Ok(value)) => {
             let ended = Instant::now();
