@@ -9,7 +9,7 @@
 //! its limit, and neither says how long a good answer takes (an adaptive
 //! limit fed with its own cuts would only ever grow).
 //!
-//! Adaptive decisions read [`RouteStats::recent_latency`]: a p50/p99 cached
+//! Adaptive decisions read `RouteStats::recent_latency`: a p50/p99 cached
 //! in atomics and recomputed at most once per [`REFRESH`] by whichever
 //! request finds it stale, so the request path never merges histograms.
 //!
@@ -53,7 +53,7 @@ const RESULTS: usize = 1 + Cause::ALL.len();
 /// How often the cached percentiles are recomputed.
 pub const REFRESH: Duration = Duration::from_secs(1);
 
-/// The window statistics exposes: [`SLOTS`] x [`SLOT`].
+/// The window statistics exposes: 6 slots of 10 s.
 pub const WINDOW: Duration = Duration::from_secs(SLOTS as u64 * SLOT.as_secs());
 
 fn new_histogram() -> Histogram<u32> {

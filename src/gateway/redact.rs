@@ -53,7 +53,7 @@ const IP: &str = "[ip]";
 /// What replaces a URL's authority.
 const HOST: &str = "host-redacted";
 
-/// Redacts known secrets and the [module's patterns](self) from text.
+/// Redacts known secrets and the patterns listed in the module docs from text.
 ///
 /// Built once by the gateway with the API keys it read; cheap to share
 /// behind an `Arc`.
