@@ -148,6 +148,21 @@ pub struct AdaptivePolicy {
     pub budget_min_success: f64,
     /// Retries in the window needed before their success rate is judged.
     pub budget_min_retries: u32,
+    /// Order healthy providers by recent latency instead of plain
+    /// round-robin: the first one is drawn with a probability inversely
+    /// proportional to its recent median (so the faster one is preferred
+    /// and near-equals still share the load), and a persistently slow one
+    /// (see `slow_factor`, `slow_min`) goes behind the others. Not a
+    /// demotion: a slow provider still answers when the others fail. With
+    /// fewer than `min_samples` successes per provider, round-robin.
+    pub latency_order: bool,
+    /// A provider is slow when its recent median exceeds this multiple of
+    /// the fastest healthy provider's (1.0..=100.0)...
+    pub slow_factor: f64,
+    /// ...and exceeds this: a 2 ms provider next to a 0.5 ms one is not
+    /// worth avoiding.
+    #[serde(with = "humantime_serde")]
+    pub slow_min: Duration,
 }
 
 /// Rules for turning a failed attempt into a
@@ -352,6 +367,10 @@ policy_override! {
         budget: bool,
         budget_min_success: f64,
         budget_min_retries: u32,
+        latency_order: bool,
+        slow_factor: f64,
+        #[serde(with = "humantime_serde")]
+        slow_min: Duration,
     }
 }
 
@@ -458,6 +477,9 @@ impl Default for AdaptivePolicy {
             budget: false,
             budget_min_success: 0.2,
             budget_min_retries: 20,
+            latency_order: false,
+            slow_factor: 2.0,
+            slow_min: Duration::from_millis(500),
         }
     }
 }
@@ -813,6 +835,19 @@ impl Policy {
                 "an integer within 1..=1000000",
             ));
         }
+        if !(a.slow_factor.is_finite() && (1.0..=100.0).contains(&a.slow_factor)) {
+            return Err(PolicyError::field(
+                "adaptive.slow_factor",
+                a.slow_factor,
+                "a number within 1.0..=100.0",
+            ));
+        }
+        check_duration(
+            "adaptive.slow_min",
+            a.slow_min,
+            Duration::ZERO,
+            Duration::from_secs(86_400),
+        )?;
         Ok(())
     }
 }

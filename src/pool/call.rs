@@ -8,7 +8,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 use tokio::time::error::Elapsed;
 
-use super::order::{self, ProbeGuard};
+use super::order::ProbeGuard;
 use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
 use super::{Model, Pool};
 use crate::classify::{Cause, Classification, Classify, Verdict};
@@ -197,7 +197,7 @@ impl<P> Pool<P> {
         } else {
             m.budget.deposit(start, &policy.budget);
         }
-        let (order, probe) = order::plan(m.routes.iter().map(|r| &r.health), &m.rr, start);
+        let (order, probe) = m.plan(start, adaptive);
         let mut req = Request {
             model: &m.name,
             counted: 0,

@@ -31,6 +31,7 @@
 //! probe slot is released by a guard, and a budget token is spent just
 //! before the retry it pays for, so every counter stays consistent.
 
+mod adaptive;
 mod call;
 mod order;
 mod outcome;
@@ -75,6 +76,8 @@ struct Model<P> {
     rr: AtomicUsize,
     budget: RetryBudget,
     metrics: ModelMetrics,
+    /// Handles of the adaptive decisions' metrics.
+    adaptive: adaptive::AdaptiveMetrics,
 }
 
 /// Routes requests for each model across its providers, retrying transient
@@ -211,6 +214,7 @@ impl<P> PoolBuilder<P> {
             .unwrap_or(telemetry::DEFAULT_PREFIX)
             .into();
         telemetry::describe(&prefix);
+        adaptive::describe(&prefix);
         if self.models.is_empty() {
             return Err(BuildError::Empty);
         }
@@ -250,6 +254,7 @@ impl<P> PoolBuilder<P> {
             index.insert(name.clone(), models.len());
             models.push(Model {
                 metrics: ModelMetrics::new(&prefix, &name),
+                adaptive: adaptive::AdaptiveMetrics::new(&prefix, &name),
                 name,
                 routes,
                 rr: AtomicUsize::new(0),

@@ -344,3 +344,72 @@ async fn the_policy_in_force_is_an_info_gauge_from_the_start() {
         1.0
     );
 }
+
+/// A pool whose providers answer after the latency they hold.
+fn latency_fixture(
+    providers: &[(&str, Duration)],
+    policy: Policy,
+) -> (PrometheusHandle, Arc<Pool<Duration>>) {
+    let recorder = telemetry::prometheus_builder().unwrap().build_recorder();
+    let handle = recorder.handle();
+    let pool = metrics::with_local_recorder(&recorder, || {
+        let mut b = Pool::builder().policy(LivePolicy::new(policy).unwrap());
+        for (name, took) in providers {
+            b = b.provider("m", name, *took);
+        }
+        b.build().unwrap()
+    });
+    drop(recorder);
+    (handle, Arc::new(pool))
+}
+
+async fn call_after(pool: &Pool<Duration>) -> bool {
+    pool.call("m", |took: &Duration| {
+        let took = *took;
+        async move {
+            tokio::time::sleep(took).await;
+            Ok::<_, io::Error>(())
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(start_paused = true)]
+async fn order_decisions_are_counted_by_label() {
+    let mut policy = fast();
+    policy.adaptive.latency_order = true;
+    let (handle, pool) = latency_fixture(
+        &[
+            ("slow", Duration::from_millis(800)),
+            ("fast", Duration::from_millis(20)),
+        ],
+        policy,
+    );
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let pool = pool.clone();
+        set.spawn(async move { call_after(&pool).await });
+    }
+    while set.join_next().await.is_some() {}
+    tokio::time::advance(retryctl::stats::REFRESH).await;
+    for _ in 0..10 {
+        assert!(call_after(&pool).await);
+    }
+    let m = parse(&handle.render());
+    let decision = |d: &str| {
+        value(
+            &m,
+            "retryctl_order_decisions_total",
+            &[("model", "m"), ("decision", d)],
+        )
+    };
+    assert_eq!(decision("round_robin"), 200.0, "no samples yet");
+    assert_eq!(decision("slow_last"), 10.0);
+    assert_eq!(decision("fastest_first"), 0.0);
+    // the slow provider was moved, not demoted
+    assert_eq!(
+        value(&m, "retryctl_provider_demoted", &[("provider", "slow")]),
+        0.0
+    );
+}

@@ -931,3 +931,103 @@ async fn adaptive_budget_shrinks_in_an_outage_and_keeps_flaky_recoveries() {
     let adaptive = retries_over_ten_seconds(true, flaky).await;
     assert_eq!(fixed, adaptive, "retries that work are not cut");
 }
+
+// ---- latency-aware order ------------------------------------------------------
+
+/// Two providers, `slow` answering in 800 ms and `fast` in 20 ms, both
+/// with 100 recent successes; returns how many of `n` sequential requests
+/// each served, and their total time.
+async fn served_by_slow_and_fast(latency_order: bool, n: usize) -> (usize, usize, Duration) {
+    let mut policy = adaptive_policy(false, false);
+    policy.adaptive.latency_order = latency_order;
+    let slow = Scripted::new("slow", vec![Step::Ok]);
+    let fast = Scripted::new("fast", vec![Step::Ok]);
+    let pool = Arc::new(pool([slow.clone(), fast.clone()], policy));
+    slow.set(vec![Step::After(
+        Duration::from_millis(800),
+        Box::new(Step::Ok),
+    )]);
+    fast.set(vec![Step::After(
+        Duration::from_millis(20),
+        Box::new(Step::Ok),
+    )]);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let pool = pool.clone();
+        set.spawn(async move { call(&pool).await.unwrap() });
+    }
+    while set.join_next().await.is_some() {}
+    tokio::time::advance(retryctl::stats::REFRESH).await;
+    let (before_slow, before_fast) = (slow.count(), fast.count());
+    let start = Instant::now();
+    for _ in 0..n {
+        call(&pool).await.unwrap();
+    }
+    (
+        slow.count() - before_slow,
+        fast.count() - before_fast,
+        Instant::now() - start,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_order_moves_a_persistently_slow_provider_last() {
+    let (slow, fast, took) = served_by_slow_and_fast(true, 100).await;
+    assert_eq!((slow, fast), (0, 100), "800 ms > 2 x 20 ms and > 500 ms");
+    assert_eq!(took, Duration::from_millis(100 * 20));
+    // the fixed rule: round-robin, half the requests wait 800 ms
+    let (slow, fast, took) = served_by_slow_and_fast(false, 100).await;
+    assert_eq!((slow, fast), (50, 50));
+    assert_eq!(took, Duration::from_millis(50 * 800 + 50 * 20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_order_still_falls_back_to_the_slow_provider() {
+    let mut policy = adaptive_policy(false, false);
+    policy.adaptive.latency_order = true;
+    let slow = Scripted::new("slow", vec![Step::Ok]);
+    let fast = Scripted::new("fast", vec![Step::Ok]);
+    let pool = Arc::new(pool([slow.clone(), fast.clone()], policy));
+    slow.set(vec![Step::After(
+        Duration::from_millis(800),
+        Box::new(Step::Ok),
+    )]);
+    fast.set(vec![Step::After(
+        Duration::from_millis(20),
+        Box::new(Step::Ok),
+    )]);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let pool = pool.clone();
+        set.spawn(async move { call(&pool).await.unwrap() });
+    }
+    while set.join_next().await.is_some() {}
+    tokio::time::advance(retryctl::stats::REFRESH).await;
+    fast.set(vec![refused()]);
+    let served = call(&pool).await.unwrap();
+    assert_eq!(
+        (served.value, served.attempts(), served.fell_back),
+        ("slow", 2, true)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_order_without_samples_is_round_robin() {
+    let mut policy = adaptive_policy(false, false);
+    policy.adaptive.latency_order = true;
+    let a = Scripted::new(
+        "a",
+        vec![Step::After(Duration::from_millis(800), Box::new(Step::Ok))],
+    );
+    let b = Scripted::new(
+        "b",
+        vec![Step::After(Duration::from_millis(20), Box::new(Step::Ok))],
+    );
+    let pool = pool([a.clone(), b.clone()], policy);
+    // 10 requests each: below min_samples (50), so the order stays
+    for _ in 0..20 {
+        call(&pool).await.unwrap();
+        tokio::time::advance(retryctl::stats::REFRESH).await;
+    }
+    assert_eq!((a.count(), b.count()), (10, 10));
+}

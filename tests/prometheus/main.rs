@@ -67,6 +67,7 @@ const METRICS: &[&str] = &[
     "retryctl_request_duration_seconds",
     "retryctl_attempts_per_request",
     "retryctl_retry_delay_seconds",
+    "retryctl_order_decisions_total",
 ];
 
 const HISTOGRAMS: &[&str] = &[
