@@ -61,6 +61,7 @@ mod health;
 mod live;
 pub mod policy;
 pub mod pool;
+pub mod recovery;
 pub mod reload;
 pub mod stats;
 pub mod telemetry;
@@ -78,7 +79,8 @@ pub use live::ModelPolicy;
 pub use live::{ActivePolicy, LivePolicy};
 pub use policy::PolicyOverride;
 pub use policy::{
-    AdaptivePolicy, BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, Timeouts,
+    AdaptivePolicy, BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, RetryDelay,
+    Timeouts,
 };
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,

@@ -192,7 +192,7 @@ mod tests {
     fn numbered(n: u32) -> Policy {
         let mut p = Policy {
             max_rounds: 1 + n % 10,
-            delay: Duration::from_millis(u64::from(n)),
+            delay: Duration::from_millis(u64::from(n)).into(),
             ..Policy::default()
         };
         p.budget.min_per_second = n;
@@ -212,7 +212,11 @@ mod tests {
         let big = active.for_model("big");
         assert_eq!(big.policy().max_rounds, 9);
         assert_eq!(big.policy().budget.min_per_second, 1_007);
-        assert_eq!(big.policy().delay, Duration::from_millis(7), "inherited");
+        assert_eq!(
+            big.policy().delay,
+            Duration::from_millis(7).into(),
+            "inherited"
+        );
         assert!(big.policy().models.is_empty());
         assert_eq!(
             big.rules().text("upstream said keyword 7").class,
@@ -273,7 +277,10 @@ mod tests {
             let n = snapshot.policy().budget.min_per_second;
             // Everything read through one snapshot belongs to version n,
             // the resolved override included, however long it is held.
-            assert_eq!(snapshot.policy().delay, Duration::from_millis(u64::from(n)));
+            assert_eq!(
+                snapshot.policy().delay,
+                Duration::from_millis(u64::from(n)).into()
+            );
             let big = snapshot.for_model("big");
             assert_eq!(big.policy().budget.min_per_second, n + 1_000);
             assert_eq!(big.policy().max_rounds, 1 + (n + 1) % 10);

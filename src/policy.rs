@@ -78,9 +78,10 @@ pub struct Policy {
     /// How many rounds over the providers a request may use, the first
     /// included: 1 disables retries, 2 is "one more round" (1..=10).
     pub max_rounds: u32,
-    /// Wait before the first retry round of a transient failure.
-    #[serde(with = "humantime_serde")]
-    pub delay: Duration,
+    /// Wait before the first retry round of a transient failure: a
+    /// duration, or `"auto"` to learn it per provider from how long its
+    /// transient failures lasted (see [`RetryDelay::Auto`]).
+    pub delay: RetryDelay,
     /// Multiplier applied to the wait for each further round (>= 1.0).
     pub backoff: f64,
     /// Upper bound of the (pre-jitter) wait for transient failures.
@@ -163,6 +164,81 @@ pub struct AdaptivePolicy {
     /// worth avoiding.
     #[serde(with = "humantime_serde")]
     pub slow_min: Duration,
+    /// With `delay = "auto"`: the quantile of a provider's recent times to
+    /// recovery used as its retry delay (0.01..=1.0).
+    pub delay_auto_quantile: f64,
+    /// With `delay = "auto"`: the learned delay is at least this...
+    #[serde(with = "humantime_serde")]
+    pub delay_auto_min: Duration,
+    /// ...and at most this (then `backoff` and `max_delay` apply as usual).
+    #[serde(with = "humantime_serde")]
+    pub delay_auto_max: Duration,
+    /// With `delay = "auto"`: the delay of a provider with fewer than
+    /// `delay_auto_min_samples` recorded failures (what `delay` would be).
+    #[serde(with = "humantime_serde")]
+    pub delay_auto_fallback: Duration,
+    /// Transient failures recorded (with the recovery that ended them) in
+    /// the window before a provider's learned delay is used.
+    pub delay_auto_min_samples: u32,
+}
+
+/// The wait before the first retry round of a transient failure.
+///
+/// In TOML, a duration (`"500ms"`) or `"auto"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryDelay {
+    /// The same wait for every provider.
+    Fixed(Duration),
+    /// Per provider, the `adaptive.delay_auto_quantile` of its recent times
+    /// to recovery (from a transient failure to the provider's next
+    /// success), within `adaptive.delay_auto_min..=delay_auto_max`; with too
+    /// few samples, `adaptive.delay_auto_fallback`. A wait shorter than the
+    /// failure retries into it; a longer one makes the client wait for
+    /// nothing: the time the provider actually took to recover is the
+    /// wait that would have worked.
+    Auto,
+}
+
+impl From<Duration> for RetryDelay {
+    fn from(d: Duration) -> Self {
+        RetryDelay::Fixed(d)
+    }
+}
+
+impl fmt::Display for RetryDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RetryDelay::Fixed(d) => write!(f, "{}", humantime::format_duration(*d)),
+            RetryDelay::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl Serialize for RetryDelay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RetryDelay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RetryDelay;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"500ms\", or \"auto\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RetryDelay, E> {
+                if v == "auto" {
+                    return Ok(RetryDelay::Auto);
+                }
+                humantime::parse_duration(v)
+                    .map(RetryDelay::Fixed)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
 }
 
 /// Rules for turning a failed attempt into a
@@ -296,8 +372,7 @@ policy_override! {
     /// (`[models."name"]` in the policy file). Unknown keys are rejected.
     pub struct PolicyOverride for Policy {
         max_rounds: u32,
-        #[serde(with = "humantime_serde")]
-        delay: Duration,
+        delay: RetryDelay,
         backoff: f64,
         #[serde(with = "humantime_serde")]
         max_delay: Duration,
@@ -371,6 +446,14 @@ policy_override! {
         slow_factor: f64,
         #[serde(with = "humantime_serde")]
         slow_min: Duration,
+        delay_auto_quantile: f64,
+        #[serde(with = "humantime_serde")]
+        delay_auto_min: Duration,
+        #[serde(with = "humantime_serde")]
+        delay_auto_max: Duration,
+        #[serde(with = "humantime_serde")]
+        delay_auto_fallback: Duration,
+        delay_auto_min_samples: u32,
     }
 }
 
@@ -389,7 +472,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             max_rounds: 2,
-            delay: Duration::from_millis(500),
+            delay: RetryDelay::Fixed(Duration::from_millis(500)),
             backoff: 2.0,
             max_delay: Duration::from_secs(4),
             jitter: 0.2,
@@ -480,6 +563,11 @@ impl Default for AdaptivePolicy {
             latency_order: false,
             slow_factor: 2.0,
             slow_min: Duration::from_millis(500),
+            delay_auto_quantile: 0.9,
+            delay_auto_min: Duration::from_millis(50),
+            delay_auto_max: Duration::from_secs(4),
+            delay_auto_fallback: Duration::from_millis(500),
+            delay_auto_min_samples: 20,
         }
     }
 }
@@ -589,6 +677,15 @@ impl Policy {
         }
     }
 
+    /// The wait a first transient retry starts from without a learned
+    /// delay: `delay`, or with `delay = "auto"` its fallback.
+    pub fn base_delay(&self) -> Duration {
+        match self.delay {
+            RetryDelay::Fixed(d) => d,
+            RetryDelay::Auto => self.adaptive.delay_auto_fallback,
+        }
+    }
+
     /// Renders the policy as TOML with every field (defaults filled in).
     /// Model overrides are rendered as written: only the fields they set.
     pub fn to_toml(&self) -> String {
@@ -694,7 +791,14 @@ impl Policy {
                 format!("an integer within 1..={MAX_ROUNDS_LIMIT} (1 disables retries)"),
             ));
         }
-        check_duration("delay", self.delay, Duration::ZERO, Duration::from_secs(60))?;
+        if let RetryDelay::Fixed(delay) = self.delay {
+            check_duration("delay", delay, Duration::ZERO, Duration::from_secs(60)).map_err(
+                |e| PolicyError {
+                    allowed: format!("{}, or \"auto\"", e.allowed),
+                    ..e
+                },
+            )?;
+        }
         if !(self.backoff.is_finite() && (1.0..=10.0).contains(&self.backoff)) {
             return Err(PolicyError::field(
                 "backoff",
@@ -705,11 +809,14 @@ impl Policy {
         check_duration(
             "max_delay",
             self.max_delay,
-            self.delay,
+            self.base_delay(),
             Duration::from_secs(300),
         )
         .map_err(|e| PolicyError {
-            allowed: format!("{} and at least `delay`", e.allowed),
+            allowed: format!(
+                "{} and at least `delay` (with \"auto\": `adaptive.delay_auto_fallback`)",
+                e.allowed
+            ),
             ..e
         })?;
         check_fraction("jitter", self.jitter)?;
@@ -848,6 +955,42 @@ impl Policy {
             Duration::ZERO,
             Duration::from_secs(86_400),
         )?;
+        if !(a.delay_auto_quantile.is_finite() && (0.01..=1.0).contains(&a.delay_auto_quantile)) {
+            return Err(PolicyError::field(
+                "adaptive.delay_auto_quantile",
+                a.delay_auto_quantile,
+                "a number within 0.01..=1.0",
+            ));
+        }
+        check_duration(
+            "adaptive.delay_auto_min",
+            a.delay_auto_min,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )?;
+        check_duration(
+            "adaptive.delay_auto_max",
+            a.delay_auto_max,
+            a.delay_auto_min,
+            Duration::from_secs(300),
+        )
+        .map_err(|e| PolicyError {
+            allowed: format!("{} and at least `adaptive.delay_auto_min`", e.allowed),
+            ..e
+        })?;
+        check_duration(
+            "adaptive.delay_auto_fallback",
+            a.delay_auto_fallback,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )?;
+        if !(1..=1_000_000).contains(&a.delay_auto_min_samples) {
+            return Err(PolicyError::field(
+                "adaptive.delay_auto_min_samples",
+                a.delay_auto_min_samples,
+                "an integer within 1..=1000000",
+            ));
+        }
         Ok(())
     }
 }
@@ -1096,8 +1239,38 @@ mod tests {
     #[test]
     fn durations_are_humane() {
         let p = Policy::from_toml("delay = \"250ms\"\n[health]\ncooldown = \"1m\"\n").unwrap();
-        assert_eq!(p.delay, Duration::from_millis(250));
+        assert_eq!(p.delay, RetryDelay::Fixed(Duration::from_millis(250)));
         assert_eq!(p.health.cooldown, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn delay_is_a_duration_or_auto() {
+        let p = Policy::from_toml("delay = \"auto\"\n").unwrap();
+        assert_eq!(p.delay, RetryDelay::Auto);
+        assert_eq!(p.base_delay(), p.adaptive.delay_auto_fallback);
+        assert_eq!(Policy::from_toml(&p.to_toml()).unwrap(), p);
+        assert!(p.to_toml().contains("delay = \"auto\""), "{}", p.to_toml());
+        let o = Policy::from_toml("[models.x]\ndelay = \"auto\"\n").unwrap();
+        assert_eq!(o.resolve("x").delay, RetryDelay::Auto);
+        // anything else is refused with the field, the line and what is allowed
+        let e = Policy::from_toml("max_rounds = 2\ndelay = \"sometimes\"\n").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.location),
+            ("delay", Some((2, 9))),
+            "{e}"
+        );
+        assert!(e.allowed.contains("\"auto\""), "{e}");
+        let e = Policy::from_toml("delay = \"2m\"\n").unwrap_err();
+        assert_eq!(e.field, "delay");
+        assert!(e.allowed.contains("\"auto\""), "{e}");
+        let e = Policy::from_toml("delay = 5\n").unwrap_err();
+        assert_eq!(e.field, "delay");
+        let e = Policy::from_toml("[models.x]\ndelay = \"Auto\"\n").unwrap_err();
+        assert_eq!(e.field, "models.\"x\".delay", "{e}");
+        let e = Policy::from_toml("[adaptive]\ndelay_auto_min = \"2s\"\ndelay_auto_max = \"1s\"\n")
+            .unwrap_err();
+        assert_eq!(e.field, "adaptive.delay_auto_max");
+        assert_eq!(e.location, Some((3, 18)));
     }
 
     #[test]
@@ -1165,7 +1338,7 @@ mod tests {
         let big = p.resolve(BIG);
         assert_eq!((big.max_rounds, big.budget.ratio), (3, 0.5));
         assert_eq!(big.classify.retryable_statuses, vec![408, 425]);
-        assert_eq!(big.delay, Duration::from_millis(250), "inherited");
+        assert_eq!(big.delay, Duration::from_millis(250).into(), "inherited");
         assert_eq!(big.budget.window, p.budget.window, "inherited");
         assert!(big.models.is_empty());
         let other = p.resolve("other");
@@ -1183,7 +1356,7 @@ mod tests {
         let mut p = Policy::default();
         let mut o = PolicyOverride {
             max_rounds: Some(3),
-            delay: Some(Duration::from_millis(100)),
+            delay: Some(Duration::from_millis(100).into()),
             ..PolicyOverride::default()
         };
         o.budget.ratio = Some(0.5);

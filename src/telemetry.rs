@@ -39,6 +39,8 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `retryctl_order_decisions_total` | counter | model, decision |
+//! | `retryctl_retry_delay_decisions_total` | counter | model, source |
+//! | `retryctl_learned_retry_delay_seconds` | gauge | model, provider |
 
 use std::net::SocketAddr;
 use std::time::Duration;

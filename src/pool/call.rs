@@ -94,14 +94,17 @@ fn jittered(wait: Duration, jitter: f64) -> Duration {
 
 /// The waits before retry number `retry` (1-based) of the given providers,
 /// in the order they become due; providers whose Retry-After exceeds the
-/// policy's cap are left out and reported.
+/// policy's cap are left out and reported. `learned` gives a transient
+/// provider's own delay (`delay = "auto"`); without one, transient
+/// providers share one wait.
 fn schedule(
     policy: &Policy,
     retry: u32,
     pending: &[(u8, Classification)],
+    learned: &dyn Fn(u8) -> Option<Duration>,
 ) -> (SmallVec<[Retry; 8]>, Option<Duration>) {
     let transient = jittered(
-        backoff(policy.delay, policy.backoff, retry, policy.max_delay),
+        backoff(policy.base_delay(), policy.backoff, retry, policy.max_delay),
         policy.jitter,
     );
     let mut too_long = None;
@@ -124,7 +127,13 @@ fn schedule(
                 );
                 own.max(retry_after.unwrap_or_default())
             }
-            _ => transient,
+            _ => match learned(index) {
+                Some(base) => jittered(
+                    backoff(base, policy.backoff, retry, policy.max_delay),
+                    policy.jitter,
+                ),
+                None => transient,
+            },
         };
         out.push(Retry { index, wait });
     }
@@ -248,7 +257,8 @@ impl<P> Pool<P> {
             if round >= policy.max_rounds {
                 return Err(fail(m, req, FailReason::RoundsExhausted, start));
             }
-            let (plan, too_long) = schedule(policy, round, &pending);
+            let learned = |i: u8| m.learned_delay(i, policy, round_end);
+            let (plan, too_long) = schedule(policy, round, &pending, &learned);
             if let Some(retry_after) = too_long {
                 m.metrics.skipped(Skip::RetryAfter);
                 stopped = Some(FailReason::RetryAfterTooLong { retry_after });
@@ -449,6 +459,7 @@ where
             let elapsed = ended.saturating_duration_since(now);
             route.stats.record(ended, elapsed, None);
             route.metrics.attempt(None, elapsed);
+            route.record_recovery(policy, ended, None);
             if was_probe {
                 req.probe = None;
             }
@@ -491,6 +502,7 @@ where
     let elapsed = ended.saturating_duration_since(now);
     route.stats.record(ended, elapsed, Some(verdict.cause));
     route.metrics.attempt(Some(verdict.cause), elapsed);
+    route.record_recovery(policy, ended, Some(verdict.class));
     req.report.failures.push(FailedAttempt {
         provider: route.name.clone(),
         round,
@@ -652,7 +664,7 @@ mod tests {
             ),
             (3, Classification::RateLimited { retry_after: None }),
         ];
-        let (plan, too_long) = schedule(&policy, 1, &pending);
+        let (plan, too_long) = schedule(&policy, 1, &pending, &|_| None);
         let got: Vec<_> = plan.iter().map(|r| (r.index, r.wait.as_millis())).collect();
         assert_eq!(got, vec![(1, 500), (3, 1000), (0, 3000)]);
         assert_eq!(too_long, Some(Duration::from_secs(600)));

@@ -67,6 +67,8 @@ struct Route<P> {
     health: ProviderHealth,
     stats: RouteStats,
     metrics: RouteMetrics,
+    /// State and metric handles of the adaptive decisions.
+    adaptive: adaptive::RouteAdaptive,
 }
 
 #[derive(Debug)]
@@ -245,6 +247,7 @@ impl<P> PoolBuilder<P> {
                 .into_iter()
                 .map(|(provider_name, provider)| Route {
                     metrics: RouteMetrics::new(&prefix, &name, &provider_name),
+                    adaptive: adaptive::RouteAdaptive::new(&prefix, &name, &provider_name),
                     name: provider_name,
                     provider,
                     health: ProviderHealth::new(),

@@ -100,7 +100,7 @@ async fn call(pool: &Pool<Arc<Script>>) -> bool {
 
 fn fast() -> Policy {
     Policy {
-        delay: Duration::ZERO,
+        delay: Duration::ZERO.into(),
         ..Policy::default()
     }
 }
@@ -412,4 +412,40 @@ async fn order_decisions_are_counted_by_label() {
         value(&m, "retryctl_provider_demoted", &[("provider", "slow")]),
         0.0
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_delay_sources_and_the_learned_delay_are_exported() {
+    let mut policy = Policy {
+        delay: retryctl::RetryDelay::Auto,
+        jitter: 0.0,
+        ..Policy::default()
+    };
+    policy.budget.enabled = false;
+    // every request: refused, then served after the delay
+    let flaky: Vec<bool> = (0..50).map(|i| i % 2 == 1).collect();
+    let f = fixture(&[("a", Script::new(&flaky))], policy);
+    for _ in 0..25 {
+        assert!(call(&f.pool).await);
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    let m = parse(&f.handle.render());
+    let source = |s: &str| {
+        value(
+            &m,
+            "retryctl_retry_delay_decisions_total",
+            &[("model", "m"), ("source", s)],
+        )
+    };
+    // 20 recoveries (delay_auto_min_samples) before the delay is learned
+    assert_eq!(source("fallback"), 20.0);
+    assert_eq!(source("learned"), 5.0);
+    assert_eq!(source("fixed"), 0.0);
+    // each recovery took the 500 ms fallback wait: that is what is learned
+    let learned = value(
+        &m,
+        "retryctl_learned_retry_delay_seconds",
+        &[("provider", "a")],
+    );
+    assert!((0.5..=0.504).contains(&learned), "{learned}");
 }

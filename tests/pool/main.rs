@@ -400,7 +400,7 @@ async fn retry_after_beyond_the_cap_is_not_waited_for() {
 async fn no_wait_past_the_deadline() {
     let policy = Policy {
         max_rounds: 5,
-        delay: Duration::from_secs(1),
+        delay: Duration::from_secs(1).into(),
         jitter: 0.0,
         ..Policy::default()
     };
@@ -499,7 +499,7 @@ async fn budget_recovers_after_the_window() {
             min_per_second: 1,
             ..BudgetPolicy::default()
         },
-        delay: Duration::ZERO,
+        delay: Duration::ZERO.into(),
         ..Policy::default()
     };
     let a = Scripted::new("a", vec![refused()]);
@@ -896,7 +896,7 @@ async fn adaptive_attempt_timeout_leaves_a_slow_model_alone() {
 /// retries made.
 async fn retries_over_ten_seconds(adaptive_budget: bool, steps: Vec<Step>) -> u32 {
     let mut policy = Policy {
-        delay: Duration::ZERO,
+        delay: Duration::ZERO.into(),
         jitter: 0.0,
         ..Policy::default()
     };
@@ -1030,4 +1030,139 @@ async fn latency_order_without_samples_is_round_robin() {
         tokio::time::advance(retryctl::stats::REFRESH).await;
     }
     assert_eq!((a.count(), b.count()), (10, 10));
+}
+
+// ---- learned retry delay ------------------------------------------------------
+
+/// A provider that refuses connections until a moment, then answers.
+#[derive(Debug)]
+struct Outage {
+    until: std::sync::Mutex<Instant>,
+}
+
+impl Outage {
+    fn new() -> Arc<Self> {
+        Arc::new(Outage {
+            until: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Down from now for `d`.
+    fn down_for(&self, d: Duration) {
+        *self.until.lock().unwrap() = Instant::now() + d;
+    }
+
+    fn attempt(&self) -> impl Future<Output = Result<(), std::io::Error>> + use<> {
+        let down = Instant::now() < *self.until.lock().unwrap();
+        async move {
+            if down {
+                Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn outage_pool(delay: retryctl::RetryDelay) -> (Arc<Outage>, Arc<Pool<Arc<Outage>>>) {
+    let mut policy = Policy {
+        delay,
+        jitter: 0.0,
+        ..Policy::default()
+    };
+    policy.budget.enabled = false;
+    let o = Outage::new();
+    let pool = Pool::builder()
+        .provider(MODEL, "a", o.clone())
+        .policy(LivePolicy::new(policy).unwrap())
+        .build()
+        .unwrap();
+    (o, Arc::new(pool))
+}
+
+/// A 1.5 s outage under a request every 50 ms (2 s of traffic).
+async fn outage_under_load(o: &Arc<Outage>, pool: &Arc<Pool<Arc<Outage>>>) {
+    o.down_for(Duration::from_millis(1500));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let pool = pool.clone();
+        set.spawn(async move {
+            pool.call(MODEL, |p: &Arc<Outage>| p.attempt())
+                .await
+                .is_ok()
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while set.join_next().await.is_some() {}
+    tokio::time::advance(retryctl::stats::REFRESH).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn learned_delay_waits_out_a_recovery_the_fixed_delay_retries_into() {
+    use retryctl::RetryDelay;
+    for auto in [true, false] {
+        let delay = if auto {
+            RetryDelay::Auto
+        } else {
+            RetryDelay::Fixed(Duration::from_millis(500))
+        };
+        let (o, pool) = outage_pool(delay);
+        outage_under_load(&o, &pool).await;
+        // the next outage, one request at its start
+        o.down_for(Duration::from_millis(1500));
+        let start = Instant::now();
+        let result = pool.call(MODEL, |p: &Arc<Outage>| p.attempt()).await;
+        if auto {
+            // p90 of the recoveries seen: the 1.5 s outage (two significant
+            // digits), so the retry lands after it
+            let served = result.unwrap();
+            assert_eq!(served.rounds(), 2);
+            let waited = served.report.waited.as_millis();
+            assert!((1500..=1510).contains(&waited), "{waited}");
+        } else {
+            let err = result.unwrap_err();
+            assert_eq!(err.reason, FailReason::RoundsExhausted);
+            assert_eq!(Instant::now() - start, Duration::from_millis(500));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn learned_delay_without_recoveries_uses_the_fallback() {
+    let (o, pool) = outage_pool(retryctl::RetryDelay::Auto);
+    o.down_for(Duration::from_millis(700));
+    let err = pool
+        .call(MODEL, |p: &Arc<Outage>| p.attempt())
+        .await
+        .unwrap_err();
+    // adaptive.delay_auto_fallback = 500 ms, like the fixed default
+    assert_eq!(err.report.waited, Duration::from_millis(500));
+    assert_eq!(err.reason, FailReason::RoundsExhausted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn learned_delay_is_clamped_to_its_bounds() {
+    use retryctl::RetryDelay;
+    let mut policy = Policy {
+        delay: RetryDelay::Auto,
+        jitter: 0.0,
+        ..Policy::default()
+    };
+    policy.budget.enabled = false;
+    policy.adaptive.delay_auto_max = Duration::from_millis(800);
+    let o = Outage::new();
+    let pool = Arc::new(
+        Pool::builder()
+            .provider(MODEL, "a", o.clone())
+            .policy(LivePolicy::new(policy).unwrap())
+            .build()
+            .unwrap(),
+    );
+    outage_under_load(&o, &pool).await;
+    o.down_for(Duration::from_millis(1500));
+    let err = pool
+        .call(MODEL, |p: &Arc<Outage>| p.attempt())
+        .await
+        .unwrap_err();
+    assert_eq!(err.report.waited, Duration::from_millis(800));
 }

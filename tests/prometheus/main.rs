@@ -68,6 +68,8 @@ const METRICS: &[&str] = &[
     "retryctl_attempts_per_request",
     "retryctl_retry_delay_seconds",
     "retryctl_order_decisions_total",
+    "retryctl_retry_delay_decisions_total",
+    "retryctl_learned_retry_delay_seconds",
 ];
 
 const HISTOGRAMS: &[&str] = &[
