@@ -84,7 +84,7 @@ pub use policy::{
 };
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,
-    ProviderStats, Report, Served,
+    ProviderStats, Report, Served, ShadowCounts,
 };
 pub use reload::{PolicyWatcher, ReloadOptions};
 pub use stats::WindowStats;

@@ -53,6 +53,8 @@ use crate::policy::{Policy, PolicyError};
 pub struct ModelPolicy {
     policy: Policy,
     rules: Rules,
+    /// The `[shadow]` candidate applied on top of `policy`, if any.
+    shadow: Option<Policy>,
 }
 
 impl ModelPolicy {
@@ -66,6 +68,12 @@ impl ModelPolicy {
     /// The compiled classification rules of [`ModelPolicy::policy`].
     pub fn rules(&self) -> &Rules {
         &self.rules
+    }
+
+    /// The shadow candidate (`[shadow]` on top of [`ModelPolicy::policy`]),
+    /// evaluated on every outcome without acting; `None` without one.
+    pub fn shadow(&self) -> Option<&Policy> {
+        self.shadow.as_ref()
     }
 }
 
@@ -96,6 +104,7 @@ impl ActivePolicy {
                     Rules::new(&resolved.classify)
                 };
                 let model = ModelPolicy {
+                    shadow: resolved.shadow_candidate(),
                     policy: resolved,
                     rules,
                 };
@@ -105,7 +114,11 @@ impl ActivePolicy {
         let mut hasher = std::hash::DefaultHasher::new();
         policy.to_toml().hash(&mut hasher);
         Ok(ActivePolicy {
-            base: ModelPolicy { policy, rules },
+            base: ModelPolicy {
+                shadow: policy.shadow_candidate(),
+                policy,
+                rules,
+            },
             models,
             version: hasher.finish(),
         })

@@ -108,6 +108,12 @@ pub struct Policy {
     pub health: HealthPolicy,
     /// Decisions driven by each provider's observed latency.
     pub adaptive: AdaptivePolicy,
+    /// A candidate policy evaluated on every live outcome without acting
+    /// (`[shadow]`): the same keys as a model override, applied on top of
+    /// each model's resolved policy. The pool counts what it would have
+    /// done differently (see [`crate::pool`]'s shadow metrics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<PolicyOverride>,
     /// Per-model overrides, by model name as requests name it. A model
     /// without an entry uses the top-level values.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -483,6 +489,7 @@ impl Default for Policy {
             budget: BudgetPolicy::default(),
             health: HealthPolicy::default(),
             adaptive: AdaptivePolicy::default(),
+            shadow: None,
             models: BTreeMap::new(),
         }
     }
@@ -720,6 +727,7 @@ impl Policy {
             budget,
             health,
             adaptive,
+            shadow,
             models: _,
         } = self;
         Policy {
@@ -735,8 +743,19 @@ impl Policy {
             budget: budget.clone(),
             health: health.clone(),
             adaptive: adaptive.clone(),
+            shadow: shadow.clone(),
             models: BTreeMap::new(),
         }
+    }
+
+    /// The shadow candidate of this (resolved) policy: the policy with the
+    /// `[shadow]` table applied, if there is one.
+    pub fn shadow_candidate(&self) -> Option<Policy> {
+        let o = self.shadow.as_ref()?;
+        let mut candidate = self.without_models();
+        candidate.shadow = None;
+        o.apply_to(&mut candidate);
+        Some(candidate)
     }
 
     /// Checks every value against its allowed range: the top-level values
@@ -748,11 +767,13 @@ impl Policy {
     }
 
     fn check(&self) -> Result<(), Invalid<'_>> {
-        self.validate_values()
-            .map_err(|error| Invalid { model: None, error })?;
+        self.validate_values().map_err(|error| Invalid {
+            scope: Vec::new(),
+            error,
+        })?;
         if self.models.len() > MAX_MODEL_OVERRIDES {
             return Err(Invalid {
-                model: None,
+                scope: Vec::new(),
                 error: PolicyError::field(
                     "models",
                     format!("{} models", self.models.len()),
@@ -761,11 +782,30 @@ impl Policy {
             });
         }
         let base = self.without_models();
+        // The shadow candidate must be valid on top of every policy it is
+        // compared with: the top level and each model's.
+        let shadow_of = |resolved: &Policy, model: Option<&str>| -> Result<(), Invalid<'static>> {
+            let Some(candidate) = resolved.shadow_candidate() else {
+                return Ok(());
+            };
+            candidate.validate_values().map_err(|mut error| {
+                if let Some(model) = model {
+                    error
+                        .allowed
+                        .push_str(&format!(" (with the override of model {model:?})"));
+                }
+                Invalid {
+                    scope: vec!["shadow"],
+                    error,
+                }
+            })
+        };
+        shadow_of(&base, None)?;
         for (name, o) in &self.models {
-            let model = Some(name.as_str());
+            let model = vec!["models", name.as_str()];
             if name.trim().is_empty() || name.len() > 256 {
                 return Err(Invalid {
-                    model,
+                    scope: model,
                     error: PolicyError::field(
                         "",
                         format!("{name:?}"),
@@ -775,9 +815,11 @@ impl Policy {
             }
             let mut resolved = base.clone();
             o.apply_to(&mut resolved);
-            resolved
-                .validate_values()
-                .map_err(|error| Invalid { model, error })?;
+            resolved.validate_values().map_err(|error| Invalid {
+                scope: model,
+                error,
+            })?;
+            shadow_of(&resolved, Some(name))?;
         }
         Ok(())
     }
@@ -1098,43 +1140,39 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// A validation error and the model whose resolved policy failed, if any
-/// (`error.field` is then relative to the model's table).
+/// A validation error and the override whose resulting policy failed, if
+/// any: `scope` is the override table's path (`["models", name]`,
+/// `["shadow"]`, empty for the top level), and `error.field` is relative
+/// to it.
 struct Invalid<'a> {
-    model: Option<&'a str>,
+    scope: Vec<&'a str>,
     error: PolicyError,
 }
 
 impl Invalid<'_> {
     /// The error with the field's full path.
     fn into_error(self) -> PolicyError {
-        match self.model {
-            None => self.error,
-            Some(model) => {
-                let mut segments = vec!["models", model];
-                segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
-                PolicyError {
-                    field: display_path(&segments),
-                    ..self.error
-                }
-            }
+        if self.scope.is_empty() {
+            return self.error;
+        }
+        let mut segments = self.scope;
+        segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
+        PolicyError {
+            field: display_path(&segments),
+            ..self.error
         }
     }
 
-    /// The error with its full path and where the value is written. A
-    /// model's value that its override does not set is inherited: the
-    /// error then points at the override's nearest enclosing table and
-    /// says so.
+    /// The error with its full path and where the value is written. An
+    /// override's value that it does not set is inherited: the error then
+    /// points at the override's nearest enclosing table and says so.
     fn located(self, text: &str) -> PolicyError {
-        let mut segments = Vec::new();
-        if let Some(model) = self.model {
-            segments.extend(["models", model]);
-        }
+        let mut segments = self.scope.clone();
         segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
         let (location, inherited) = match locate(text, &segments) {
             Some(at) => (Some(at), false),
-            None if self.model.is_some() => {
-                let enclosing = (2..segments.len())
+            None if !self.scope.is_empty() => {
+                let enclosing = (self.scope.len()..segments.len())
                     .rev()
                     .find_map(|n| locate(text, segments.get(..n).unwrap_or_default()));
                 (enclosing, true)
@@ -1271,6 +1309,47 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.field, "adaptive.delay_auto_max");
         assert_eq!(e.location, Some((3, 18)));
+    }
+
+    #[test]
+    fn a_shadow_policy_is_an_override_validated_like_one() {
+        let p = Policy::from_toml(
+            "max_rounds = 2\n[shadow]\nmax_rounds = 3\n[shadow.budget]\nratio = 0.5\n",
+        )
+        .unwrap();
+        let c = p.shadow_candidate().unwrap();
+        assert_eq!((c.max_rounds, c.budget.ratio), (3, 0.5));
+        assert_eq!((c.delay, c.shadow.as_ref()), (p.delay, None), "inherited");
+        assert_eq!(Policy::from_toml(&p.to_toml()).unwrap(), p);
+        assert_eq!(Policy::default().shadow_candidate(), None);
+        // a model's resolved policy keeps the shadow, applied on top of it
+        let p =
+            Policy::from_toml("[shadow]\nmax_rounds = 3\n[models.x]\ndelay = \"1s\"\n").unwrap();
+        let c = p.resolve("x").shadow_candidate().unwrap();
+        assert_eq!((c.max_rounds, c.delay), (3, Duration::from_secs(1).into()));
+        // errors name the shadow's path, the line, and what is allowed
+        let e = Policy::from_toml("[shadow]\nmax_rounds = 30\n").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.location),
+            ("shadow.max_rounds", Some((2, 14)))
+        );
+        assert!(e.allowed.contains("1..=10"), "{e}");
+        let e = Policy::from_toml("[shadow]\nmax_round = 3\n").unwrap_err();
+        assert_eq!(e.field, "shadow.max_round");
+        let e = Policy::from_toml("[shadow.budget]\nratio = 2.0\n").unwrap_err();
+        assert_eq!(e.field, "shadow.budget.ratio");
+        // valid alone, invalid with what it inherits: points at [shadow]
+        let e = Policy::from_toml("[shadow]\ndelay = \"5s\"\n").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.location),
+            ("shadow.max_delay", Some((1, 1)))
+        );
+        assert!(e.allowed.contains("inherited"), "{e}");
+        // ...or with a model's override
+        let e = Policy::from_toml("[shadow]\ndelay = \"3s\"\n[models.x]\nmax_delay = \"2s\"\n")
+            .unwrap_err();
+        assert_eq!(e.field, "shadow.max_delay");
+        assert!(e.allowed.contains("model \"x\""), "{e}");
     }
 
     #[test]

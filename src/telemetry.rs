@@ -41,6 +41,8 @@
 //! | `retryctl_order_decisions_total` | counter | model, decision |
 //! | `retryctl_retry_delay_decisions_total` | counter | model, source |
 //! | `retryctl_learned_retry_delay_seconds` | gauge | model, provider |
+//! | `retryctl_shadow_decisions_total` | counter | model, decision |
+//! | `retryctl_shadow_failures_total` | counter | model, effect |
 
 use std::net::SocketAddr;
 use std::time::Duration;

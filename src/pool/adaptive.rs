@@ -11,6 +11,7 @@ use metrics::{Counter, Gauge};
 use tokio::time::Instant;
 
 use super::order::{self, LatencyRule, Order, OrderDecision, ProbeGuard};
+use super::shadow::ShadowRoute;
 use super::{Model, Route};
 use crate::classify::Classification;
 use crate::policy::{AdaptivePolicy, Policy, RetryDelay};
@@ -59,6 +60,8 @@ impl AdaptiveMetrics {
 pub(crate) struct RouteAdaptive {
     recovery: RecoveryStats,
     learned_delay: Gauge,
+    /// The shadow policy's view of this route.
+    pub(super) shadow: ShadowRoute,
 }
 
 impl RouteAdaptive {
@@ -68,6 +71,7 @@ impl RouteAdaptive {
         RouteAdaptive {
             recovery: RecoveryStats::new(),
             learned_delay,
+            shadow: ShadowRoute::default(),
         }
     }
 }

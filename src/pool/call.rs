@@ -10,6 +10,7 @@ use tokio::time::error::Elapsed;
 
 use super::order::ProbeGuard;
 use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
+use super::shadow::{Ended, ShadowCall};
 use super::{Model, Pool};
 use crate::classify::{Cause, Classification, Classify, Verdict};
 use crate::health::HealthEvent;
@@ -53,6 +54,8 @@ struct Request<'a, E> {
     report: Report,
     last: Option<AttemptError<E>>,
     probe: Option<ProbeGuard<'a>>,
+    /// With a `[shadow]` candidate: what it needs when the request ends.
+    shadow: Option<ShadowCall>,
 }
 
 /// How one attempt ended.
@@ -74,7 +77,7 @@ struct Retry {
 }
 
 /// `base x backoff^(retry - 1)`, capped.
-fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
+pub(super) fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
     let scaled = base.as_secs_f64() * factor.powi(retry.saturating_sub(1).min(64) as i32);
     if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
         cap
@@ -213,6 +216,11 @@ impl<P> Pool<P> {
             report: Report::default(),
             last: None,
             probe,
+            shadow: resolved.shadow().map(|_| ShadowCall {
+                active: active.clone(),
+                start,
+                deadline,
+            }),
         };
 
         // Round 1: every provider once, no waiting between them.
@@ -460,6 +468,7 @@ where
             route.stats.record(ended, elapsed, None);
             route.metrics.attempt(None, elapsed);
             route.record_recovery(policy, ended, None);
+            m.resolve_shadow(i, now, None);
             if was_probe {
                 req.probe = None;
             }
@@ -503,6 +512,7 @@ where
     route.stats.record(ended, elapsed, Some(verdict.cause));
     route.metrics.attempt(Some(verdict.cause), elapsed);
     route.record_recovery(policy, ended, Some(verdict.class));
+    m.resolve_shadow(i, now, Some(verdict.class));
     req.report.failures.push(FailedAttempt {
         provider: route.name.clone(),
         round,
@@ -568,6 +578,9 @@ fn served<P, T, E>(
     req.report.elapsed = ended.saturating_duration_since(start);
     let r = &req.report;
     m.metrics.served(r.rounds, r.attempts, r.elapsed, fell_back);
+    if let Some(shadow) = &req.shadow {
+        shadow.observe(m, r, Ended::Served(i));
+    }
     Served {
         value,
         provider: m.routes[i as usize].name.clone(),
@@ -586,6 +599,9 @@ fn fail<P, E: std::fmt::Display>(
     let r = &req.report;
     m.metrics
         .failed(reason.as_str(), r.rounds, r.attempts, r.elapsed);
+    if let Some(shadow) = &req.shadow {
+        shadow.observe(m, r, Ended::Failed(&reason));
+    }
     let level_warn = !matches!(reason, FailReason::Permanent);
     let last = req.last.as_ref().map(|e| e.to_string()).unwrap_or_default();
     if level_warn {

@@ -35,6 +35,7 @@ mod adaptive;
 mod call;
 mod order;
 mod outcome;
+mod shadow;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -51,6 +52,7 @@ use crate::telemetry::{self, ModelMetrics, RouteMetrics};
 
 pub use self::call::CallOptions;
 pub use self::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
+pub use self::shadow::ShadowCounts;
 
 /// The most providers one model may have (per-request state is a 64-bit
 /// set).
@@ -80,6 +82,8 @@ struct Model<P> {
     metrics: ModelMetrics,
     /// Handles of the adaptive decisions' metrics.
     adaptive: adaptive::AdaptiveMetrics,
+    /// What the shadow policy would have done.
+    shadow: shadow::ShadowModel,
 }
 
 /// Routes requests for each model across its providers, retrying transient
@@ -217,6 +221,7 @@ impl<P> PoolBuilder<P> {
             .into();
         telemetry::describe(&prefix);
         adaptive::describe(&prefix);
+        shadow::describe(&prefix);
         if self.models.is_empty() {
             return Err(BuildError::Empty);
         }
@@ -258,6 +263,7 @@ impl<P> PoolBuilder<P> {
             models.push(Model {
                 metrics: ModelMetrics::new(&prefix, &name),
                 adaptive: adaptive::AdaptiveMetrics::new(&prefix, &name),
+                shadow: shadow::ShadowModel::new(&prefix, &name),
                 name,
                 routes,
                 rr: AtomicUsize::new(0),

@@ -449,3 +449,34 @@ async fn retry_delay_sources_and_the_learned_delay_are_exported() {
     );
     assert!((0.5..=0.504).contains(&learned), "{learned}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn shadow_decisions_and_failures_are_exported() {
+    // live: 2 rounds; shadow: 1 round. a: refused then ok (a retry saves
+    // it: the shadow would have caused that failure), then ok.
+    let policy = Policy::from_toml("delay = \"0s\"\n[shadow]\nmax_rounds = 1\n").unwrap();
+    let f = fixture(&[("a", Script::new(&[false, true, true]))], policy);
+    assert!(call(&f.pool).await);
+    assert!(call(&f.pool).await);
+    let m = parse(&f.handle.render());
+    let decision = |d: &str| {
+        value(
+            &m,
+            "retryctl_shadow_decisions_total",
+            &[("model", "m"), ("decision", d)],
+        )
+    };
+    let effect = |e: &str| {
+        value(
+            &m,
+            "retryctl_shadow_failures_total",
+            &[("model", "m"), ("effect", e)],
+        )
+    };
+    assert_eq!((decision("would_not_retry"), decision("agree")), (1.0, 1.0));
+    assert_eq!(
+        (decision("would_retry"), decision("would_demote")),
+        (0.0, 0.0)
+    );
+    assert_eq!((effect("caused"), effect("saved")), (1.0, 0.0));
+}

@@ -1166,3 +1166,117 @@ async fn learned_delay_is_clamped_to_its_bounds() {
         .unwrap_err();
     assert_eq!(err.report.waited, Duration::from_millis(800));
 }
+
+// ---- shadow policy ------------------------------------------------------------
+
+fn with_shadow(live: Policy, shadow: &str) -> Policy {
+    let text = format!("{}\n[shadow]\n{shadow}\n", live.to_toml());
+    Policy::from_toml(&text).unwrap()
+}
+
+fn outage_pool_with(policy: Policy) -> (Arc<Outage>, Pool<Arc<Outage>>) {
+    let o = Outage::new();
+    let pool = Pool::builder()
+        .provider(MODEL, "a", o.clone())
+        .policy(LivePolicy::new(policy).unwrap())
+        .build()
+        .unwrap();
+    (o, pool)
+}
+
+fn no_jitter() -> Policy {
+    Policy {
+        jitter: 0.0,
+        ..Policy::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_with_more_rounds_would_retry_and_saves_what_recovers_in_time() {
+    // live: 2 rounds (0.5 s); shadow: 3 rounds, the third after 1 s more
+    for (outage_ms, saved) in [(1200, 1), (2000, 0)] {
+        let (o, pool) = outage_pool_with(with_shadow(no_jitter(), "max_rounds = 3"));
+        o.down_for(Duration::from_millis(outage_ms));
+        let err = pool
+            .call(MODEL, |p: &Arc<Outage>| p.attempt())
+            .await
+            .unwrap_err();
+        // the shadow does not act: the live policy's two rounds
+        assert_eq!(err.reason, FailReason::RoundsExhausted);
+        assert_eq!((err.report.attempts, err.report.rounds), (2, 2));
+        let c = pool.shadow_counts(MODEL).unwrap();
+        assert_eq!((c.would_retry, c.agree, c.saved), (1, 0, 0));
+        // the shadow's retry would start at 0.5 + 1.0 s; the next live
+        // attempt starting after that decides it
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        let _ = pool.call(MODEL, |p: &Arc<Outage>| p.attempt()).await;
+        let c = pool.shadow_counts(MODEL).unwrap();
+        assert_eq!(
+            (c.saved, c.retried_in_vain),
+            (saved, 1 - saved),
+            "{outage_ms} ms"
+        );
+        assert_eq!(c.caused, 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_with_fewer_rounds_would_cause_the_failure_a_retry_saved() {
+    let a = Scripted::new("a", vec![refused(), Step::Ok, Step::Ok]);
+    let pool = pool([a.clone()], with_shadow(no_jitter(), "max_rounds = 1"));
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.rounds(), 2, "the live policy retried");
+    call(&pool).await.unwrap();
+    let c = pool.shadow_counts(MODEL).unwrap();
+    assert_eq!((c.would_not_retry, c.caused, c.agree), (1, 1, 1));
+    assert_eq!((c.would_retry, c.would_refuse_budget), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_budget_would_refuse_retries_the_live_budget_pays_for() {
+    // a shadow budget of nothing: every retry the live policy makes is one
+    // it would have refused
+    let a = Scripted::new("a", vec![refused(), Step::Ok]);
+    let policy = with_shadow(
+        no_jitter(),
+        "[shadow.budget]\nratio = 0.0\nmin_per_second = 0",
+    );
+    let pool = pool([a.clone()], policy);
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.rounds(), 2);
+    let c = pool.shadow_counts(MODEL).unwrap();
+    assert_eq!((c.would_refuse_budget, c.caused), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_health_would_demote_earlier() {
+    let a = Scripted::new("a", vec![refused()]);
+    let b = Scripted::new("b", vec![Step::Ok]);
+    let mut live = no_jitter();
+    live.max_rounds = 1;
+    let pool = pool(
+        [a.clone(), b.clone()],
+        with_shadow(live, "[shadow.health]\ndemote_after = 3"),
+    );
+    for _ in 0..6 {
+        call(&pool).await.unwrap();
+    }
+    // a failed in 3 of the 6 requests (round-robin: it goes first every
+    // other time): the shadow would demote it, the live policy (10) does not
+    let c = pool.shadow_counts(MODEL).unwrap();
+    assert_eq!(c.would_demote, 1);
+    assert!(pool.stats().iter().all(|s| !s.health.demoted));
+    assert_eq!(c.agree, 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_shadow_nothing_is_counted() {
+    let a = Scripted::new("a", vec![refused(), Step::Ok]);
+    let pool = pool([a.clone()], no_jitter());
+    call(&pool).await.unwrap();
+    assert_eq!(
+        pool.shadow_counts(MODEL),
+        Some(retryctl::ShadowCounts::default())
+    );
+    assert_eq!(pool.shadow_counts("nope"), None);
+}

@@ -70,6 +70,8 @@ const METRICS: &[&str] = &[
     "retryctl_order_decisions_total",
     "retryctl_retry_delay_decisions_total",
     "retryctl_learned_retry_delay_seconds",
+    "retryctl_shadow_decisions_total",
+    "retryctl_shadow_failures_total",
 ];
 
 const HISTOGRAMS: &[&str] = &[
