@@ -61,6 +61,7 @@ mod health;
 mod live;
 pub mod policy;
 pub mod pool;
+pub mod recovery;
 pub mod reload;
 pub mod stats;
 mod stripe;
@@ -79,11 +80,12 @@ pub use live::ModelPolicy;
 pub use live::{ActivePolicy, LivePolicy};
 pub use policy::PolicyOverride;
 pub use policy::{
-    AdaptivePolicy, BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, Timeouts,
+    AdaptivePolicy, BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, RetryDelay,
+    Timeouts,
 };
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,
-    ProviderStats, Report, Served,
+    ProviderStats, Report, Served, ShadowCounts,
 };
 pub use reload::{PolicyWatcher, ReloadOptions};
 pub use stats::WindowStats;

@@ -53,6 +53,8 @@ use crate::policy::{Policy, PolicyError};
 pub struct ModelPolicy {
     policy: Policy,
     rules: Rules,
+    /// The `[shadow]` candidate applied on top of `policy`, if any.
+    shadow: Option<Policy>,
 }
 
 impl ModelPolicy {
@@ -66,6 +68,12 @@ impl ModelPolicy {
     /// The compiled classification rules of [`ModelPolicy::policy`].
     pub fn rules(&self) -> &Rules {
         &self.rules
+    }
+
+    /// The shadow candidate (`[shadow]` on top of [`ModelPolicy::policy`]),
+    /// evaluated on every outcome without acting; `None` without one.
+    pub fn shadow(&self) -> Option<&Policy> {
+        self.shadow.as_ref()
     }
 }
 
@@ -96,6 +104,7 @@ impl ActivePolicy {
                     Rules::new(&resolved.classify)
                 };
                 let model = ModelPolicy {
+                    shadow: resolved.shadow_candidate(),
                     policy: resolved,
                     rules,
                 };
@@ -105,7 +114,11 @@ impl ActivePolicy {
         let mut hasher = std::hash::DefaultHasher::new();
         policy.to_toml().hash(&mut hasher);
         Ok(ActivePolicy {
-            base: ModelPolicy { policy, rules },
+            base: ModelPolicy {
+                shadow: policy.shadow_candidate(),
+                policy,
+                rules,
+            },
             models,
             version: hasher.finish(),
         })
@@ -201,7 +214,7 @@ mod tests {
     fn numbered(n: u32) -> Policy {
         let mut p = Policy {
             max_rounds: 1 + n % 10,
-            delay: Duration::from_millis(u64::from(n)),
+            delay: Duration::from_millis(u64::from(n)).into(),
             ..Policy::default()
         };
         p.budget.min_per_second = n;
@@ -221,7 +234,11 @@ mod tests {
         let big = active.for_model("big");
         assert_eq!(big.policy().max_rounds, 9);
         assert_eq!(big.policy().budget.min_per_second, 1_007);
-        assert_eq!(big.policy().delay, Duration::from_millis(7), "inherited");
+        assert_eq!(
+            big.policy().delay,
+            Duration::from_millis(7).into(),
+            "inherited"
+        );
         assert!(big.policy().models.is_empty());
         assert_eq!(
             big.rules().text("upstream said keyword 7").class,
@@ -282,7 +299,10 @@ mod tests {
             let n = snapshot.policy().budget.min_per_second;
             // Everything read through one snapshot belongs to version n,
             // the resolved override included, however long it is held.
-            assert_eq!(snapshot.policy().delay, Duration::from_millis(u64::from(n)));
+            assert_eq!(
+                snapshot.policy().delay,
+                Duration::from_millis(u64::from(n)).into()
+            );
             let big = snapshot.for_model("big");
             assert_eq!(big.policy().budget.min_per_second, n + 1_000);
             assert_eq!(big.policy().max_rounds, 1 + (n + 1) % 10);

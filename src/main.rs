@@ -66,6 +66,15 @@ struct DemoArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Instead of the production faults: one scenario per adaptive option,
+    /// the fixed policy against the option on the same faults, as a table
+    /// (--seed applies; --json writes the reports).
+    #[arg(long)]
+    compare: bool,
+    /// With --compare: only this scenario (latency_order, learned_delay,
+    /// shadow, deadline_aware, attempt_timeout, budget).
+    #[arg(long, requires = "compare")]
+    scenario: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -147,6 +156,9 @@ fn read_policy(path: &std::path::Path) -> Result<Policy, String> {
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
+    if args.compare {
+        return compare(&args);
+    }
     let policy = match &args.policy {
         Some(path) => match read_policy(path) {
             Ok(p) => p,
@@ -209,6 +221,58 @@ fn demo(args: DemoArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             eprintln!("chart written to {}", path.display());
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+fn compare(args: &DemoArgs) -> ExitCode {
+    use retryctl::demo::compare;
+    let scenarios: Vec<_> = compare::scenarios(args.seed)
+        .into_iter()
+        .filter(|s| args.scenario.as_deref().is_none_or(|name| s.name == name))
+        .collect();
+    if scenarios.is_empty() {
+        let names: Vec<_> = compare::scenarios(args.seed)
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        eprintln!("no such scenario; one of: {}", names.join(", "));
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let mut reports = Vec::new();
+        for s in &scenarios {
+            eprintln!(
+                "{}: {} req/s for {}",
+                s.name,
+                s.rps,
+                humantime::format_duration(s.duration)
+            );
+            match compare::run(s, args.connect_timeout).await {
+                Ok(r) => reports.push(r),
+                Err(e) => {
+                    eprintln!("{}: {e}", s.name);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        println!("{}", compare::table(args.seed, &reports));
+        if let Some(path) = &args.json {
+            let written = serde_json::to_string_pretty(&reports)
+                .map_err(std::io::Error::other)
+                .and_then(|text| std::fs::write(path, text));
+            if let Err(e) = written {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
         }
         ExitCode::SUCCESS
     })

@@ -78,9 +78,10 @@ pub struct Policy {
     /// How many rounds over the providers a request may use, the first
     /// included: 1 disables retries, 2 is "one more round" (1..=10).
     pub max_rounds: u32,
-    /// Wait before the first retry round of a transient failure.
-    #[serde(with = "humantime_serde")]
-    pub delay: Duration,
+    /// Wait before the first retry round of a transient failure: a
+    /// duration, or `"auto"` to learn it per provider from how long its
+    /// transient failures lasted (see [`RetryDelay::Auto`]).
+    pub delay: RetryDelay,
     /// Multiplier applied to the wait for each further round (>= 1.0).
     pub backoff: f64,
     /// Upper bound of the (pre-jitter) wait for transient failures.
@@ -107,6 +108,12 @@ pub struct Policy {
     pub health: HealthPolicy,
     /// Decisions driven by each provider's observed latency.
     pub adaptive: AdaptivePolicy,
+    /// A candidate policy evaluated on every live outcome without acting
+    /// (`[shadow]`): the same keys as a model override, applied on top of
+    /// each model's resolved policy. The pool counts what it would have
+    /// done differently (see [`crate::pool`]'s shadow metrics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<PolicyOverride>,
     /// Per-model overrides, by model name as requests name it. A model
     /// without an entry uses the top-level values.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -148,6 +155,96 @@ pub struct AdaptivePolicy {
     pub budget_min_success: f64,
     /// Retries in the window needed before their success rate is judged.
     pub budget_min_retries: u32,
+    /// Order healthy providers by recent latency instead of plain
+    /// round-robin: the first one is drawn with a probability inversely
+    /// proportional to its recent median (so the faster one is preferred
+    /// and near-equals still share the load), and a persistently slow one
+    /// (see `slow_factor`, `slow_min`) goes behind the others. Not a
+    /// demotion: a slow provider still answers when the others fail. With
+    /// fewer than `min_samples` successes per provider, round-robin.
+    pub latency_order: bool,
+    /// A provider is slow when its recent median exceeds this multiple of
+    /// the fastest healthy provider's (1.0..=100.0)...
+    pub slow_factor: f64,
+    /// ...and exceeds this: a 2 ms provider next to a 0.5 ms one is not
+    /// worth avoiding.
+    #[serde(with = "humantime_serde")]
+    pub slow_min: Duration,
+    /// With `delay = "auto"`: the quantile of a provider's recent times to
+    /// recovery used as its retry delay (0.01..=1.0).
+    pub delay_auto_quantile: f64,
+    /// With `delay = "auto"`: the learned delay is at least this...
+    #[serde(with = "humantime_serde")]
+    pub delay_auto_min: Duration,
+    /// ...and at most this (then `backoff` and `max_delay` apply as usual).
+    #[serde(with = "humantime_serde")]
+    pub delay_auto_max: Duration,
+    /// With `delay = "auto"`: the delay of a provider with fewer than
+    /// `delay_auto_min_samples` recorded failures (what `delay` would be).
+    #[serde(with = "humantime_serde")]
+    pub delay_auto_fallback: Duration,
+    /// Transient failures recorded (with the recovery that ended them) in
+    /// the window before a provider's learned delay is used.
+    pub delay_auto_min_samples: u32,
+}
+
+/// The wait before the first retry round of a transient failure.
+///
+/// In TOML, a duration (`"500ms"`) or `"auto"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryDelay {
+    /// The same wait for every provider.
+    Fixed(Duration),
+    /// Per provider, the `adaptive.delay_auto_quantile` of its recent times
+    /// to recovery (from a transient failure to the provider's next
+    /// success), within `adaptive.delay_auto_min..=delay_auto_max`; with too
+    /// few samples, `adaptive.delay_auto_fallback`. A wait shorter than the
+    /// failure retries into it; a longer one makes the client wait for
+    /// nothing: the time the provider actually took to recover is the
+    /// wait that would have worked.
+    Auto,
+}
+
+impl From<Duration> for RetryDelay {
+    fn from(d: Duration) -> Self {
+        RetryDelay::Fixed(d)
+    }
+}
+
+impl fmt::Display for RetryDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RetryDelay::Fixed(d) => write!(f, "{}", humantime::format_duration(*d)),
+            RetryDelay::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl Serialize for RetryDelay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RetryDelay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RetryDelay;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"500ms\", or \"auto\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RetryDelay, E> {
+                if v == "auto" {
+                    return Ok(RetryDelay::Auto);
+                }
+                humantime::parse_duration(v)
+                    .map(RetryDelay::Fixed)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
 }
 
 /// Rules for turning a failed attempt into a
@@ -281,8 +378,7 @@ policy_override! {
     /// (`[models."name"]` in the policy file). Unknown keys are rejected.
     pub struct PolicyOverride for Policy {
         max_rounds: u32,
-        #[serde(with = "humantime_serde")]
-        delay: Duration,
+        delay: RetryDelay,
         backoff: f64,
         #[serde(with = "humantime_serde")]
         max_delay: Duration,
@@ -352,6 +448,18 @@ policy_override! {
         budget: bool,
         budget_min_success: f64,
         budget_min_retries: u32,
+        latency_order: bool,
+        slow_factor: f64,
+        #[serde(with = "humantime_serde")]
+        slow_min: Duration,
+        delay_auto_quantile: f64,
+        #[serde(with = "humantime_serde")]
+        delay_auto_min: Duration,
+        #[serde(with = "humantime_serde")]
+        delay_auto_max: Duration,
+        #[serde(with = "humantime_serde")]
+        delay_auto_fallback: Duration,
+        delay_auto_min_samples: u32,
     }
 }
 
@@ -370,7 +478,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             max_rounds: 2,
-            delay: Duration::from_millis(500),
+            delay: RetryDelay::Fixed(Duration::from_millis(500)),
             backoff: 2.0,
             max_delay: Duration::from_secs(4),
             jitter: 0.2,
@@ -381,6 +489,7 @@ impl Default for Policy {
             budget: BudgetPolicy::default(),
             health: HealthPolicy::default(),
             adaptive: AdaptivePolicy::default(),
+            shadow: None,
             models: BTreeMap::new(),
         }
     }
@@ -458,6 +567,14 @@ impl Default for AdaptivePolicy {
             budget: false,
             budget_min_success: 0.2,
             budget_min_retries: 20,
+            latency_order: false,
+            slow_factor: 2.0,
+            slow_min: Duration::from_millis(500),
+            delay_auto_quantile: 0.9,
+            delay_auto_min: Duration::from_millis(50),
+            delay_auto_max: Duration::from_secs(4),
+            delay_auto_fallback: Duration::from_millis(500),
+            delay_auto_min_samples: 20,
         }
     }
 }
@@ -567,6 +684,15 @@ impl Policy {
         }
     }
 
+    /// The wait a first transient retry starts from without a learned
+    /// delay: `delay`, or with `delay = "auto"` its fallback.
+    pub fn base_delay(&self) -> Duration {
+        match self.delay {
+            RetryDelay::Fixed(d) => d,
+            RetryDelay::Auto => self.adaptive.delay_auto_fallback,
+        }
+    }
+
     /// Renders the policy as TOML with every field (defaults filled in).
     /// Model overrides are rendered as written: only the fields they set.
     pub fn to_toml(&self) -> String {
@@ -601,6 +727,7 @@ impl Policy {
             budget,
             health,
             adaptive,
+            shadow,
             models: _,
         } = self;
         Policy {
@@ -616,8 +743,19 @@ impl Policy {
             budget: budget.clone(),
             health: health.clone(),
             adaptive: adaptive.clone(),
+            shadow: shadow.clone(),
             models: BTreeMap::new(),
         }
+    }
+
+    /// The shadow candidate of this (resolved) policy: the policy with the
+    /// `[shadow]` table applied, if there is one.
+    pub fn shadow_candidate(&self) -> Option<Policy> {
+        let o = self.shadow.as_ref()?;
+        let mut candidate = self.without_models();
+        candidate.shadow = None;
+        o.apply_to(&mut candidate);
+        Some(candidate)
     }
 
     /// Checks every value against its allowed range: the top-level values
@@ -629,11 +767,13 @@ impl Policy {
     }
 
     fn check(&self) -> Result<(), Invalid<'_>> {
-        self.validate_values()
-            .map_err(|error| Invalid { model: None, error })?;
+        self.validate_values().map_err(|error| Invalid {
+            scope: Vec::new(),
+            error,
+        })?;
         if self.models.len() > MAX_MODEL_OVERRIDES {
             return Err(Invalid {
-                model: None,
+                scope: Vec::new(),
                 error: PolicyError::field(
                     "models",
                     format!("{} models", self.models.len()),
@@ -642,11 +782,30 @@ impl Policy {
             });
         }
         let base = self.without_models();
+        // The shadow candidate must be valid on top of every policy it is
+        // compared with: the top level and each model's.
+        let shadow_of = |resolved: &Policy, model: Option<&str>| -> Result<(), Invalid<'static>> {
+            let Some(candidate) = resolved.shadow_candidate() else {
+                return Ok(());
+            };
+            candidate.validate_values().map_err(|mut error| {
+                if let Some(model) = model {
+                    error
+                        .allowed
+                        .push_str(&format!(" (with the override of model {model:?})"));
+                }
+                Invalid {
+                    scope: vec!["shadow"],
+                    error,
+                }
+            })
+        };
+        shadow_of(&base, None)?;
         for (name, o) in &self.models {
-            let model = Some(name.as_str());
+            let model = vec!["models", name.as_str()];
             if name.trim().is_empty() || name.len() > 256 {
                 return Err(Invalid {
-                    model,
+                    scope: model,
                     error: PolicyError::field(
                         "",
                         format!("{name:?}"),
@@ -656,9 +815,11 @@ impl Policy {
             }
             let mut resolved = base.clone();
             o.apply_to(&mut resolved);
-            resolved
-                .validate_values()
-                .map_err(|error| Invalid { model, error })?;
+            resolved.validate_values().map_err(|error| Invalid {
+                scope: model,
+                error,
+            })?;
+            shadow_of(&resolved, Some(name))?;
         }
         Ok(())
     }
@@ -672,7 +833,14 @@ impl Policy {
                 format!("an integer within 1..={MAX_ROUNDS_LIMIT} (1 disables retries)"),
             ));
         }
-        check_duration("delay", self.delay, Duration::ZERO, Duration::from_secs(60))?;
+        if let RetryDelay::Fixed(delay) = self.delay {
+            check_duration("delay", delay, Duration::ZERO, Duration::from_secs(60)).map_err(
+                |e| PolicyError {
+                    allowed: format!("{}, or \"auto\"", e.allowed),
+                    ..e
+                },
+            )?;
+        }
         if !(self.backoff.is_finite() && (1.0..=10.0).contains(&self.backoff)) {
             return Err(PolicyError::field(
                 "backoff",
@@ -683,11 +851,14 @@ impl Policy {
         check_duration(
             "max_delay",
             self.max_delay,
-            self.delay,
+            self.base_delay(),
             Duration::from_secs(300),
         )
         .map_err(|e| PolicyError {
-            allowed: format!("{} and at least `delay`", e.allowed),
+            allowed: format!(
+                "{} and at least `delay` (with \"auto\": `adaptive.delay_auto_fallback`)",
+                e.allowed
+            ),
             ..e
         })?;
         check_fraction("jitter", self.jitter)?;
@@ -813,6 +984,55 @@ impl Policy {
                 "an integer within 1..=1000000",
             ));
         }
+        if !(a.slow_factor.is_finite() && (1.0..=100.0).contains(&a.slow_factor)) {
+            return Err(PolicyError::field(
+                "adaptive.slow_factor",
+                a.slow_factor,
+                "a number within 1.0..=100.0",
+            ));
+        }
+        check_duration(
+            "adaptive.slow_min",
+            a.slow_min,
+            Duration::ZERO,
+            Duration::from_secs(86_400),
+        )?;
+        if !(a.delay_auto_quantile.is_finite() && (0.01..=1.0).contains(&a.delay_auto_quantile)) {
+            return Err(PolicyError::field(
+                "adaptive.delay_auto_quantile",
+                a.delay_auto_quantile,
+                "a number within 0.01..=1.0",
+            ));
+        }
+        check_duration(
+            "adaptive.delay_auto_min",
+            a.delay_auto_min,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )?;
+        check_duration(
+            "adaptive.delay_auto_max",
+            a.delay_auto_max,
+            a.delay_auto_min,
+            Duration::from_secs(300),
+        )
+        .map_err(|e| PolicyError {
+            allowed: format!("{} and at least `adaptive.delay_auto_min`", e.allowed),
+            ..e
+        })?;
+        check_duration(
+            "adaptive.delay_auto_fallback",
+            a.delay_auto_fallback,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )?;
+        if !(1..=1_000_000).contains(&a.delay_auto_min_samples) {
+            return Err(PolicyError::field(
+                "adaptive.delay_auto_min_samples",
+                a.delay_auto_min_samples,
+                "an integer within 1..=1000000",
+            ));
+        }
         Ok(())
     }
 }
@@ -920,43 +1140,39 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// A validation error and the model whose resolved policy failed, if any
-/// (`error.field` is then relative to the model's table).
+/// A validation error and the override whose resulting policy failed, if
+/// any: `scope` is the override table's path (`["models", name]`,
+/// `["shadow"]`, empty for the top level), and `error.field` is relative
+/// to it.
 struct Invalid<'a> {
-    model: Option<&'a str>,
+    scope: Vec<&'a str>,
     error: PolicyError,
 }
 
 impl Invalid<'_> {
     /// The error with the field's full path.
     fn into_error(self) -> PolicyError {
-        match self.model {
-            None => self.error,
-            Some(model) => {
-                let mut segments = vec!["models", model];
-                segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
-                PolicyError {
-                    field: display_path(&segments),
-                    ..self.error
-                }
-            }
+        if self.scope.is_empty() {
+            return self.error;
+        }
+        let mut segments = self.scope;
+        segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
+        PolicyError {
+            field: display_path(&segments),
+            ..self.error
         }
     }
 
-    /// The error with its full path and where the value is written. A
-    /// model's value that its override does not set is inherited: the
-    /// error then points at the override's nearest enclosing table and
-    /// says so.
+    /// The error with its full path and where the value is written. An
+    /// override's value that it does not set is inherited: the error then
+    /// points at the override's nearest enclosing table and says so.
     fn located(self, text: &str) -> PolicyError {
-        let mut segments = Vec::new();
-        if let Some(model) = self.model {
-            segments.extend(["models", model]);
-        }
+        let mut segments = self.scope.clone();
         segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
         let (location, inherited) = match locate(text, &segments) {
             Some(at) => (Some(at), false),
-            None if self.model.is_some() => {
-                let enclosing = (2..segments.len())
+            None if !self.scope.is_empty() => {
+                let enclosing = (self.scope.len()..segments.len())
                     .rev()
                     .find_map(|n| locate(text, segments.get(..n).unwrap_or_default()));
                 (enclosing, true)
@@ -1061,8 +1277,79 @@ mod tests {
     #[test]
     fn durations_are_humane() {
         let p = Policy::from_toml("delay = \"250ms\"\n[health]\ncooldown = \"1m\"\n").unwrap();
-        assert_eq!(p.delay, Duration::from_millis(250));
+        assert_eq!(p.delay, RetryDelay::Fixed(Duration::from_millis(250)));
         assert_eq!(p.health.cooldown, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn delay_is_a_duration_or_auto() {
+        let p = Policy::from_toml("delay = \"auto\"\n").unwrap();
+        assert_eq!(p.delay, RetryDelay::Auto);
+        assert_eq!(p.base_delay(), p.adaptive.delay_auto_fallback);
+        assert_eq!(Policy::from_toml(&p.to_toml()).unwrap(), p);
+        assert!(p.to_toml().contains("delay = \"auto\""), "{}", p.to_toml());
+        let o = Policy::from_toml("[models.x]\ndelay = \"auto\"\n").unwrap();
+        assert_eq!(o.resolve("x").delay, RetryDelay::Auto);
+        // anything else is refused with the field, the line and what is allowed
+        let e = Policy::from_toml("max_rounds = 2\ndelay = \"sometimes\"\n").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.location),
+            ("delay", Some((2, 9))),
+            "{e}"
+        );
+        assert!(e.allowed.contains("\"auto\""), "{e}");
+        let e = Policy::from_toml("delay = \"2m\"\n").unwrap_err();
+        assert_eq!(e.field, "delay");
+        assert!(e.allowed.contains("\"auto\""), "{e}");
+        let e = Policy::from_toml("delay = 5\n").unwrap_err();
+        assert_eq!(e.field, "delay");
+        let e = Policy::from_toml("[models.x]\ndelay = \"Auto\"\n").unwrap_err();
+        assert_eq!(e.field, "models.\"x\".delay", "{e}");
+        let e = Policy::from_toml("[adaptive]\ndelay_auto_min = \"2s\"\ndelay_auto_max = \"1s\"\n")
+            .unwrap_err();
+        assert_eq!(e.field, "adaptive.delay_auto_max");
+        assert_eq!(e.location, Some((3, 18)));
+    }
+
+    #[test]
+    fn a_shadow_policy_is_an_override_validated_like_one() {
+        let p = Policy::from_toml(
+            "max_rounds = 2\n[shadow]\nmax_rounds = 3\n[shadow.budget]\nratio = 0.5\n",
+        )
+        .unwrap();
+        let c = p.shadow_candidate().unwrap();
+        assert_eq!((c.max_rounds, c.budget.ratio), (3, 0.5));
+        assert_eq!((c.delay, c.shadow.as_ref()), (p.delay, None), "inherited");
+        assert_eq!(Policy::from_toml(&p.to_toml()).unwrap(), p);
+        assert_eq!(Policy::default().shadow_candidate(), None);
+        // a model's resolved policy keeps the shadow, applied on top of it
+        let p =
+            Policy::from_toml("[shadow]\nmax_rounds = 3\n[models.x]\ndelay = \"1s\"\n").unwrap();
+        let c = p.resolve("x").shadow_candidate().unwrap();
+        assert_eq!((c.max_rounds, c.delay), (3, Duration::from_secs(1).into()));
+        // errors name the shadow's path, the line, and what is allowed
+        let e = Policy::from_toml("[shadow]\nmax_rounds = 30\n").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.location),
+            ("shadow.max_rounds", Some((2, 14)))
+        );
+        assert!(e.allowed.contains("1..=10"), "{e}");
+        let e = Policy::from_toml("[shadow]\nmax_round = 3\n").unwrap_err();
+        assert_eq!(e.field, "shadow.max_round");
+        let e = Policy::from_toml("[shadow.budget]\nratio = 2.0\n").unwrap_err();
+        assert_eq!(e.field, "shadow.budget.ratio");
+        // valid alone, invalid with what it inherits: points at [shadow]
+        let e = Policy::from_toml("[shadow]\ndelay = \"5s\"\n").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.location),
+            ("shadow.max_delay", Some((1, 1)))
+        );
+        assert!(e.allowed.contains("inherited"), "{e}");
+        // ...or with a model's override
+        let e = Policy::from_toml("[shadow]\ndelay = \"3s\"\n[models.x]\nmax_delay = \"2s\"\n")
+            .unwrap_err();
+        assert_eq!(e.field, "shadow.max_delay");
+        assert!(e.allowed.contains("model \"x\""), "{e}");
     }
 
     #[test]
@@ -1130,7 +1417,7 @@ mod tests {
         let big = p.resolve(BIG);
         assert_eq!((big.max_rounds, big.budget.ratio), (3, 0.5));
         assert_eq!(big.classify.retryable_statuses, vec![408, 425]);
-        assert_eq!(big.delay, Duration::from_millis(250), "inherited");
+        assert_eq!(big.delay, Duration::from_millis(250).into(), "inherited");
         assert_eq!(big.budget.window, p.budget.window, "inherited");
         assert!(big.models.is_empty());
         let other = p.resolve("other");
@@ -1148,7 +1435,7 @@ mod tests {
         let mut p = Policy::default();
         let mut o = PolicyOverride {
             max_rounds: Some(3),
-            delay: Some(Duration::from_millis(100)),
+            delay: Some(Duration::from_millis(100).into()),
             ..PolicyOverride::default()
         };
         o.budget.ratio = Some(0.5);

@@ -75,7 +75,7 @@ pub fn default_policy() -> Policy {
 /// deposits a whole retry, and the reserve is 10^7 retries.
 pub fn zero_delay_policy() -> Policy {
     Policy {
-        delay: Duration::ZERO,
+        delay: Duration::ZERO.into(),
         jitter: 0.0,
         budget: BudgetPolicy {
             enabled: true,

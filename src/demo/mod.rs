@@ -8,7 +8,11 @@
 //! production was) and a pool under the policy ([`runner`]); the
 //! [`report`] compares them: failures, failures per day at production
 //! volume, amplification, latency, and which faults were absorbed.
+//!
+//! [`compare`] runs one scenario per adaptive option, the fixed policy
+//! against the option on the same faults (`retryctl demo --compare`).
 
+pub mod compare;
 pub mod faults;
 pub mod report;
 pub mod runner;

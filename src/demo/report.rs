@@ -94,7 +94,8 @@ pub struct DemoReport {
     pub timeline: Vec<TimelinePoint>,
 }
 
-fn percentile(samples: &[Sample], q: f64) -> f64 {
+/// The `q` quantile of the samples' latency, in ms.
+pub(crate) fn percentile(samples: &[Sample], q: f64) -> f64 {
     let mut h = match Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3) {
         Ok(h) => h,
         Err(_) => return 0.0,
@@ -109,7 +110,8 @@ fn percentile(samples: &[Sample], q: f64) -> f64 {
     }
 }
 
-fn side(samples: &[Sample]) -> SideReport {
+/// One side's figures.
+pub(crate) fn side(samples: &[Sample]) -> SideReport {
     let n = samples.len() as u64;
     let failures = samples.iter().filter(|s| !s.ok).count() as u64;
     let attempts: u64 = samples.iter().map(|s| u64::from(s.attempts)).sum();

@@ -114,10 +114,11 @@ impl Default for DemoConfig {
     }
 }
 
+/// One upstream of a demo pool.
 #[derive(Clone, Debug)]
-struct Upstream {
-    client: reqwest::Client,
-    url: String,
+pub(crate) struct Upstream {
+    pub(crate) client: reqwest::Client,
+    pub(crate) url: String,
 }
 
 fn build_pool(policy: Policy, url: String, prefix: &str) -> Result<Pool<Upstream>, DemoError> {
@@ -133,7 +134,13 @@ fn build_pool(policy: Policy, url: String, prefix: &str) -> Result<Pool<Upstream
         .build()?)
 }
 
-async fn one(pool: &Pool<Upstream>, id: u64, sent: Duration, deadline: Duration) -> Sample {
+/// Sends request `id` through `pool` and records what happened.
+pub(crate) async fn one(
+    pool: &Pool<Upstream>,
+    id: u64,
+    sent: Duration,
+    deadline: Duration,
+) -> Sample {
     let started = Instant::now();
     let mut attempt = 0u32;
     let result = pool

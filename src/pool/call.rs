@@ -9,8 +9,9 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 use tokio::time::error::Elapsed;
 
-use super::order::{self, ProbeGuard};
+use super::order::ProbeGuard;
 use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
+use super::shadow::{Ended, ShadowCall};
 use super::{Model, Pool};
 use crate::classify::{Cause, Classification, Classify, Verdict};
 use crate::health::HealthEvent;
@@ -54,6 +55,8 @@ struct Request<'a, E> {
     report: Report,
     last: Option<AttemptError<E>>,
     probe: Option<ProbeGuard<'a>>,
+    /// With a `[shadow]` candidate: what it needs when the request ends.
+    shadow: Option<ShadowCall>,
 }
 
 /// How one attempt ended.
@@ -75,7 +78,7 @@ struct Retry {
 }
 
 /// `base x backoff^(retry - 1)`, capped.
-fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
+pub(super) fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
     let scaled = base.as_secs_f64() * factor.powi(retry.saturating_sub(1).min(64) as i32);
     if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
         cap
@@ -95,14 +98,17 @@ fn jittered(wait: Duration, jitter: f64) -> Duration {
 
 /// The waits before retry number `retry` (1-based) of the given providers,
 /// in the order they become due; providers whose Retry-After exceeds the
-/// policy's cap are left out and reported.
+/// policy's cap are left out and reported. `learned` gives a transient
+/// provider's own delay (`delay = "auto"`); without one, transient
+/// providers share one wait.
 fn schedule(
     policy: &Policy,
     retry: u32,
     pending: &[(u8, Classification)],
+    learned: &dyn Fn(u8) -> Option<Duration>,
 ) -> (SmallVec<[Retry; 8]>, Option<Duration>) {
     let transient = jittered(
-        backoff(policy.delay, policy.backoff, retry, policy.max_delay),
+        backoff(policy.base_delay(), policy.backoff, retry, policy.max_delay),
         policy.jitter,
     );
     let mut too_long = None;
@@ -125,7 +131,13 @@ fn schedule(
                 );
                 own.max(retry_after.unwrap_or_default())
             }
-            _ => transient,
+            _ => match learned(index) {
+                Some(base) => jittered(
+                    backoff(base, policy.backoff, retry, policy.max_delay),
+                    policy.jitter,
+                ),
+                None => transient,
+            },
         };
         out.push(Retry { index, wait });
     }
@@ -198,13 +210,18 @@ impl<P> Pool<P> {
         } else {
             m.budget.deposit(start, &policy.budget);
         }
-        let (order, probe) = order::plan(m.routes.iter().map(|r| &r.health), &m.rr, start);
+        let (order, probe) = m.plan(start, adaptive);
         let mut req = Request {
             model: m.name,
             counted: 0,
             report: Report::default(),
             last: None,
             probe,
+            shadow: resolved.shadow().map(|_| ShadowCall {
+                active: active.clone(),
+                start,
+                deadline,
+            }),
         };
 
         // Round 1: every provider once, no waiting between them.
@@ -249,7 +266,8 @@ impl<P> Pool<P> {
             if round >= policy.max_rounds {
                 return Err(fail(m, req, FailReason::RoundsExhausted, start));
             }
-            let (plan, too_long) = schedule(policy, round, &pending);
+            let learned = |i: u8| m.learned_delay(i, policy, round_end);
+            let (plan, too_long) = schedule(policy, round, &pending, &learned);
             if let Some(retry_after) = too_long {
                 m.metrics.skipped(Skip::RetryAfter);
                 stopped = Some(FailReason::RetryAfterTooLong { retry_after });
@@ -452,6 +470,8 @@ where
             let elapsed = ended.saturating_duration_since(now);
             route.stats.record(ended, elapsed, None);
             route.metrics.attempt(None, elapsed);
+            route.record_recovery(policy, ended, None);
+            m.resolve_shadow(i, now, None);
             if was_probe {
                 req.probe = None;
             }
@@ -494,6 +514,8 @@ where
     let elapsed = ended.saturating_duration_since(now);
     route.stats.record(ended, elapsed, Some(verdict.cause));
     route.metrics.attempt(Some(verdict.cause), elapsed);
+    route.record_recovery(policy, ended, Some(verdict.class));
+    m.resolve_shadow(i, now, Some(verdict.class));
     req.report.failures.push(FailedAttempt {
         provider: route.name,
         round,
@@ -559,6 +581,9 @@ fn served<P, T, E>(
     req.report.elapsed = ended.saturating_duration_since(start);
     let r = &req.report;
     m.metrics.served(r.rounds, r.attempts, r.elapsed, fell_back);
+    if let Some(shadow) = &req.shadow {
+        shadow.observe(m, r, Ended::Served(i));
+    }
     Served {
         value,
         provider: m.routes[i as usize].name,
@@ -577,6 +602,9 @@ fn fail<P, E: std::fmt::Display>(
     let r = &req.report;
     m.metrics
         .failed(reason.as_str(), r.rounds, r.attempts, r.elapsed);
+    if let Some(shadow) = &req.shadow {
+        shadow.observe(m, r, Ended::Failed(&reason));
+    }
     let level_warn = !matches!(reason, FailReason::Permanent);
     let last = req.last.as_ref().map(|e| e.to_string()).unwrap_or_default();
     if level_warn {
@@ -655,7 +683,7 @@ mod tests {
             ),
             (3, Classification::RateLimited { retry_after: None }),
         ];
-        let (plan, too_long) = schedule(&policy, 1, &pending);
+        let (plan, too_long) = schedule(&policy, 1, &pending, &|_| None);
         let got: Vec<_> = plan.iter().map(|r| (r.index, r.wait.as_millis())).collect();
         assert_eq!(got, vec![(1, 500), (3, 1000), (0, 3000)]);
         assert_eq!(too_long, Some(Duration::from_secs(600)));

@@ -31,10 +31,12 @@
 //! probe slot is released by a guard, and a budget token is spent just
 //! before the retry it pays for, so every counter stays consistent.
 
+mod adaptive;
 mod call;
 mod names;
 mod order;
 mod outcome;
+mod shadow;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -51,6 +53,7 @@ use crate::telemetry::{self, ModelMetrics, RouteMetrics};
 
 pub use self::call::CallOptions;
 pub use self::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
+pub use self::shadow::ShadowCounts;
 
 /// The most providers one model may have (per-request state is a 64-bit
 /// set).
@@ -67,6 +70,8 @@ struct Route<P> {
     health: ProviderHealth,
     stats: RouteStats,
     metrics: RouteMetrics,
+    /// State and metric handles of the adaptive decisions.
+    adaptive: adaptive::RouteAdaptive,
 }
 
 #[derive(Debug)]
@@ -76,6 +81,10 @@ struct Model<P> {
     rr: AtomicUsize,
     budget: RetryBudget,
     metrics: ModelMetrics,
+    /// Handles of the adaptive decisions' metrics.
+    adaptive: adaptive::AdaptiveMetrics,
+    /// What the shadow policy would have done.
+    shadow: shadow::ShadowModel,
 }
 
 /// Routes requests for each model across its providers, retrying transient
@@ -212,6 +221,8 @@ impl<P> PoolBuilder<P> {
             .unwrap_or(telemetry::DEFAULT_PREFIX)
             .into();
         telemetry::describe(&prefix);
+        adaptive::describe(&prefix);
+        shadow::describe(&prefix);
         if self.models.is_empty() {
             return Err(BuildError::Empty);
         }
@@ -242,6 +253,7 @@ impl<P> PoolBuilder<P> {
                 .into_iter()
                 .map(|(provider_name, provider)| Route {
                     metrics: RouteMetrics::new(&prefix, &name, &provider_name),
+                    adaptive: adaptive::RouteAdaptive::new(&prefix, &name, &provider_name),
                     name: names::intern(&provider_name),
                     provider,
                     health: ProviderHealth::new(),
@@ -252,6 +264,8 @@ impl<P> PoolBuilder<P> {
             index.insert(name, models.len());
             models.push(Model {
                 metrics: ModelMetrics::new(&prefix, name),
+                adaptive: adaptive::AdaptiveMetrics::new(&prefix, name),
+                shadow: shadow::ShadowModel::new(&prefix, name),
                 name,
                 routes,
                 rr: AtomicUsize::new(0),

@@ -35,6 +35,17 @@
 //! | `retryctl_request_duration_seconds` | histogram | model |
 //! | `retryctl_attempts_per_request` | histogram | model |
 //! | `retryctl_retry_delay_seconds` | histogram | model |
+//!
+//! The adaptive decisions' metrics are resolved by the pool
+//! (`pool/adaptive.rs`), next to the decisions they label:
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `retryctl_order_decisions_total` | counter | model, decision |
+//! | `retryctl_retry_delay_decisions_total` | counter | model, source |
+//! | `retryctl_learned_retry_delay_seconds` | gauge | model, provider |
+//! | `retryctl_shadow_decisions_total` | counter | model, decision |
+//! | `retryctl_shadow_failures_total` | counter | model, effect |
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -274,3 +274,62 @@ fn report_renders_json_and_svg() {
     assert!(text.contains("retryctl") && text.contains("baseline"));
     assert!(report.table().contains("failure reduction"));
 }
+
+// ---- demo --compare: each adaptive option against the fixed rule -------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_adaptive_option_wins_its_scenario_on_real_sockets() {
+    use retryctl::demo::compare::{self, ScenarioReport};
+    let _serial = SERIAL.lock().await;
+    let mut all = compare::scenarios(1);
+    // shorter than `retryctl demo --compare`, same faults
+    let mut run = async |name: &str, secs: u64| -> ScenarioReport {
+        let i = all.iter().position(|s| s.name == name).unwrap();
+        let s = &mut all[i];
+        s.duration = Duration::from_secs(secs);
+        compare::run(s, Duration::from_millis(250)).await.unwrap()
+    };
+
+    // latency order: the 800 ms provider goes last once measured
+    let r = run("latency_order", 6).await;
+    assert_eq!((r.fixed.failures, r.adaptive.failures), (0, 0));
+    // round-robin: half the answers take 800 ms; measured (after a second
+    // or two of round-robin), almost none
+    assert!(r.mean_ms.0 > 350.0, "{:?}", r.mean_ms);
+    assert!(r.mean_ms.1 < r.mean_ms.0 / 2.0, "{:?}", r.mean_ms);
+    assert!(r.adaptive_wins());
+
+    // learned delay: the second 1.5 s outage is waited out
+    let r = run("learned_delay", 8).await;
+    assert!(
+        r.adaptive.failures + 20 < r.fixed.failures,
+        "{} vs {}",
+        r.adaptive.failures,
+        r.fixed.failures
+    );
+
+    // shadow: counted on the live side, checked against the candidate run
+    let r = run("shadow", 6).await;
+    let e = r.shadow.expect("shadow counts");
+    assert!(e.would_retry > 0 && e.saved > 0, "{e:?}");
+    assert!(r.adaptive.failures < r.fixed.failures);
+    assert!(e.predicted_failures < r.fixed.failures, "{e:?}");
+
+    // deadline-aware: the retries the deadline would cut are not made
+    let r = run("deadline_aware", 4).await;
+    assert!(r.adaptive.attempts < r.fixed.attempts, "{r:?}");
+    assert!(r.adaptive.failures <= r.fixed.failures + 2, "{r:?}");
+
+    // adaptive attempt timeout: stalls are cut and retried
+    let r = run("attempt_timeout", 4).await;
+    assert!(r.adaptive.failures * 2 < r.fixed.failures, "{r:?}");
+
+    // adaptive budget: fewer retries into a closed port
+    let r = run("budget", 6).await;
+    assert!(r.adaptive.attempts < r.fixed.attempts, "{r:?}");
+    let table = compare::table(1, std::slice::from_ref(&r));
+    assert!(
+        table.contains("budget") && table.contains("verdict"),
+        "{table}"
+    );
+}

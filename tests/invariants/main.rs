@@ -65,7 +65,7 @@ impl PolicySpec {
     fn policy(&self) -> Policy {
         Policy {
             max_rounds: self.max_rounds,
-            delay: ms(self.delay_ms),
+            delay: ms(self.delay_ms).into(),
             backoff: self.backoff,
             max_delay: ms(4000),
             jitter: self.jitter,

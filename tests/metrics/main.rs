@@ -100,7 +100,7 @@ async fn call(pool: &Pool<Arc<Script>>) -> bool {
 
 fn fast() -> Policy {
     Policy {
-        delay: Duration::ZERO,
+        delay: Duration::ZERO.into(),
         ..Policy::default()
     }
 }
@@ -343,4 +343,140 @@ async fn the_policy_in_force_is_an_info_gauge_from_the_start() {
         ),
         1.0
     );
+}
+
+/// A pool whose providers answer after the latency they hold.
+fn latency_fixture(
+    providers: &[(&str, Duration)],
+    policy: Policy,
+) -> (MetricsHandle, Arc<Pool<Duration>>) {
+    let recorder = telemetry::Recorder::new();
+    let handle = recorder.handle();
+    let pool = metrics::with_local_recorder(&recorder, || {
+        let mut b = Pool::builder().policy(LivePolicy::new(policy).unwrap());
+        for (name, took) in providers {
+            b = b.provider("m", name, *took);
+        }
+        b.build().unwrap()
+    });
+    drop(recorder);
+    (handle, Arc::new(pool))
+}
+
+async fn call_after(pool: &Pool<Duration>) -> bool {
+    pool.call("m", |took: &Duration| {
+        let took = *took;
+        async move {
+            tokio::time::sleep(took).await;
+            Ok::<_, io::Error>(())
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(start_paused = true)]
+async fn order_decisions_are_counted_by_label() {
+    let mut policy = fast();
+    policy.adaptive.latency_order = true;
+    let (handle, pool) = latency_fixture(
+        &[
+            ("slow", Duration::from_millis(800)),
+            ("fast", Duration::from_millis(20)),
+        ],
+        policy,
+    );
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let pool = pool.clone();
+        set.spawn(async move { call_after(&pool).await });
+    }
+    while set.join_next().await.is_some() {}
+    tokio::time::advance(retryctl::stats::REFRESH).await;
+    for _ in 0..10 {
+        assert!(call_after(&pool).await);
+    }
+    let m = parse(&handle.render());
+    let decision = |d: &str| {
+        value(
+            &m,
+            "retryctl_order_decisions_total",
+            &[("model", "m"), ("decision", d)],
+        )
+    };
+    assert_eq!(decision("round_robin"), 200.0, "no samples yet");
+    assert_eq!(decision("slow_last"), 10.0);
+    assert_eq!(decision("fastest_first"), 0.0);
+    // the slow provider was moved, not demoted
+    assert_eq!(
+        value(&m, "retryctl_provider_demoted", &[("provider", "slow")]),
+        0.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_delay_sources_and_the_learned_delay_are_exported() {
+    let mut policy = Policy {
+        delay: retryctl::RetryDelay::Auto,
+        jitter: 0.0,
+        ..Policy::default()
+    };
+    policy.budget.enabled = false;
+    // every request: refused, then served after the delay
+    let flaky: Vec<bool> = (0..50).map(|i| i % 2 == 1).collect();
+    let f = fixture(&[("a", Script::new(&flaky))], policy);
+    for _ in 0..25 {
+        assert!(call(&f.pool).await);
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    let m = parse(&f.handle.render());
+    let source = |s: &str| {
+        value(
+            &m,
+            "retryctl_retry_delay_decisions_total",
+            &[("model", "m"), ("source", s)],
+        )
+    };
+    // 20 recoveries (delay_auto_min_samples) before the delay is learned
+    assert_eq!(source("fallback"), 20.0);
+    assert_eq!(source("learned"), 5.0);
+    assert_eq!(source("fixed"), 0.0);
+    // each recovery took the 500 ms fallback wait: that is what is learned
+    let learned = value(
+        &m,
+        "retryctl_learned_retry_delay_seconds",
+        &[("provider", "a")],
+    );
+    assert!((0.5..=0.504).contains(&learned), "{learned}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_decisions_and_failures_are_exported() {
+    // live: 2 rounds; shadow: 1 round. a: refused then ok (a retry saves
+    // it: the shadow would have caused that failure), then ok.
+    let policy = Policy::from_toml("delay = \"0s\"\n[shadow]\nmax_rounds = 1\n").unwrap();
+    let f = fixture(&[("a", Script::new(&[false, true, true]))], policy);
+    assert!(call(&f.pool).await);
+    assert!(call(&f.pool).await);
+    let m = parse(&f.handle.render());
+    let decision = |d: &str| {
+        value(
+            &m,
+            "retryctl_shadow_decisions_total",
+            &[("model", "m"), ("decision", d)],
+        )
+    };
+    let effect = |e: &str| {
+        value(
+            &m,
+            "retryctl_shadow_failures_total",
+            &[("model", "m"), ("effect", e)],
+        )
+    };
+    assert_eq!((decision("would_not_retry"), decision("agree")), (1.0, 1.0));
+    assert_eq!(
+        (decision("would_retry"), decision("would_demote")),
+        (0.0, 0.0)
+    );
+    assert_eq!((effect("caused"), effect("saved")), (1.0, 0.0));
 }

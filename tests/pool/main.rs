@@ -400,7 +400,7 @@ async fn retry_after_beyond_the_cap_is_not_waited_for() {
 async fn no_wait_past_the_deadline() {
     let policy = Policy {
         max_rounds: 5,
-        delay: Duration::from_secs(1),
+        delay: Duration::from_secs(1).into(),
         jitter: 0.0,
         ..Policy::default()
     };
@@ -499,7 +499,7 @@ async fn budget_recovers_after_the_window() {
             min_per_second: 1,
             ..BudgetPolicy::default()
         },
-        delay: Duration::ZERO,
+        delay: Duration::ZERO.into(),
         ..Policy::default()
     };
     let a = Scripted::new("a", vec![refused()]);
@@ -896,7 +896,7 @@ async fn adaptive_attempt_timeout_leaves_a_slow_model_alone() {
 /// retries made.
 async fn retries_over_ten_seconds(adaptive_budget: bool, steps: Vec<Step>) -> u32 {
     let mut policy = Policy {
-        delay: Duration::ZERO,
+        delay: Duration::ZERO.into(),
         jitter: 0.0,
         ..Policy::default()
     };
@@ -930,4 +930,353 @@ async fn adaptive_budget_shrinks_in_an_outage_and_keeps_flaky_recoveries() {
     let fixed = retries_over_ten_seconds(false, flaky.clone()).await;
     let adaptive = retries_over_ten_seconds(true, flaky).await;
     assert_eq!(fixed, adaptive, "retries that work are not cut");
+}
+
+// ---- latency-aware order ------------------------------------------------------
+
+/// Two providers, `slow` answering in 800 ms and `fast` in 20 ms, both
+/// with 100 recent successes; returns how many of `n` sequential requests
+/// each served, and their total time.
+async fn served_by_slow_and_fast(latency_order: bool, n: usize) -> (usize, usize, Duration) {
+    let mut policy = adaptive_policy(false, false);
+    policy.adaptive.latency_order = latency_order;
+    let slow = Scripted::new("slow", vec![Step::Ok]);
+    let fast = Scripted::new("fast", vec![Step::Ok]);
+    let pool = Arc::new(pool([slow.clone(), fast.clone()], policy));
+    slow.set(vec![Step::After(
+        Duration::from_millis(800),
+        Box::new(Step::Ok),
+    )]);
+    fast.set(vec![Step::After(
+        Duration::from_millis(20),
+        Box::new(Step::Ok),
+    )]);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let pool = pool.clone();
+        set.spawn(async move { call(&pool).await.unwrap() });
+    }
+    while set.join_next().await.is_some() {}
+    tokio::time::advance(retryctl::stats::REFRESH).await;
+    let (before_slow, before_fast) = (slow.count(), fast.count());
+    let start = Instant::now();
+    for _ in 0..n {
+        call(&pool).await.unwrap();
+    }
+    (
+        slow.count() - before_slow,
+        fast.count() - before_fast,
+        Instant::now() - start,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_order_moves_a_persistently_slow_provider_last() {
+    let (slow, fast, took) = served_by_slow_and_fast(true, 100).await;
+    assert_eq!((slow, fast), (0, 100), "800 ms > 2 x 20 ms and > 500 ms");
+    assert_eq!(took, Duration::from_millis(100 * 20));
+    // the fixed rule: round-robin, half the requests wait 800 ms
+    let (slow, fast, took) = served_by_slow_and_fast(false, 100).await;
+    assert_eq!((slow, fast), (50, 50));
+    assert_eq!(took, Duration::from_millis(50 * 800 + 50 * 20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_order_still_falls_back_to_the_slow_provider() {
+    let mut policy = adaptive_policy(false, false);
+    policy.adaptive.latency_order = true;
+    let slow = Scripted::new("slow", vec![Step::Ok]);
+    let fast = Scripted::new("fast", vec![Step::Ok]);
+    let pool = Arc::new(pool([slow.clone(), fast.clone()], policy));
+    slow.set(vec![Step::After(
+        Duration::from_millis(800),
+        Box::new(Step::Ok),
+    )]);
+    fast.set(vec![Step::After(
+        Duration::from_millis(20),
+        Box::new(Step::Ok),
+    )]);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let pool = pool.clone();
+        set.spawn(async move { call(&pool).await.unwrap() });
+    }
+    while set.join_next().await.is_some() {}
+    tokio::time::advance(retryctl::stats::REFRESH).await;
+    fast.set(vec![refused()]);
+    let served = call(&pool).await.unwrap();
+    assert_eq!(
+        (served.value, served.attempts(), served.fell_back),
+        ("slow", 2, true)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_order_without_samples_is_round_robin() {
+    let mut policy = adaptive_policy(false, false);
+    policy.adaptive.latency_order = true;
+    let a = Scripted::new(
+        "a",
+        vec![Step::After(Duration::from_millis(800), Box::new(Step::Ok))],
+    );
+    let b = Scripted::new(
+        "b",
+        vec![Step::After(Duration::from_millis(20), Box::new(Step::Ok))],
+    );
+    let pool = pool([a.clone(), b.clone()], policy);
+    // 10 requests each: below min_samples (50), so the order stays
+    for _ in 0..20 {
+        call(&pool).await.unwrap();
+        tokio::time::advance(retryctl::stats::REFRESH).await;
+    }
+    assert_eq!((a.count(), b.count()), (10, 10));
+}
+
+// ---- learned retry delay ------------------------------------------------------
+
+/// A provider that refuses connections until a moment, then answers.
+#[derive(Debug)]
+struct Outage {
+    until: std::sync::Mutex<Instant>,
+}
+
+impl Outage {
+    fn new() -> Arc<Self> {
+        Arc::new(Outage {
+            until: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Down from now for `d`.
+    fn down_for(&self, d: Duration) {
+        *self.until.lock().unwrap() = Instant::now() + d;
+    }
+
+    fn attempt(&self) -> impl Future<Output = Result<(), std::io::Error>> + use<> {
+        let down = Instant::now() < *self.until.lock().unwrap();
+        async move {
+            if down {
+                Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn outage_pool(delay: retryctl::RetryDelay) -> (Arc<Outage>, Arc<Pool<Arc<Outage>>>) {
+    let mut policy = Policy {
+        delay,
+        jitter: 0.0,
+        ..Policy::default()
+    };
+    policy.budget.enabled = false;
+    let o = Outage::new();
+    let pool = Pool::builder()
+        .provider(MODEL, "a", o.clone())
+        .policy(LivePolicy::new(policy).unwrap())
+        .build()
+        .unwrap();
+    (o, Arc::new(pool))
+}
+
+/// A 1.5 s outage under a request every 50 ms (2 s of traffic).
+async fn outage_under_load(o: &Arc<Outage>, pool: &Arc<Pool<Arc<Outage>>>) {
+    o.down_for(Duration::from_millis(1500));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let pool = pool.clone();
+        set.spawn(async move {
+            pool.call(MODEL, |p: &Arc<Outage>| p.attempt())
+                .await
+                .is_ok()
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while set.join_next().await.is_some() {}
+    tokio::time::advance(retryctl::stats::REFRESH).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn learned_delay_waits_out_a_recovery_the_fixed_delay_retries_into() {
+    use retryctl::RetryDelay;
+    for auto in [true, false] {
+        let delay = if auto {
+            RetryDelay::Auto
+        } else {
+            RetryDelay::Fixed(Duration::from_millis(500))
+        };
+        let (o, pool) = outage_pool(delay);
+        outage_under_load(&o, &pool).await;
+        // the next outage, one request at its start
+        o.down_for(Duration::from_millis(1500));
+        let start = Instant::now();
+        let result = pool.call(MODEL, |p: &Arc<Outage>| p.attempt()).await;
+        if auto {
+            // p90 of the recoveries seen: the 1.5 s outage (two significant
+            // digits), so the retry lands after it
+            let served = result.unwrap();
+            assert_eq!(served.rounds(), 2);
+            let waited = served.report.waited.as_millis();
+            assert!((1500..=1510).contains(&waited), "{waited}");
+        } else {
+            let err = result.unwrap_err();
+            assert_eq!(err.reason, FailReason::RoundsExhausted);
+            assert_eq!(Instant::now() - start, Duration::from_millis(500));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn learned_delay_without_recoveries_uses_the_fallback() {
+    let (o, pool) = outage_pool(retryctl::RetryDelay::Auto);
+    o.down_for(Duration::from_millis(700));
+    let err = pool
+        .call(MODEL, |p: &Arc<Outage>| p.attempt())
+        .await
+        .unwrap_err();
+    // adaptive.delay_auto_fallback = 500 ms, like the fixed default
+    assert_eq!(err.report.waited, Duration::from_millis(500));
+    assert_eq!(err.reason, FailReason::RoundsExhausted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn learned_delay_is_clamped_to_its_bounds() {
+    use retryctl::RetryDelay;
+    let mut policy = Policy {
+        delay: RetryDelay::Auto,
+        jitter: 0.0,
+        ..Policy::default()
+    };
+    policy.budget.enabled = false;
+    policy.adaptive.delay_auto_max = Duration::from_millis(800);
+    let o = Outage::new();
+    let pool = Arc::new(
+        Pool::builder()
+            .provider(MODEL, "a", o.clone())
+            .policy(LivePolicy::new(policy).unwrap())
+            .build()
+            .unwrap(),
+    );
+    outage_under_load(&o, &pool).await;
+    o.down_for(Duration::from_millis(1500));
+    let err = pool
+        .call(MODEL, |p: &Arc<Outage>| p.attempt())
+        .await
+        .unwrap_err();
+    assert_eq!(err.report.waited, Duration::from_millis(800));
+}
+
+// ---- shadow policy ------------------------------------------------------------
+
+fn with_shadow(live: Policy, shadow: &str) -> Policy {
+    let text = format!("{}\n[shadow]\n{shadow}\n", live.to_toml());
+    Policy::from_toml(&text).unwrap()
+}
+
+fn outage_pool_with(policy: Policy) -> (Arc<Outage>, Pool<Arc<Outage>>) {
+    let o = Outage::new();
+    let pool = Pool::builder()
+        .provider(MODEL, "a", o.clone())
+        .policy(LivePolicy::new(policy).unwrap())
+        .build()
+        .unwrap();
+    (o, pool)
+}
+
+fn no_jitter() -> Policy {
+    Policy {
+        jitter: 0.0,
+        ..Policy::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_with_more_rounds_would_retry_and_saves_what_recovers_in_time() {
+    // live: 2 rounds (0.5 s); shadow: 3 rounds, the third after 1 s more
+    for (outage_ms, saved) in [(1200, 1), (2000, 0)] {
+        let (o, pool) = outage_pool_with(with_shadow(no_jitter(), "max_rounds = 3"));
+        o.down_for(Duration::from_millis(outage_ms));
+        let err = pool
+            .call(MODEL, |p: &Arc<Outage>| p.attempt())
+            .await
+            .unwrap_err();
+        // the shadow does not act: the live policy's two rounds
+        assert_eq!(err.reason, FailReason::RoundsExhausted);
+        assert_eq!((err.report.attempts, err.report.rounds), (2, 2));
+        let c = pool.shadow_counts(MODEL).unwrap();
+        assert_eq!((c.would_retry, c.agree, c.saved), (1, 0, 0));
+        // the shadow's retry would start at 0.5 + 1.0 s; the next live
+        // attempt starting after that decides it
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        let _ = pool.call(MODEL, |p: &Arc<Outage>| p.attempt()).await;
+        let c = pool.shadow_counts(MODEL).unwrap();
+        assert_eq!(
+            (c.saved, c.retried_in_vain),
+            (saved, 1 - saved),
+            "{outage_ms} ms"
+        );
+        assert_eq!(c.caused, 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_with_fewer_rounds_would_cause_the_failure_a_retry_saved() {
+    let a = Scripted::new("a", vec![refused(), Step::Ok, Step::Ok]);
+    let pool = pool([a.clone()], with_shadow(no_jitter(), "max_rounds = 1"));
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.rounds(), 2, "the live policy retried");
+    call(&pool).await.unwrap();
+    let c = pool.shadow_counts(MODEL).unwrap();
+    assert_eq!((c.would_not_retry, c.caused, c.agree), (1, 1, 1));
+    assert_eq!((c.would_retry, c.would_refuse_budget), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_budget_would_refuse_retries_the_live_budget_pays_for() {
+    // a shadow budget of nothing: every retry the live policy makes is one
+    // it would have refused
+    let a = Scripted::new("a", vec![refused(), Step::Ok]);
+    let policy = with_shadow(
+        no_jitter(),
+        "[shadow.budget]\nratio = 0.0\nmin_per_second = 0",
+    );
+    let pool = pool([a.clone()], policy);
+    let served = call(&pool).await.unwrap();
+    assert_eq!(served.rounds(), 2);
+    let c = pool.shadow_counts(MODEL).unwrap();
+    assert_eq!((c.would_refuse_budget, c.caused), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_health_would_demote_earlier() {
+    let a = Scripted::new("a", vec![refused()]);
+    let b = Scripted::new("b", vec![Step::Ok]);
+    let mut live = no_jitter();
+    live.max_rounds = 1;
+    let pool = pool(
+        [a.clone(), b.clone()],
+        with_shadow(live, "[shadow.health]\ndemote_after = 3"),
+    );
+    for _ in 0..6 {
+        call(&pool).await.unwrap();
+    }
+    // a failed in 3 of the 6 requests (round-robin: it goes first every
+    // other time): the shadow would demote it, the live policy (10) does not
+    let c = pool.shadow_counts(MODEL).unwrap();
+    assert_eq!(c.would_demote, 1);
+    assert!(pool.stats().iter().all(|s| !s.health.demoted));
+    assert_eq!(c.agree, 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_shadow_nothing_is_counted() {
+    let a = Scripted::new("a", vec![refused(), Step::Ok]);
+    let pool = pool([a.clone()], no_jitter());
+    call(&pool).await.unwrap();
+    assert_eq!(
+        pool.shadow_counts(MODEL),
+        Some(retryctl::ShadowCounts::default())
+    );
+    assert_eq!(pool.shadow_counts("nope"), None);
 }

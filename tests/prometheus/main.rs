@@ -67,6 +67,11 @@ const METRICS: &[&str] = &[
     "retryctl_request_duration_seconds",
     "retryctl_attempts_per_request",
     "retryctl_retry_delay_seconds",
+    "retryctl_order_decisions_total",
+    "retryctl_retry_delay_decisions_total",
+    "retryctl_learned_retry_delay_seconds",
+    "retryctl_shadow_decisions_total",
+    "retryctl_shadow_failures_total",
 ];
 
 const HISTOGRAMS: &[&str] = &[

@@ -119,7 +119,7 @@ impl Tally {
 /// timeout, demotion after 3 failed requests, 200 ms cool-down.
 fn policy() -> Policy {
     let mut p = Policy {
-        delay: Duration::from_millis(30),
+        delay: Duration::from_millis(30).into(),
         ..Policy::default()
     };
     p.timeouts.connect = Duration::from_millis(200);

@@ -24,7 +24,7 @@ type Outcome = Result<Served<String>, PoolError<UpstreamError>>;
 /// Fast policy for real sockets: 20 ms delay, 200 ms connect timeout.
 fn policy() -> Policy {
     let mut p = Policy {
-        delay: Duration::from_millis(20),
+        delay: Duration::from_millis(20).into(),
         ..Policy::default()
     };
     p.timeouts.connect = Duration::from_millis(200);
@@ -186,7 +186,7 @@ async fn slow_accepting_backlog_of_one_is_absorbed_by_spread_retries() {
     );
     let with_retries = burst(Policy {
         max_rounds: 10,
-        delay: Duration::from_millis(150),
+        delay: Duration::from_millis(150).into(),
         jitter: 0.5,
         backoff: 1.0,
         ..policy()
@@ -209,7 +209,7 @@ async fn status_502_then_200_succeeds_in_round_two() {
 async fn status_503_without_retry_after_waits_the_policy_delay() {
     let server = HttpServer::always(Reply::status(503)).await;
     let p = Policy {
-        delay: Duration::from_millis(100),
+        delay: Duration::from_millis(100).into(),
         jitter: 0.0,
         ..policy()
     };
