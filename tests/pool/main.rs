@@ -1280,3 +1280,28 @@ async fn without_a_shadow_nothing_is_counted() {
     );
     assert_eq!(pool.shadow_counts("nope"), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn shadow_budget_is_no_larger_than_the_live_one() {
+    // a total outage: every retry fails; live 2 rounds, shadow 3, same budget
+    let policy = with_shadow(
+        Policy {
+            delay: Duration::ZERO.into(),
+            jitter: 0.0,
+            ..Policy::default()
+        },
+        "max_rounds = 3",
+    );
+    let a = Scripted::new("a", vec![refused()]);
+    let pool = pool([a.clone()], policy);
+    let mut live_retries = 0;
+    for _ in 0..1000 {
+        live_retries += call(&pool).await.unwrap_err().report.retries;
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let c = pool.shadow_counts(MODEL).unwrap();
+    let refused = c.would_refuse_budget;
+    let shadow_retries = u64::from(live_retries) - refused + c.would_retry;
+    assert!((295..=300).contains(&live_retries), "{live_retries}");
+    assert!(shadow_retries <= 301, "{c:?}, live {live_retries}");
+}
