@@ -1305,3 +1305,28 @@ async fn shadow_budget_is_no_larger_than_the_live_one() {
     assert!((295..=300).contains(&live_retries), "{live_retries}");
     assert!(shadow_retries <= 301, "{c:?}, live {live_retries}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn shadow_would_not_retry_past_the_deadline() {
+    // live: fails at 0.5 s after 2 rounds; the shadow's third round would
+    // start 1 s later, at 1.5 s
+    for (timeout_ms, would_retry) in [(1200, 0), (2000, 1)] {
+        let (o, pool) = outage_pool_with(with_shadow(no_jitter(), "max_rounds = 3"));
+        o.down_for(Duration::from_secs(10));
+        let err = pool
+            .call_with(
+                MODEL,
+                CallOptions::timeout(Duration::from_millis(timeout_ms)),
+                |p: &Arc<Outage>| p.attempt(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason, FailReason::RoundsExhausted);
+        let c = pool.shadow_counts(MODEL).unwrap();
+        assert_eq!(
+            (c.would_retry, c.agree),
+            (would_retry, 1 - would_retry),
+            "{timeout_ms} ms"
+        );
+    }
+}

@@ -174,7 +174,8 @@ async fn ten_thousand_unknown_models_create_no_series() {
             let ok = match label.as_str() {
                 "model" => MODELS.contains(&value.as_str()),
                 "provider" => PROVIDERS.contains(&value.as_str()),
-                "outcome" | "reason" | "result" => value
+                // fixed sets, the adaptive decisions' included
+                "outcome" | "reason" | "result" | "decision" | "source" | "effect" => value
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()),
                 "le" | "quantile" => value == "+Inf" || value.parse::<f64>().is_ok(),
