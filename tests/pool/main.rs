@@ -1330,3 +1330,50 @@ async fn shadow_would_not_retry_past_the_deadline() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_shadow_never_changes_what_the_live_policy_does() {
+    let script = || {
+        vec![
+            refused(),
+            Step::Ok,
+            Step::Status(502, None),
+            Step::Status(502, None),
+            Step::Status(400, None),
+            refused(),
+            refused(),
+            Step::Status(503, Some(Duration::from_secs(1))),
+            Step::Ok,
+        ]
+    };
+    let live = Policy {
+        jitter: 0.0,
+        max_rounds: 3,
+        ..Policy::default()
+    };
+    let shadow = "max_rounds = 1\n[shadow.budget]\nratio = 0.0\nmin_per_second = 0\n[shadow.health]\ndemote_after = 1";
+    let run = async |policy: Policy| {
+        let a = Scripted::new("a", script());
+        let b = Scripted::new("b", vec![refused(), refused(), Step::Ok]);
+        let pool = pool([a, b], policy);
+        let mut out = Vec::new();
+        for _ in 0..20 {
+            let start = Instant::now();
+            let r = match call(&pool).await {
+                Ok(s) => (true, s.report, None),
+                Err(e) => (false, e.report, Some(e.reason)),
+            };
+            out.push((r, Instant::now() - start));
+        }
+        (out, pool.stats(), pool.shadow_counts(MODEL).unwrap())
+    };
+    let (without, stats_without, _) = run(live.clone()).await;
+    let (with, stats_with, counted) = run(with_shadow(live, shadow)).await;
+    assert_eq!(without, with);
+    assert_eq!(stats_without, stats_with);
+    // ...while the shadow disagreed plenty
+    assert!(
+        counted.would_not_retry > 0 && counted.would_demote > 0,
+        "{counted:?}"
+    );
+}
