@@ -19,7 +19,8 @@
 //! grows without failed retries.
 //!
 //! Memory is bounded: five one-minute slots of one histogram each (1 ms ..=
-//! 10 min, two significant digits), allocated when the route is built. The
+//! 10 min, two significant digits: 1,792 `u32` counters, 7 KiB), 35 KiB
+//! per provider and model, allocated when the route is built. The
 //! quantile read on the retry path is cached for [`REFRESH`].
 
 use std::sync::Mutex;

@@ -95,16 +95,18 @@ pub struct ShadowEstimate {
 
 impl ScenarioReport {
     /// Whether the option beat the fixed rule: fewer failures, or as many
-    /// with fewer attempts or a lower p90 or p99 (each by more than 5%).
+    /// with fewer attempts or a lower mean, p90 or p99 latency (each by
+    /// more than 5%).
     pub fn adaptive_wins(&self) -> bool {
         let (f, a) = (&self.fixed, &self.adaptive);
         a.failures < f.failures || (a.failures == f.failures && !self.gains().is_empty())
     }
 
-    /// What the option did better, by more than 5%, besides failures.
+    /// What the option did better, by more than 5% (and more than one
+    /// attempt or millisecond), besides failures.
     fn gains(&self) -> Vec<&'static str> {
         let (f, a) = (&self.fixed, &self.adaptive);
-        let better = |x: f64, y: f64| x < y * 0.95;
+        let better = |x: f64, y: f64| x < y * 0.95 && y - x >= 1.0;
         let mut out = Vec::new();
         if better(a.attempts as f64, f.attempts as f64) {
             out.push("fewer attempts");

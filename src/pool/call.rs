@@ -217,11 +217,7 @@ impl<P> Pool<P> {
             report: Report::default(),
             last: None,
             probe,
-            shadow: resolved.shadow().map(|_| ShadowCall {
-                active: active.clone(),
-                start,
-                deadline,
-            }),
+            shadow: ShadowCall::start(m, &active, resolved, start, deadline),
         };
 
         // Round 1: every provider once, no waiting between them.
@@ -325,6 +321,9 @@ impl<P> Pool<P> {
                     m.metrics.skipped(Skip::Budget);
                     stopped = Some(FailReason::BudgetExhausted);
                     break;
+                }
+                if let Some(shadow) = &mut req.shadow {
+                    shadow.charge(m, round);
                 }
                 if !started_round {
                     req.report.rounds = round;

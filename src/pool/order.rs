@@ -15,7 +15,8 @@
 //! of requests in flight) power-of-two-choices over two providers always
 //! picks the same one, and two providers at 20 ms and 22 ms would not
 //! share the load at all. A weight of 1/p50 sends 52% and 48% there, and
-//! 98% to a 20 ms provider next to an 800 ms one.
+//! 91% to a 20 ms provider next to a 200 ms one (next to an 800 ms one,
+//! 100%: that one is slow, and goes last).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

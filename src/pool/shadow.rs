@@ -4,17 +4,18 @@
 //!
 //! # How each request is judged
 //!
-//! At the end of a request, its [`Report`] (the rounds started, each
-//! failed attempt's round, provider and class) is replayed against the
-//! candidate; exactly one decision is counted per request:
+//! The candidate has its own retry budget: a second [`RetryBudget`] per
+//! model, under the candidate's `budget`, fed by every request when it
+//! starts and charged when the live policy pays for a retried attempt the
+//! candidate would also make (at the same moment, so both budgets see the
+//! same traffic). At the end of a request, its [`Report`] (the rounds
+//! started, each failed attempt's round, provider and class) decides what
+//! is left; exactly one decision is counted per request:
 //!
 //! * `would_not_retry`: the live policy started a round the candidate's
 //!   `max_rounds` does not allow.
-//! * `would_refuse_budget`: the candidate's own retry budget (a second
-//!   [`RetryBudget`] per model, fed with every request and charged for
-//!   every retried attempt the candidate would have made, under the
-//!   candidate's `budget`) would have refused a retried attempt the live
-//!   policy made.
+//! * `would_refuse_budget`: the candidate's budget refused a retried
+//!   attempt the live policy made.
 //! * `would_retry`: the live policy failed with `rounds_exhausted` or
 //!   `budget_exhausted` after a round whose failures were retryable, and
 //!   the candidate allows another round, its budget pays for one retry per
@@ -62,7 +63,8 @@ use super::outcome::{FailReason, Report};
 use super::{Model, Pool};
 use crate::budget::RetryBudget;
 use crate::classify::Classification;
-use crate::live::ActivePolicy;
+use crate::live::{ActivePolicy, ModelPolicy};
+use crate::policy::BudgetPolicy;
 
 /// Pending saves kept per provider.
 const MAX_PENDING: usize = 1024;
@@ -261,14 +263,50 @@ pub(super) enum Ended<'a> {
 }
 
 /// What a request keeps to evaluate the shadow when it ends: the policy
-/// snapshot it ran under (the candidate is in it), and its deadline.
+/// snapshot it ran under (the candidate is in it), its deadline, and the
+/// first retry the candidate would not have made.
 pub(super) struct ShadowCall {
-    pub(super) active: Arc<ActivePolicy>,
-    pub(super) start: Instant,
-    pub(super) deadline: Instant,
+    active: Arc<ActivePolicy>,
+    deadline: Instant,
+    max_rounds: u32,
+    budget: BudgetPolicy,
+    stopped: Option<Decision>,
 }
 
 impl ShadowCall {
+    /// With a candidate in `policy`: the request's shadow, its deposit made
+    /// into the candidate's budget.
+    pub(super) fn start<P>(
+        m: &Model<P>,
+        active: &Arc<ActivePolicy>,
+        policy: &ModelPolicy,
+        start: Instant,
+        deadline: Instant,
+    ) -> Option<ShadowCall> {
+        let cand = policy.shadow()?;
+        m.shadow.budget.deposit(start, &cand.budget);
+        Some(ShadowCall {
+            active: active.clone(),
+            deadline,
+            max_rounds: cand.max_rounds,
+            budget: cand.budget.clone(),
+            stopped: None,
+        })
+    }
+
+    /// The live policy paid for a retried attempt in `round`: would the
+    /// candidate have made it? Charges the candidate's budget if so.
+    pub(super) fn charge<P>(&mut self, m: &Model<P>, round: u32) {
+        if self.stopped.is_some() {
+            return;
+        }
+        if round > self.max_rounds {
+            self.stopped = Some(Decision::WouldNotRetry);
+        } else if !m.shadow.budget.withdraw(Instant::now(), &self.budget) {
+            self.stopped = Some(Decision::WouldRefuseBudget);
+        }
+    }
+
     /// Replays the request's report against the candidate and counts what
     /// it would have done (see the module docs).
     pub(super) fn observe<P>(&self, m: &Model<P>, report: &Report, ended: Ended<'_>) {
@@ -277,27 +315,9 @@ impl ShadowCall {
         };
         let st = &m.shadow;
         let now = Instant::now();
-        st.budget.deposit(self.start, &cand.budget);
         let index = |name: &str| m.routes.iter().position(|r| r.name == name);
         let rounds = report.rounds;
-        let attempts_in = |k: u32| {
-            let failed = report.failures().iter().filter(|f| f.round == k).count();
-            failed + usize::from(matches!(ended, Ended::Served(_)) && k == rounds)
-        };
-        let mut stopped = None;
-        'rounds: for k in 2..=rounds {
-            if k > cand.max_rounds {
-                stopped = Some(Decision::WouldNotRetry);
-                break;
-            }
-            for _ in 0..attempts_in(k) {
-                if !st.budget.withdraw(now, &cand.budget) {
-                    stopped = Some(Decision::WouldRefuseBudget);
-                    break 'rounds;
-                }
-            }
-        }
-        let decision = match (stopped, &ended) {
+        let decision = match (self.stopped, &ended) {
             (Some(d), Ended::Served(_)) => {
                 st.effect(Effect::Caused, 1);
                 d

@@ -36,8 +36,8 @@
 //! | `retryctl_attempts_per_request` | histogram | model |
 //! | `retryctl_retry_delay_seconds` | histogram | model |
 //!
-//! The adaptive decisions' metrics are resolved by the pool
-//! (`pool/adaptive.rs`), next to the decisions they label:
+//! The adaptive decisions' metrics are resolved by the pool, next to the
+//! decisions they label (`pool/adaptive.rs`, `pool/shadow.rs`):
 //!
 //! | metric | type | labels |
 //! |---|---|---|

@@ -1,4 +1,4 @@
-//! The `retryctl` binary: `check` and `defaults`.
+//! The `retryctl` binary: `check`, `defaults`, and `demo --compare`'s options.
 
 use std::process::Command;
 
@@ -152,4 +152,52 @@ fn defaults_prints_a_valid_policy() {
     let (code, out, _) = retryctl(&["defaults"]);
     assert_eq!(code, 0);
     assert_eq!(Policy::from_toml(&out).unwrap(), Policy::default());
+}
+
+#[test]
+fn demo_compare_names_its_scenarios() {
+    let (code, _, err) = retryctl(&["demo", "--compare", "--scenario", "nope"]);
+    assert_eq!(code, 1);
+    for name in [
+        "latency_order",
+        "learned_delay",
+        "shadow",
+        "deadline_aware",
+        "attempt_timeout",
+        "budget",
+    ] {
+        assert!(err.contains(name), "{err}");
+    }
+    // --scenario only with --compare
+    let (code, _, _) = retryctl(&["demo", "--scenario", "shadow"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn check_names_the_shadow_and_auto_delay_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "delay = \"auto\"\n[shadow]\nmax_rounds = 0\n").unwrap();
+    let (code, _, err) = retryctl(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(":3:14") && err.contains("shadow.max_rounds"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shipped_shadow_example_is_valid_when_uncommented() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/policy.toml"))
+        .unwrap();
+    let start = text.find("# [shadow]").expect("a shadow example");
+    let end = start + text[start..].find("\n\n").expect("the example's end");
+    let uncommented: String = text[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("# ").or(l.strip_prefix("#")).unwrap_or(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let policy = Policy::from_toml(&format!("{}{uncommented}", &text[..start])).unwrap();
+    let candidate = policy.shadow_candidate().expect("a candidate");
+    assert_eq!((candidate.max_rounds, candidate.budget.ratio), (3, 0.3));
 }

@@ -1280,3 +1280,100 @@ async fn without_a_shadow_nothing_is_counted() {
     );
     assert_eq!(pool.shadow_counts("nope"), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn shadow_budget_is_no_larger_than_the_live_one() {
+    // a total outage: every retry fails; live 2 rounds, shadow 3, same budget
+    let policy = with_shadow(
+        Policy {
+            delay: Duration::ZERO.into(),
+            jitter: 0.0,
+            ..Policy::default()
+        },
+        "max_rounds = 3",
+    );
+    let a = Scripted::new("a", vec![refused()]);
+    let pool = pool([a.clone()], policy);
+    let mut live_retries = 0;
+    for _ in 0..1000 {
+        live_retries += call(&pool).await.unwrap_err().report.retries;
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let c = pool.shadow_counts(MODEL).unwrap();
+    let refused = c.would_refuse_budget;
+    let shadow_retries = u64::from(live_retries) - refused + c.would_retry;
+    assert!((295..=300).contains(&live_retries), "{live_retries}");
+    assert!(shadow_retries <= 301, "{c:?}, live {live_retries}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_would_not_retry_past_the_deadline() {
+    // live: fails at 0.5 s after 2 rounds; the shadow's third round would
+    // start 1 s later, at 1.5 s
+    for (timeout_ms, would_retry) in [(1200, 0), (2000, 1)] {
+        let (o, pool) = outage_pool_with(with_shadow(no_jitter(), "max_rounds = 3"));
+        o.down_for(Duration::from_secs(10));
+        let err = pool
+            .call_with(
+                MODEL,
+                CallOptions::timeout(Duration::from_millis(timeout_ms)),
+                |p: &Arc<Outage>| p.attempt(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason, FailReason::RoundsExhausted);
+        let c = pool.shadow_counts(MODEL).unwrap();
+        assert_eq!(
+            (c.would_retry, c.agree),
+            (would_retry, 1 - would_retry),
+            "{timeout_ms} ms"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shadow_never_changes_what_the_live_policy_does() {
+    let script = || {
+        vec![
+            refused(),
+            Step::Ok,
+            Step::Status(502, None),
+            Step::Status(502, None),
+            Step::Status(400, None),
+            refused(),
+            refused(),
+            Step::Status(503, Some(Duration::from_secs(1))),
+            Step::Ok,
+        ]
+    };
+    let live = Policy {
+        jitter: 0.0,
+        max_rounds: 3,
+        ..Policy::default()
+    };
+    let shadow = "max_rounds = 1\n[shadow.budget]\nratio = 0.0\nmin_per_second = 0\n[shadow.health]\ndemote_after = 1";
+    let run = async |policy: Policy| {
+        let a = Scripted::new("a", script());
+        let b = Scripted::new("b", vec![refused(), refused(), Step::Ok]);
+        let pool = pool([a, b], policy);
+        let mut out = Vec::new();
+        for _ in 0..20 {
+            let start = Instant::now();
+            let r = match call(&pool).await {
+                Ok(s) => (true, s.report, None),
+                Err(e) => (false, e.report, Some(e.reason)),
+            };
+            out.push((r, Instant::now() - start));
+        }
+        (out, pool.stats(), pool.shadow_counts(MODEL).unwrap())
+    };
+    let (without, stats_without, _) = run(live.clone()).await;
+    let (with, stats_with, counted) = run(with_shadow(live, shadow)).await;
+    assert_eq!(without, with);
+    assert_eq!(stats_without, stats_with);
+    // ...while the shadow disagreed plenty
+    assert!(
+        counted.would_not_retry > 0 && counted.would_demote > 0,
+        "{counted:?}"
+    );
+}

@@ -174,6 +174,7 @@ async fn ten_thousand_unknown_models_create_no_series() {
             let ok = match label.as_str() {
                 "model" => MODELS.contains(&value.as_str()),
                 "provider" => PROVIDERS.contains(&value.as_str()),
+                // fixed sets, the adaptive decisions' included
                 "outcome" | "reason" | "result" | "decision" | "source" | "effect" => value
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()),
