@@ -61,8 +61,8 @@ struct Request<'a, E> {
 
 /// How one attempt ended.
 enum Attempted<T> {
-    /// Success, and when the attempt ended.
-    Served(T, Instant),
+    /// Success, when the attempt ended and how long it took.
+    Served(T, Instant, Duration),
     Failed(Verdict),
     /// The call's deadline ended the attempt.
     Expired,
@@ -229,8 +229,15 @@ impl<P> Pool<P> {
                 now = Instant::now();
             }
             match attempt(m, i, 1, now, deadline, &mut op, resolved, &mut req).await {
-                Attempted::Served(value, ended) => {
-                    return Ok(served(m, i, order[0] != i, value, req, start, ended));
+                Attempted::Served(value, ended, took) => {
+                    // The first attempt started at `start`: its duration
+                    // is the request's.
+                    let elapsed = if k == 0 {
+                        took
+                    } else {
+                        ended.saturating_duration_since(start)
+                    };
+                    return Ok(served(m, i, order[0] != i, value, req, elapsed));
                 }
                 Attempted::Failed(v) => match v.class {
                     Classification::Permanent => {
@@ -343,9 +350,10 @@ impl<P> Pool<P> {
                 )
                 .await
                 {
-                    Attempted::Served(value, ended) => {
+                    Attempted::Served(value, ended, _) => {
                         let fell_back = order[0] != r.index;
-                        return Ok(served(m, r.index, fell_back, value, req, start, ended));
+                        let elapsed = ended.saturating_duration_since(start);
+                        return Ok(served(m, r.index, fell_back, value, req, elapsed));
                     }
                     Attempted::Failed(v) => match v.class {
                         Classification::Permanent => {
@@ -445,13 +453,19 @@ where
 {
     let policy = active.policy();
     let route = &m.routes[i as usize];
-    let remaining = deadline.saturating_duration_since(now);
-    if remaining.is_zero() {
+    if now >= deadline {
         return Attempted::NotStarted;
     }
-    let fixed = policy.timeouts.attempt.min(remaining);
-    let adaptive = adaptive_limit(route, policy, now).filter(|a| *a < fixed);
-    let limit = adaptive.unwrap_or(fixed);
+    // Instants, not durations: an `Instant` sum is cheaper than the
+    // subtraction a remaining-time `Duration` needs, and the limit as a
+    // duration is only needed when the attempt times out.
+    let fixed = now
+        .checked_add(policy.timeouts.attempt)
+        .map_or(deadline, |end| end.min(deadline));
+    let adaptive = adaptive_limit(route, policy, now)
+        .and_then(|a| now.checked_add(a))
+        .filter(|end| *end < fixed);
+    let until = adaptive.unwrap_or(fixed);
     req.report.attempts += 1;
     if round > 1 {
         req.report.retries += 1;
@@ -459,7 +473,7 @@ where
     }
     let was_probe = req.probe.as_ref().is_some_and(|g| g.index == i);
     let fut = std::pin::pin!(op(&route.provider));
-    let result = limited(now + limit, fut).await;
+    let result = limited(until, fut).await;
     let (verdict, expired) = match result {
         Ok(Ok(value)) => {
             let ended = Instant::now();
@@ -484,7 +498,7 @@ where
                     "provider recovered"
                 );
             }
-            return Attempted::Served(value, ended);
+            return Attempted::Served(value, ended, elapsed);
         }
         Ok(Err(e)) => {
             let v = e.classify(active.rules());
@@ -492,6 +506,7 @@ where
             (v, false)
         }
         Err(_) => {
+            let limit = until.saturating_duration_since(now);
             req.last = Some(AttemptError::TimedOut(limit));
             if adaptive.is_some() {
                 // Far beyond this provider's usual answer time: most likely
@@ -574,10 +589,9 @@ fn served<P, T, E>(
     fell_back: bool,
     value: T,
     mut req: Request<'_, E>,
-    start: Instant,
-    ended: Instant,
+    elapsed: Duration,
 ) -> Served<T> {
-    req.report.elapsed = ended.saturating_duration_since(start);
+    req.report.elapsed = elapsed;
     let r = &req.report;
     m.metrics.served(r.rounds, r.attempts, r.elapsed, fell_back);
     if let Some(shadow) = &req.shadow {
