@@ -63,7 +63,8 @@ struct Request<'a, E> {
 enum Attempted<T> {
     /// Success, when the attempt ended and how long it took.
     Served(T, Instant, Duration),
-    Failed(Verdict),
+    /// Failure, and when the attempt ended.
+    Failed(Verdict, Instant),
     /// The call's deadline ended the attempt.
     Expired,
     /// The deadline had passed before the attempt could start.
@@ -223,12 +224,12 @@ impl<P> Pool<P> {
         // Round 1: every provider once, no waiting between them.
         req.report.rounds = 1;
         let mut pending: SmallVec<[(u8, Classification); 8]> = SmallVec::new();
-        let mut now = start;
+        // The latest clock reading: each attempt's end is the next step's
+        // "now" (the bookkeeping between them takes microseconds), so a
+        // call reads the clock once per attempt, plus once per wait.
+        let mut latest = start;
         for (k, &i) in order.iter().enumerate() {
-            if k > 0 {
-                now = Instant::now();
-            }
-            match attempt(m, i, 1, now, deadline, &mut op, resolved, &mut req).await {
+            match attempt(m, i, 1, latest, deadline, &mut op, resolved, &mut req).await {
                 Attempted::Served(value, ended, took) => {
                     // The first attempt started at `start`: its duration
                     // is the request's.
@@ -239,13 +240,16 @@ impl<P> Pool<P> {
                     };
                     return Ok(served(m, i, order[0] != i, value, req, elapsed));
                 }
-                Attempted::Failed(v) => match v.class {
-                    Classification::Permanent => {
-                        return Err(fail(m, req, FailReason::Permanent, start));
+                Attempted::Failed(v, ended) => {
+                    latest = ended;
+                    match v.class {
+                        Classification::Permanent => {
+                            return Err(fail(m, req, FailReason::Permanent, start));
+                        }
+                        c if c.is_retryable() => pending.push((i, c)),
+                        _ => {}
                     }
-                    c if c.is_retryable() => pending.push((i, c)),
-                    _ => {}
-                },
+                }
                 Attempted::Expired | Attempted::NotStarted => {
                     return Err(fail(
                         m,
@@ -261,7 +265,7 @@ impl<P> Pool<P> {
         let mut round = 1;
         let mut stopped: Option<FailReason> = None;
         loop {
-            let round_end = Instant::now();
+            let round_end = latest;
             if pending.is_empty() {
                 let reason = stopped.take().unwrap_or(FailReason::NotRetryable);
                 return Err(fail(m, req, reason, start));
@@ -292,7 +296,7 @@ impl<P> Pool<P> {
             for r in &plan {
                 // Not before now: an earlier retry of this round may have used
                 // the time up to (or past) this one's planned start.
-                let ready = (round_end + r.wait).max(Instant::now());
+                let ready = (round_end + r.wait).max(latest);
                 if ready >= deadline {
                     tracing::info!(
                         target: "retryctl",
@@ -318,7 +322,7 @@ impl<P> Pool<P> {
                     stopped = Some(FailReason::RetryCannotFinish { wait: r.wait, p50 });
                     continue;
                 }
-                if !m.budget.withdraw(Instant::now(), &policy.budget) {
+                if !m.budget.withdraw(latest, &policy.budget) {
                     tracing::warn!(
                         target: "retryctl",
                         model = req.model,
@@ -336,17 +340,15 @@ impl<P> Pool<P> {
                     req.report.rounds = round;
                     started_round = true;
                 }
-                let before = Instant::now();
+                let before = latest;
                 if ready > before {
                     tokio::time::sleep_until(ready).await;
-                    now = Instant::now();
-                    req.report.waited += now - before;
-                    m.metrics.retry_delay(now - before);
-                } else {
-                    now = before;
+                    latest = Instant::now();
+                    req.report.waited += latest - before;
+                    m.metrics.retry_delay(latest - before);
                 }
                 match attempt(
-                    m, r.index, round, now, deadline, &mut op, resolved, &mut req,
+                    m, r.index, round, latest, deadline, &mut op, resolved, &mut req,
                 )
                 .await
                 {
@@ -355,13 +357,16 @@ impl<P> Pool<P> {
                         let elapsed = ended.saturating_duration_since(start);
                         return Ok(served(m, r.index, fell_back, value, req, elapsed));
                     }
-                    Attempted::Failed(v) => match v.class {
-                        Classification::Permanent => {
-                            return Err(fail(m, req, FailReason::Permanent, start));
+                    Attempted::Failed(v, ended) => {
+                        latest = ended;
+                        match v.class {
+                            Classification::Permanent => {
+                                return Err(fail(m, req, FailReason::Permanent, start));
+                            }
+                            c if c.is_retryable() => pending.push((r.index, c)),
+                            _ => {}
                         }
-                        c if c.is_retryable() => pending.push((r.index, c)),
-                        _ => {}
-                    },
+                    }
                     Attempted::Expired => {
                         let reason = FailReason::DeadlineExceeded { wait: None };
                         return Err(fail(m, req, reason, start));
@@ -579,7 +584,7 @@ where
     if expired {
         Attempted::Expired
     } else {
-        Attempted::Failed(verdict)
+        Attempted::Failed(verdict, ended)
     }
 }
 
