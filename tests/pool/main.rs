@@ -934,10 +934,9 @@ async fn adaptive_budget_shrinks_in_an_outage_and_keeps_flaky_recoveries() {
 
 // ---- latency-aware order ------------------------------------------------------
 
-/// Two providers, `slow` answering in 800 ms and `fast` in 20 ms, both
-/// with 100 recent successes; returns how many of `n` sequential requests
-/// each served, and their total time.
-async fn served_by_slow_and_fast(latency_order: bool, n: usize) -> (usize, usize, Duration) {
+/// A pool of two providers, `slow` answering in 800 ms and `fast` in
+/// 20 ms, both with 100 recent successes and the percentiles refreshed.
+async fn slow_and_fast(latency_order: bool) -> (Arc<Pool<P>>, P, P) {
     let mut policy = adaptive_policy(false, false);
     policy.adaptive.latency_order = latency_order;
     let slow = Scripted::new("slow", vec![Step::Ok]);
@@ -958,6 +957,13 @@ async fn served_by_slow_and_fast(latency_order: bool, n: usize) -> (usize, usize
     }
     while set.join_next().await.is_some() {}
     tokio::time::advance(retryctl::stats::REFRESH).await;
+    (pool, slow, fast)
+}
+
+/// How many of `n` sequential requests each of [`slow_and_fast`]'s
+/// providers served, and their total time.
+async fn served_by_slow_and_fast(latency_order: bool, n: usize) -> (usize, usize, Duration) {
+    let (pool, slow, fast) = slow_and_fast(latency_order).await;
     let (before_slow, before_fast) = (slow.count(), fast.count());
     let start = Instant::now();
     for _ in 0..n {
@@ -983,26 +989,7 @@ async fn latency_order_moves_a_persistently_slow_provider_last() {
 
 #[tokio::test(start_paused = true)]
 async fn latency_order_still_falls_back_to_the_slow_provider() {
-    let mut policy = adaptive_policy(false, false);
-    policy.adaptive.latency_order = true;
-    let slow = Scripted::new("slow", vec![Step::Ok]);
-    let fast = Scripted::new("fast", vec![Step::Ok]);
-    let pool = Arc::new(pool([slow.clone(), fast.clone()], policy));
-    slow.set(vec![Step::After(
-        Duration::from_millis(800),
-        Box::new(Step::Ok),
-    )]);
-    fast.set(vec![Step::After(
-        Duration::from_millis(20),
-        Box::new(Step::Ok),
-    )]);
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..200 {
-        let pool = pool.clone();
-        set.spawn(async move { call(&pool).await.unwrap() });
-    }
-    while set.join_next().await.is_some() {}
-    tokio::time::advance(retryctl::stats::REFRESH).await;
+    let (pool, _slow, fast) = slow_and_fast(true).await;
     fast.set(vec![refused()]);
     let served = call(&pool).await.unwrap();
     assert_eq!(
