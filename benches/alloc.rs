@@ -16,14 +16,13 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use backon::{ConstantBuilder, Retryable};
-use retryctl::{LivePolicy, Policy, Pool};
+use retryctl::Policy;
 use tower::retry::Retry;
 use tower::{ServiceExt, service_fn};
 
 use common::{
-    HttpProvider, MODEL, TowerPolicy, default_policy, http_plain, http_pool, pool, pool_call,
-    pool_call_refused_once, pool_without_metrics, refused_once, runtime, start_server, upkeep,
-    upstream, zero_delay_policy,
+    TowerPolicy, default_policy, http_plain, http_pool, pool, pool_call, pool_call_refused_once,
+    pool_without_metrics, refused_once, runtime, start_server, upkeep, upstream, zero_delay_policy,
 };
 
 thread_local! {
@@ -168,18 +167,7 @@ fn main() {
             .expect("client")
     };
     drop(rt);
-    let http = Pool::builder()
-        .provider(
-            MODEL,
-            "loopback",
-            HttpProvider {
-                client: client.clone(),
-                url: url.clone(),
-            },
-        )
-        .policy(LivePolicy::default())
-        .build()
-        .expect("pool");
+    let http = common::loopback_pool(&client, &url);
     measure("http/plain_reqwest", HTTP_WARM_UP, HTTP_CALLS, || {
         http_plain(&client, &url)
     });

@@ -15,12 +15,12 @@ mod common;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use reqwest_middleware::ClientWithMiddleware;
 use reqwest_retry::{RetryTransientMiddleware, policies::ExponentialBackoff};
+use retryctl::Policy;
 use retryctl::upstream;
-use retryctl::{LivePolicy, Policy, Pool};
 
 use common::{
-    HttpProvider, MODEL, REQUEST, RESPONSE, http_plain as plain, http_pool as through_pool,
-    runtime, start_server, timed, upkeep,
+    REQUEST, RESPONSE, http_plain as plain, http_pool as through_pool, runtime, start_server,
+    timed, upkeep,
 };
 
 async fn through_middleware(client: &ClientWithMiddleware, url: &str) -> usize {
@@ -42,18 +42,7 @@ fn http(c: &mut Criterion) {
             .expect("client")
     };
     common::prometheus();
-    let pool = Pool::builder()
-        .provider(
-            MODEL,
-            "loopback",
-            HttpProvider {
-                client: client.clone(),
-                url: url.clone(),
-            },
-        )
-        .policy(LivePolicy::new(policy).expect("valid"))
-        .build()
-        .expect("pool");
+    let pool = common::loopback_pool(&client, &url);
     let retry = ExponentialBackoff::builder().build_with_max_retries(1);
     let middleware = reqwest_middleware::ClientBuilder::new(client.clone())
         .with(RetryTransientMiddleware::new_with_policy(retry))

@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use reqwest_middleware::ClientWithMiddleware;
 use reqwest_retry::{RetryTransientMiddleware, policies::ExponentialBackoff};
-use retryctl::{LivePolicy, Policy, Pool, upstream};
+use retryctl::{Policy, upstream};
 
-use common::{HttpProvider, MODEL, REQUEST, http_plain, http_pool, runtime, start_server, upkeep};
+use common::{REQUEST, http_plain, http_pool, runtime, start_server, upkeep};
 
 const ROUNDS: usize = 200;
 const BLOCK: u32 = 200;
@@ -44,18 +44,7 @@ fn main() {
         .build()
         .expect("client");
     common::prometheus();
-    let pool = Pool::builder()
-        .provider(
-            MODEL,
-            "loopback",
-            HttpProvider {
-                client: client.clone(),
-                url: url.clone(),
-            },
-        )
-        .policy(LivePolicy::new(policy).expect("valid"))
-        .build()
-        .expect("pool");
+    let pool = common::loopback_pool(&client, &url);
     let retry = ExponentialBackoff::builder().build_with_max_retries(1);
     let with_retry = reqwest_middleware::ClientBuilder::new(client.clone())
         .with(RetryTransientMiddleware::new_with_policy(retry))

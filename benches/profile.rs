@@ -25,7 +25,7 @@ use tower::retry::Retry;
 use tower::{Service, ServiceExt, service_fn};
 
 use common::{
-    HttpProvider, MODEL, TowerPolicy, default_policy, http_plain, http_pool, pool, pool_call,
+    HttpProvider, TowerPolicy, default_policy, http_plain, http_pool, pool, pool_call,
     pool_call_refused_once, pool_without_metrics, runtime, start_server, upkeep, upstream,
     zero_delay_policy,
 };
@@ -45,17 +45,7 @@ fn setup(rt: &tokio::runtime::Runtime) -> Pools {
     let client = retryctl::upstream::client_builder(&default_policy().timeouts)
         .build()
         .expect("client");
-    let http = retryctl::Pool::builder()
-        .provider(
-            MODEL,
-            "loopback",
-            HttpProvider {
-                client: client.clone(),
-                url: url.clone(),
-            },
-        )
-        .build()
-        .expect("pool");
+    let http = common::loopback_pool(&client, &url);
     let pools = Pools {
         one: pool(1, default_policy()),
         quiet: pool_without_metrics(1, default_policy()),

@@ -259,6 +259,23 @@ pub struct HttpProvider {
     pub url: String,
 }
 
+/// A pool with one provider, `loopback`, reaching `url` with `client`,
+/// under the default policy (statistics and metrics on).
+pub fn loopback_pool(client: &reqwest::Client, url: &str) -> Pool<HttpProvider> {
+    Pool::builder()
+        .provider(
+            MODEL,
+            "loopback",
+            HttpProvider {
+                client: client.clone(),
+                url: url.to_owned(),
+            },
+        )
+        .policy(LivePolicy::default())
+        .build()
+        .expect("pool")
+}
+
 /// One request with plain reqwest: send, check the status, read the body.
 pub async fn http_plain(client: &reqwest::Client, url: &str) -> usize {
     let response = client.post(url).body(REQUEST).send().await.expect("sent");
