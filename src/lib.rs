@@ -80,8 +80,8 @@ pub use live::ModelPolicy;
 pub use live::{ActivePolicy, LivePolicy};
 pub use policy::PolicyOverride;
 pub use policy::{
-    AdaptivePolicy, BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy, PolicyError, RetryDelay,
-    Timeouts,
+    AdaptivePolicy, AdmissionPolicy, BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy,
+    PolicyError, RetryDelay, Timeouts,
 };
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,

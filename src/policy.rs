@@ -108,6 +108,9 @@ pub struct Policy {
     pub health: HealthPolicy,
     /// Decisions driven by each provider's observed latency.
     pub adaptive: AdaptivePolicy,
+    /// The per-provider admission gate: waiting for an unreachable
+    /// upstream instead of failing (see [`AdmissionPolicy`]).
+    pub admission: AdmissionPolicy,
     /// A candidate policy evaluated on every live outcome without acting
     /// (`[shadow]`): the same keys as a model override, applied on top of
     /// each model's resolved policy. The pool counts what it would have
@@ -186,6 +189,48 @@ pub struct AdaptivePolicy {
     /// Transient failures recorded (with the recovery that ended them) in
     /// the window before a provider's learned delay is used.
     pub delay_auto_min_samples: u32,
+}
+
+/// The per-provider admission gate (`[admission]`).
+///
+/// Every attempt passes its provider's gate, first attempts included. The
+/// gate is driven by *connection-level* outcomes only (the upstream was
+/// not reached or refused the work: connect refused, connect timeout, a
+/// request handed back unsent, 502/503 without Retry-After): such a
+/// failure shrinks the provider's in-flight limit to `decrease` x the
+/// attempts in flight (at least `min_limit`); successes grow it back (slow
+/// start, then additive) until it no longer limits and the gate opens.
+/// Latency never shrinks it. A failure at the floor marks the provider
+/// down: one attempt at a time probes it (after `probe_delay`, doubling up
+/// to `probe_max_delay`) while the other requests wait, in order, for the
+/// probe's outcome. A request waits at most `max_wait` in total.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionPolicy {
+    /// `false` removes the gate: attempts are never held, and
+    /// connection-level failures are retried in rounds like any other.
+    pub enabled: bool,
+    /// The longest a request waits at gates in total before it fails with
+    /// `admission_timeout` (0s: never wait, fail at once).
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Requests that may wait at one provider's gate; more fail at once
+    /// with `admission_queue_full` (linkerd's queue capacity).
+    pub max_waiting: u32,
+    /// On a connection-level failure, the limit becomes this fraction of
+    /// the attempts in flight (0.1..=0.9).
+    pub decrease: f64,
+    /// The floor of the limit (1..=10000).
+    pub min_limit: u32,
+    /// The wait before the first probe of a down provider...
+    #[serde(with = "humantime_serde")]
+    pub probe_delay: Duration,
+    /// ...doubling after each failed probe, up to this.
+    #[serde(with = "humantime_serde")]
+    pub probe_max_delay: Duration,
+    /// After a successful probe, reopen with slow start (the limit starts
+    /// at `min_limit` and doubles per round trip) rather than at once.
+    pub slow_start: bool,
 }
 
 /// The wait before the first retry round of a transient failure.
@@ -394,6 +439,24 @@ policy_override! {
         budget: BudgetOverride,
         health: HealthOverride,
         adaptive: AdaptiveOverride,
+        admission: AdmissionOverride,
+    }
+}
+
+policy_override! {
+    /// Overrides of [`AdmissionPolicy`] (`[models."name".admission]`).
+    pub struct AdmissionOverride for AdmissionPolicy {
+        enabled: bool,
+        #[serde(with = "humantime_serde")]
+        max_wait: Duration,
+        max_waiting: u32,
+        decrease: f64,
+        min_limit: u32,
+        #[serde(with = "humantime_serde")]
+        probe_delay: Duration,
+        #[serde(with = "humantime_serde")]
+        probe_max_delay: Duration,
+        slow_start: bool,
     }
 }
 
@@ -489,6 +552,7 @@ impl Default for Policy {
             budget: BudgetPolicy::default(),
             health: HealthPolicy::default(),
             adaptive: AdaptivePolicy::default(),
+            admission: AdmissionPolicy::default(),
             shadow: None,
             models: BTreeMap::new(),
         }
@@ -575,6 +639,21 @@ impl Default for AdaptivePolicy {
             delay_auto_max: Duration::from_secs(4),
             delay_auto_fallback: Duration::from_millis(500),
             delay_auto_min_samples: 20,
+        }
+    }
+}
+
+impl Default for AdmissionPolicy {
+    fn default() -> Self {
+        AdmissionPolicy {
+            enabled: true,
+            max_wait: Duration::from_secs(10),
+            max_waiting: 1024,
+            decrease: 0.5,
+            min_limit: 1,
+            probe_delay: Duration::from_millis(100),
+            probe_max_delay: Duration::from_secs(1),
+            slow_start: true,
         }
     }
 }
@@ -727,6 +806,7 @@ impl Policy {
             budget,
             health,
             adaptive,
+            admission,
             shadow,
             models: _,
         } = self;
@@ -743,6 +823,7 @@ impl Policy {
             budget: budget.clone(),
             health: health.clone(),
             adaptive: adaptive.clone(),
+            admission: admission.clone(),
             shadow: shadow.clone(),
             models: BTreeMap::new(),
         }

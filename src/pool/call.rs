@@ -540,6 +540,7 @@ where
         round,
         verdict,
         elapsed,
+        probe: false,
     });
     tracing::debug!(
         target: "retryctl",

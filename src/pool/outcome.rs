@@ -18,6 +18,9 @@ pub struct FailedAttempt {
     pub verdict: Verdict,
     /// How long the attempt took.
     pub elapsed: Duration,
+    /// Whether the attempt was its provider's admission probe (the one
+    /// attempt let through while the provider was down).
+    pub probe: bool,
 }
 
 /// Exact accounting of one call: counted as it happened, never derived.
@@ -27,10 +30,14 @@ pub struct Report {
     pub attempts: u32,
     /// Rounds actually started.
     pub rounds: u32,
-    /// Attempts after the first round: the retries this call cost.
+    /// Attempts of a provider this call had already tried: the retries
+    /// it cost (later rounds, and re-attempts admitted by a provider's
+    /// gate after a connection-level failure).
     pub retries: u32,
-    /// Total time spent waiting between rounds.
+    /// Total time spent waiting: between rounds and at admission gates.
     pub waited: Duration,
+    /// The part of `waited` spent at admission gates.
+    pub queued: Duration,
     /// From the call's start to its end.
     pub elapsed: Duration,
     /// Out of line: a success carries an empty `Vec` (no allocation), and
@@ -108,6 +115,15 @@ pub enum FailReason {
         /// What it asked for.
         retry_after: Duration,
     },
+    /// The request waited `admission.max_wait` (or until its deadline) at
+    /// the gate of a provider that was not accepting work.
+    AdmissionTimeout {
+        /// How long it waited at gates in total.
+        waited: Duration,
+    },
+    /// A provider's gate already had `admission.max_waiting` requests
+    /// waiting: this one was turned away at once.
+    AdmissionQueueFull,
 }
 
 impl FailReason {
@@ -122,6 +138,8 @@ impl FailReason {
             FailReason::DeadlineExceeded { .. } => "deadline_exceeded",
             FailReason::RetryAfterTooLong { .. } => "retry_after_too_long",
             FailReason::RetryCannotFinish { .. } => "retry_cannot_finish",
+            FailReason::AdmissionTimeout { .. } => "admission_timeout",
+            FailReason::AdmissionQueueFull => "admission_queue_full",
         }
     }
 }
@@ -151,6 +169,14 @@ impl fmt::Display for FailReason {
                 "provider asked to retry after {}, beyond max_retry_after",
                 humantime::format_duration(*retry_after)
             ),
+            FailReason::AdmissionTimeout { waited } => write!(
+                f,
+                "the provider did not accept work: waited {} for it",
+                humantime::format_duration(*waited)
+            ),
+            FailReason::AdmissionQueueFull => {
+                f.write_str("the provider is not accepting work and its wait queue is full")
+            }
         }
     }
 }

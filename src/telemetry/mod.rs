@@ -90,7 +90,7 @@ pub const OUTCOMES: [&str; 4] = [
 ];
 
 /// Failure reason label values (`none` for successes).
-const REASONS: [&str; 7] = [
+const REASONS: [&str; 9] = [
     "permanent",
     "not_retryable",
     "rounds_exhausted",
@@ -98,6 +98,8 @@ const REASONS: [&str; 7] = [
     "deadline_exceeded",
     "retry_after_too_long",
     "retry_cannot_finish",
+    "admission_timeout",
+    "admission_queue_full",
 ];
 
 /// Why a retry was not made, as a label value.
