@@ -78,8 +78,11 @@ pub enum Cause {
     Body,
     /// The response could not be decoded (not a transport failure).
     Decode,
-    /// An HTTP 5xx.
+    /// An HTTP 5xx other than 502/503.
     Status5xx,
+    /// HTTP 502 or 503: the upstream, or the proxy in front of it, could
+    /// not take the work (a connection-level signal for admission).
+    Unavailable,
     /// A non-5xx status the policy lists as retryable (e.g. 408).
     StatusRetryable,
     /// HTTP 429.
@@ -96,7 +99,7 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause, in declaration order (for pre-registering metrics).
-    pub const ALL: [Cause; 17] = [
+    pub const ALL: [Cause; 18] = [
         Cause::ConnectRefused,
         Cause::Connect,
         Cause::ConnectTimeout,
@@ -108,6 +111,7 @@ impl Cause {
         Cause::Body,
         Cause::Decode,
         Cause::Status5xx,
+        Cause::Unavailable,
         Cause::StatusRetryable,
         Cause::RateLimited,
         Cause::ClientError,
@@ -130,6 +134,7 @@ impl Cause {
             Cause::Body => "body",
             Cause::Decode => "decode",
             Cause::Status5xx => "status_5xx",
+            Cause::Unavailable => "unavailable",
             Cause::StatusRetryable => "status_retryable",
             Cause::RateLimited => "rate_limited",
             Cause::ClientError => "client_error",
@@ -302,6 +307,7 @@ impl Rules {
             return transient(Cause::StatusRetryable);
         }
         match code {
+            502 | 503 => transient(Cause::Unavailable),
             500..=599 => transient(Cause::Status5xx),
             400..=499 => Verdict::new(Classification::Permanent, Cause::ClientError),
             _ => Verdict::new(Classification::TryNext, Cause::Opaque),
@@ -502,7 +508,9 @@ mod tests {
             }
         );
         assert_eq!(r.status(502, None, "").class, Classification::Transient);
-        assert_eq!(r.status(502, None, "").cause, Cause::Status5xx);
+        assert_eq!(r.status(502, None, "").cause, Cause::Unavailable);
+        assert_eq!(r.status(503, None, "").cause, Cause::Unavailable);
+        assert_eq!(r.status(500, None, "").cause, Cause::Status5xx);
         let v = r.status(503, Some(Duration::from_secs(2)), "");
         assert_eq!(
             v,
@@ -510,7 +518,7 @@ mod tests {
                 Classification::RateLimited {
                     retry_after: Some(Duration::from_secs(2))
                 },
-                Cause::Status5xx
+                Cause::Unavailable
             )
         );
         assert_eq!(r.status(408, None, "").class, Classification::Transient);

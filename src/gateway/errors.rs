@@ -97,6 +97,13 @@ fn failure_status(e: &PoolError<AttemptFailure>) -> (StatusCode, &'static str, O
             "service_unavailable_error",
             upstream_retry_after.map(secs),
         ),
+        // The provider was not accepting work for as long as the request
+        // could wait (or its queue was full): unavailable, come back soon.
+        FailReason::AdmissionTimeout { .. } | FailReason::AdmissionQueueFull => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable_error",
+            Some(1),
+        ),
         FailReason::RetryAfterTooLong { retry_after } => (
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable_error",

@@ -116,6 +116,24 @@ pub(crate) fn describe(prefix: &str) {
 }
 
 impl<P> Model<P> {
+    /// Deposits a new request into the retry budget: the full ratio, or
+    /// with `adaptive.budget` the ratio scaled by how well retries do.
+    pub(super) fn deposit(&self, now: Instant, policy: &Policy) {
+        let adaptive = &policy.adaptive;
+        if adaptive.budget {
+            let scale = self.budget.scale(
+                now,
+                &policy.budget,
+                adaptive.budget_min_success,
+                adaptive.budget_min_retries,
+            );
+            self.budget.deposit_scaled(now, &policy.budget, scale);
+            self.metrics.budget_scale(scale);
+        } else {
+            self.budget.deposit(now, &policy.budget);
+        }
+    }
+
     /// The order of one request's providers: health and probes first (see
     /// [`order`]), then, with `adaptive.latency_order`, latency.
     pub(super) fn plan(

@@ -1,5 +1,21 @@
-//! `Pool::call`: rounds over the providers with exact accounting.
+//! `Pool::call`: one loop over rounds, each a queue of steps, with exact
+//! accounting.
+//!
+//! ```text
+//! Call::start        snapshot, deadline, budget deposit, order (one Call)
+//! for each round:
+//!   for each step (provider) in the round's queue:
+//!     wait           the round's delay (later rounds: schedule, budget)
+//!     admit          the provider's gate: go, defer (another provider can
+//!                    go now), or wait                    (admission.rs)
+//!     attempt        op(provider) under the attempt's limit
+//!     record         health, stats, metrics, hooks (adaptive, shadow)
+//!     decide         served | stop | again at the gate (never received)
+//!                    | next round (received, retryable) | next provider
+//!   plan next round  waits, budget, deadline                (schedule.rs)
+//! ```
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
@@ -9,8 +25,10 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 use tokio::time::error::Elapsed;
 
+use super::admission::{self, Outcome, Permit, Refused};
 use super::order::ProbeGuard;
 use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
+use super::schedule::{Retry, schedule};
 use super::shadow::{Ended, ShadowCall};
 use super::{Model, Pool};
 use crate::classify::{Cause, Classification, Classify, Verdict};
@@ -47,16 +65,38 @@ impl CallOptions {
     }
 }
 
-/// The mutable state of one request.
-struct Request<'a, E> {
-    model: &'a str,
-    /// Providers whose failure was already counted against their health.
-    counted: u64,
-    report: Report,
-    last: Option<AttemptError<E>>,
-    probe: Option<ProbeGuard<'a>>,
-    /// With a `[shadow]` candidate: what it needs when the request ends.
-    shadow: Option<ShadowCall>,
+/// One step of a round: a provider to attempt, and why.
+#[derive(Clone, Copy)]
+enum Step {
+    /// Round 1: the provider's first attempt.
+    First(u8),
+    /// Its gate would have made the request wait while another provider
+    /// could go at once: tried after those, waiting if need be.
+    Deferred(u8),
+    /// The upstream never received the last attempt: again, when the gate
+    /// admits it (no round, no budget).
+    Again(u8),
+    /// A later round's retry after its planned wait.
+    Timed(Retry),
+}
+
+impl Step {
+    fn index(self) -> u8 {
+        match self {
+            Step::First(i) | Step::Deferred(i) | Step::Again(i) => i,
+            Step::Timed(r) => r.index,
+        }
+    }
+}
+
+/// What the gate said about one step.
+enum Admit<'a> {
+    /// Go, holding the gate's slot (`None`: admission is off).
+    Go(Option<Permit<'a>>),
+    /// Another provider can go now: come back to this one after it.
+    Defer,
+    /// Not admitted in time, or the queue was full.
+    Refused(FailReason),
 }
 
 /// How one attempt ended.
@@ -71,80 +111,46 @@ enum Attempted<T> {
     NotStarted,
 }
 
-/// A provider to retry in the next round, and the wait it needs.
-#[derive(Clone, Copy)]
-struct Retry {
-    index: u8,
-    wait: Duration,
+/// Where a step leaves the call.
+enum Next<T> {
+    /// On to the next step.
+    Continue,
+    /// The call is over.
+    Done(Result<Served<T>, FailReason>),
 }
 
-/// `base x backoff^(retry - 1)`, capped.
-pub(super) fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
-    let scaled = base.as_secs_f64() * factor.powi(retry.saturating_sub(1).min(64) as i32);
-    if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
-        cap
-    } else {
-        Duration::from_secs_f64(scaled)
-    }
-}
-
-/// Spreads `wait` uniformly over `wait x (1 +/- jitter)`.
-fn jittered(wait: Duration, jitter: f64) -> Duration {
-    if jitter <= 0.0 || wait.is_zero() {
-        return wait;
-    }
-    let factor = 1.0 + jitter * (2.0 * fastrand::f64() - 1.0);
-    wait.mul_f64(factor.max(0.0))
-}
-
-/// The waits before retry number `retry` (1-based) of the given providers,
-/// in the order they become due; providers whose Retry-After exceeds the
-/// policy's cap are left out and reported. `learned` gives a transient
-/// provider's own delay (`delay = "auto"`); without one, transient
-/// providers share one wait.
-fn schedule(
-    policy: &Policy,
-    retry: u32,
-    pending: &[(u8, Classification)],
-    learned: &dyn Fn(u8) -> Option<Duration>,
-) -> (SmallVec<[Retry; 8]>, Option<Duration>) {
-    let transient = jittered(
-        backoff(policy.base_delay(), policy.backoff, retry, policy.max_delay),
-        policy.jitter,
-    );
-    let mut too_long = None;
-    let mut out: SmallVec<[Retry; 8]> = SmallVec::new();
-    for &(index, class) in pending {
-        let wait = match class {
-            Classification::RateLimited { retry_after } => {
-                if let Some(ra) = retry_after.filter(|ra| *ra > policy.max_retry_after) {
-                    too_long = Some(ra);
-                    continue;
-                }
-                let own = jittered(
-                    backoff(
-                        policy.rate_limited_delay,
-                        policy.backoff,
-                        retry,
-                        policy.max_retry_after,
-                    ),
-                    policy.jitter,
-                );
-                own.max(retry_after.unwrap_or_default())
-            }
-            _ => match learned(index) {
-                Some(base) => jittered(
-                    backoff(base, policy.backoff, retry, policy.max_delay),
-                    policy.jitter,
-                ),
-                None => transient,
-            },
-        };
-        out.push(Retry { index, wait });
-    }
-    // Stable: equal waits keep the round's provider order.
-    out.sort_by_key(|r| r.wait);
-    (out, too_long)
+/// The state of one call: one policy snapshot, its clock readings and its
+/// accounting.
+struct Call<'a, P, E> {
+    m: &'a Model<P>,
+    resolved: &'a ModelPolicy,
+    policy: &'a Policy,
+    start: Instant,
+    deadline: Instant,
+    /// The latest clock reading: each attempt's end is the next step's
+    /// "now" (the bookkeeping between them takes microseconds), so a call
+    /// reads the clock once per attempt, plus once per wait.
+    latest: Instant,
+    /// The provider tried first (a success elsewhere is a fallback).
+    first: u8,
+    /// Providers already attempted, and those whose failure was counted
+    /// against their health.
+    tried: u64,
+    counted: u64,
+    report: Report,
+    last: Option<AttemptError<E>>,
+    /// A demoted provider's health probe, if this call carries it.
+    probe: Option<ProbeGuard<'a>>,
+    /// With a `[shadow]` candidate: what it needs when the request ends.
+    shadow: Option<ShadowCall>,
+    /// Why the last provider given up on was given up on.
+    stopped: Option<FailReason>,
+    /// Retryable failures of providers the upstream received: the next
+    /// round's retries.
+    pending: SmallVec<[(u8, Classification); 8]>,
+    /// When the round being retried ended: its retries' waits count from
+    /// here.
+    round_end: Instant,
 }
 
 impl<P> Pool<P> {
@@ -172,25 +178,46 @@ impl<P> Pool<P> {
         E: Classify + std::fmt::Display,
     {
         let Some(m) = self.model(model) else {
-            self.unknown_model.increment(1);
-            let mut name = model.to_owned();
-            if name.len() > 128 {
-                let mut cut = 128;
-                while !name.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                name.truncate(cut);
-            }
-            return Err(PoolError {
-                reason: FailReason::UnknownModel { model: name },
-                last: None,
-                report: Report::default(),
-            });
+            return Err(self.unknown(model));
         };
         // One snapshot for the whole request, resolved for this model.
         let active = self.policy.snapshot();
-        self.note_version(active.version());
+        self.note_version(&active);
         let resolved = active.for_model(m.name);
+        let mut call = Call::start(m, resolved, options, &active);
+        let result = call.run(&mut op).await;
+        call.finish(result)
+    }
+
+    /// The error for a model that is not configured: one counter, no
+    /// other state touched.
+    fn unknown<E>(&self, model: &str) -> PoolError<E> {
+        self.unknown_model.increment(1);
+        let mut name = model.to_owned();
+        if name.len() > 128 {
+            let mut cut = 128;
+            while !name.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            name.truncate(cut);
+        }
+        PoolError {
+            reason: FailReason::UnknownModel { model: name },
+            last: None,
+            report: Report::default(),
+        }
+    }
+}
+
+impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
+    /// Reads the clock, sets the deadline, deposits into the budget and
+    /// plans the order.
+    fn start(
+        m: &'a Model<P>,
+        resolved: &'a ModelPolicy,
+        options: CallOptions,
+        active: &std::sync::Arc<crate::live::ActivePolicy>,
+    ) -> Self {
         let policy = resolved.policy();
         let start = Instant::now();
         let deadline = options
@@ -198,193 +225,502 @@ impl<P> Pool<P> {
             .or_else(|| options.timeout.and_then(|t| start.checked_add(t)))
             .or_else(|| start.checked_add(policy.timeouts.request))
             .unwrap_or(start + Duration::from_secs(86_400));
-        let adaptive = &policy.adaptive;
-        if adaptive.budget {
-            let scale = m.budget.scale(
-                start,
-                &policy.budget,
-                adaptive.budget_min_success,
-                adaptive.budget_min_retries,
-            );
-            m.budget.deposit_scaled(start, &policy.budget, scale);
-            m.metrics.budget_scale(scale);
-        } else {
-            m.budget.deposit(start, &policy.budget);
-        }
-        let (order, probe) = m.plan(start, adaptive);
-        let mut req = Request {
-            model: m.name,
+        m.deposit(start, policy);
+        Call {
+            m,
+            resolved,
+            policy,
+            start,
+            deadline,
+            latest: start,
+            first: 0,
+            tried: 0,
             counted: 0,
             report: Report::default(),
             last: None,
-            probe,
-            shadow: ShadowCall::start(m, &active, resolved, start, deadline),
-        };
+            probe: None,
+            shadow: ShadowCall::start(m, active, resolved, start, deadline),
+            stopped: None,
+            pending: SmallVec::new(),
+            round_end: start,
+        }
+    }
 
+    /// Every round until the call is served or stops.
+    async fn run<T, F, Fut>(&mut self, op: &mut F) -> Result<Served<T>, FailReason>
+    where
+        F: FnMut(&P) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let (order, probe) = self.m.plan(self.start, &self.policy.adaptive);
+        self.probe = probe;
+        self.first = order[0];
         // Round 1: every provider once, no waiting between them.
-        req.report.rounds = 1;
-        let mut pending: SmallVec<[(u8, Classification); 8]> = SmallVec::new();
-        // The latest clock reading: each attempt's end is the next step's
-        // "now" (the bookkeeping between them takes microseconds), so a
-        // call reads the clock once per attempt, plus once per wait.
-        let mut latest = start;
-        for (k, &i) in order.iter().enumerate() {
-            match attempt(m, i, 1, latest, deadline, &mut op, resolved, &mut req).await {
-                Attempted::Served(value, ended, took) => {
-                    // The first attempt started at `start`: its duration
-                    // is the request's.
-                    let elapsed = if k == 0 {
-                        took
-                    } else {
-                        ended.saturating_duration_since(start)
-                    };
-                    return Ok(served(m, i, order[0] != i, value, req, elapsed));
+        self.report.rounds = 1;
+        let mut steps: VecDeque<Step> = order.iter().map(|&i| Step::First(i)).collect();
+        let mut round = 1;
+        loop {
+            while let Some(step) = steps.pop_front() {
+                if let Next::Done(result) = self.step(step, round, &mut steps, op).await {
+                    return result;
                 }
-                Attempted::Failed(v, ended) => {
-                    latest = ended;
-                    match v.class {
-                        Classification::Permanent => {
-                            return Err(fail(m, req, FailReason::Permanent, start));
-                        }
-                        c if c.is_retryable() => pending.push((i, c)),
-                        _ => {}
-                    }
+            }
+            // Further rounds over the providers whose own error was
+            // retryable.
+            match self.plan_round(round) {
+                Ok(plan) => {
+                    round += 1;
+                    steps.extend(plan.into_iter().map(Step::Timed));
                 }
-                Attempted::Expired | Attempted::NotStarted => {
-                    return Err(fail(
-                        m,
-                        req,
-                        FailReason::DeadlineExceeded { wait: None },
-                        start,
-                    ));
-                }
+                Err(reason) => return Err(reason),
             }
         }
+    }
 
-        // Further rounds over the providers whose own error was retryable.
-        let mut round = 1;
-        let mut stopped: Option<FailReason> = None;
-        loop {
-            let round_end = latest;
-            if pending.is_empty() {
-                let reason = stopped.take().unwrap_or(FailReason::NotRetryable);
-                return Err(fail(m, req, reason, start));
+    /// One step: its wait, the gate, the attempt, and what follows.
+    async fn step<T, F, Fut>(
+        &mut self,
+        step: Step,
+        round: u32,
+        steps: &mut VecDeque<Step>,
+        op: &mut F,
+    ) -> Next<T>
+    where
+        F: FnMut(&P) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let i = step.index();
+        if let Step::Timed(retry) = step
+            && !self.timed_wait(retry, round, steps).await
+        {
+            return Next::Continue;
+        }
+        let others_ready = matches!(step, Step::First(_) | Step::Again(_))
+            && steps
+                .iter()
+                .any(|s| matches!(s, Step::First(_) | Step::Again(_)) && s.index() != i);
+        let permit = match self.admit(i, others_ready).await {
+            Admit::Go(permit) => permit,
+            Admit::Defer => {
+                steps.push_back(Step::Deferred(i));
+                return Next::Continue;
             }
-            if round >= policy.max_rounds {
-                return Err(fail(m, req, FailReason::RoundsExhausted, start));
+            Admit::Refused(reason) => {
+                self.stopped = Some(reason);
+                return Next::Continue;
             }
-            let learned = |i: u8| m.learned_delay(i, policy, round_end);
-            let (plan, too_long) = schedule(policy, round, &pending, &learned);
-            if let Some(retry_after) = too_long {
-                m.metrics.skipped(Skip::RetryAfter);
-                stopped = Some(FailReason::RetryAfterTooLong { retry_after });
+        };
+        let paid = matches!(step, Step::Timed(_));
+        match self.attempt(i, round, paid, permit, op).await {
+            Attempted::Served(value, ended, took) => {
+                // The first attempt started at `start`: its duration is
+                // the request's.
+                let elapsed = if self.report.attempts == 1 {
+                    took
+                } else {
+                    ended.saturating_duration_since(self.start)
+                };
+                Next::Done(Ok(self.served(i, value, elapsed)))
             }
-            round += 1;
-            pending.clear();
-            if let Some(first) = plan.first() {
-                tracing::info!(
+            Attempted::Failed(v, ended) => {
+                self.latest = ended;
+                match v.class {
+                    Classification::Permanent => Next::Done(Err(FailReason::Permanent)),
+                    _ if self.policy.admission.enabled && admission::is_unreached(v) => {
+                        // Never received: again when its gate admits it.
+                        steps.push_back(Step::Again(i));
+                        Next::Continue
+                    }
+                    c if c.is_retryable() => {
+                        self.pending.push((i, c));
+                        Next::Continue
+                    }
+                    _ => Next::Continue,
+                }
+            }
+            Attempted::Expired | Attempted::NotStarted => {
+                // (NotStarted: a wait ended at the deadline; timers round
+                // up to the millisecond. A retry it paid for stays paid:
+                // like one cancelled during its wait, it is counted.)
+                Next::Done(Err(FailReason::DeadlineExceeded { wait: None }))
+            }
+        }
+    }
+
+    /// Plans the round after `round`: `Err` with the reason when there is
+    /// none.
+    fn plan_round(&mut self, round: u32) -> Result<SmallVec<[Retry; 8]>, FailReason> {
+        if self.pending.is_empty() {
+            return Err(self.stopped.take().unwrap_or(FailReason::NotRetryable));
+        }
+        if round >= self.policy.max_rounds {
+            return Err(FailReason::RoundsExhausted);
+        }
+        let m = self.m;
+        let policy = self.policy;
+        let round_end = self.latest;
+        let learned = |i: u8| m.learned_delay(i, policy, round_end);
+        let (plan, too_long) = schedule(policy, round, &self.pending, &learned);
+        if let Some(retry_after) = too_long {
+            m.metrics.skipped(Skip::RetryAfter);
+            self.stopped = Some(FailReason::RetryAfterTooLong { retry_after });
+        }
+        self.pending.clear();
+        if plan.is_empty() {
+            return Err(self.stopped.take().unwrap_or(FailReason::NotRetryable));
+        }
+        tracing::info!(
+            target: "retryctl",
+            model = m.name,
+            round = round + 1,
+            attempts = self.report.attempts,
+            providers = plan.len(),
+            delay_ms = plan[0].wait.as_millis() as u64,
+            "retrying after transient failure"
+        );
+        self.round_end = round_end;
+        Ok(plan)
+    }
+}
+
+impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
+    /// The wait before a later round's retry, after checking the deadline
+    /// and paying the budget. `false`: this retry is not made (and, when
+    /// the reason holds for every later one, neither are they).
+    async fn timed_wait(&mut self, r: Retry, round: u32, steps: &mut VecDeque<Step>) -> bool {
+        let m = self.m;
+        let policy = self.policy;
+        // Not before now: an earlier retry of this round may have used the
+        // time up to (or past) this one's planned start.
+        let ready = (self.round_end + r.wait).max(self.latest);
+        if ready >= self.deadline {
+            tracing::info!(
+                target: "retryctl",
+                model = m.name,
+                wait_ms = r.wait.as_millis() as u64,
+                left_ms = self.deadline.saturating_duration_since(self.round_end).as_millis() as u64,
+                "retry skipped: the wait would pass the deadline"
+            );
+            m.metrics.skipped(Skip::Deadline);
+            self.stopped = Some(FailReason::DeadlineExceeded { wait: Some(r.wait) });
+            // The round's later retries wait longer still.
+            steps.retain(|s| !matches!(s, Step::Timed(_)));
+            return false;
+        }
+        if let Some(p50) = cannot_finish(m, r.index, policy, self.round_end, ready, self.deadline) {
+            tracing::info!(
+                target: "retryctl",
+                model = m.name,
+                provider = m.routes[r.index as usize].name,
+                wait_ms = r.wait.as_millis() as u64,
+                p50_ms = p50.as_millis() as u64,
+                "retry skipped: it could not finish before the deadline"
+            );
+            m.metrics.skipped(Skip::DeadlinePredicted);
+            self.stopped = Some(FailReason::RetryCannotFinish { wait: r.wait, p50 });
+            return false;
+        }
+        if !m.budget.withdraw(self.latest, &policy.budget) {
+            tracing::warn!(
+                target: "retryctl",
+                model = m.name,
+                attempts = self.report.attempts,
+                "retry refused by the retry budget"
+            );
+            m.metrics.skipped(Skip::Budget);
+            self.stopped = Some(FailReason::BudgetExhausted);
+            steps.retain(|s| !matches!(s, Step::Timed(_)));
+            return false;
+        }
+        if let Some(shadow) = &mut self.shadow {
+            shadow.charge(m, round);
+        }
+        self.report.rounds = self.report.rounds.max(round);
+        let before = self.latest;
+        if ready > before {
+            tokio::time::sleep_until(ready).await;
+            self.latest = Instant::now();
+            let waited = self.latest - before;
+            self.report.waited += waited;
+            m.metrics.retry_delay(waited);
+        }
+        true
+    }
+
+    /// Passes provider `i`'s admission gate: at once when it is open (one
+    /// atomic add); otherwise defers to another provider that can go now,
+    /// or waits in line, within `admission.max_wait` (counted over the
+    /// whole call) and the deadline.
+    async fn admit(&mut self, i: u8, others_ready: bool) -> Admit<'a> {
+        let admission = &self.policy.admission;
+        let gate = &self.m.routes[usize::from(i)].gate;
+        if !admission.enabled {
+            if !gate.is_open() {
+                // Switched off while the gate held requests: let them go.
+                gate.open_now();
+            }
+            return Admit::Go(None);
+        }
+        if let Some(permit) = gate.try_enter(self.latest) {
+            return Admit::Go(Some(permit));
+        }
+        if others_ready {
+            return Admit::Defer;
+        }
+        let left = admission.max_wait.saturating_sub(self.report.queued);
+        let until = self
+            .latest
+            .checked_add(left)
+            .map_or(self.deadline, |t| t.min(self.deadline));
+        let entered = gate.enter(admission, until).await;
+        let now = Instant::now();
+        let waited = now.saturating_duration_since(self.latest);
+        self.latest = now;
+        self.report.waited += waited;
+        self.report.queued += waited;
+        match entered {
+            Ok(permit) => Admit::Go(Some(permit)),
+            Err(Refused::TimedOut) => {
+                tracing::warn!(
                     target: "retryctl",
-                    model = req.model,
-                    round,
-                    attempts = req.report.attempts,
-                    providers = plan.len(),
-                    delay_ms = first.wait.as_millis() as u64,
-                    "retrying after transient failure"
+                    model = self.m.name,
+                    provider = self.m.routes[usize::from(i)].name,
+                    waited_ms = self.report.queued.as_millis() as u64,
+                    "request not admitted in time: the provider is not accepting work"
                 );
+                Admit::Refused(FailReason::AdmissionTimeout {
+                    waited: self.report.queued,
+                })
             }
-            let mut started_round = false;
-            for r in &plan {
-                // Not before now: an earlier retry of this round may have used
-                // the time up to (or past) this one's planned start.
-                let ready = (round_end + r.wait).max(latest);
-                if ready >= deadline {
+            Err(Refused::QueueFull) => Admit::Refused(FailReason::AdmissionQueueFull),
+        }
+    }
+
+    /// Runs one attempt under the attempt's time limit, and records its
+    /// outcome in the call's accounting, the provider's health and gate,
+    /// and the hooks. `paid`: a later round's retry (the budget paid).
+    async fn attempt<T, F, Fut>(
+        &mut self,
+        i: u8,
+        round: u32,
+        paid: bool,
+        permit: Option<Permit<'a>>,
+        op: &mut F,
+    ) -> Attempted<T>
+    where
+        F: FnMut(&P) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let m = self.m;
+        let active = self.resolved;
+        let policy = self.policy;
+        let route = &m.routes[usize::from(i)];
+        let now = self.latest;
+        let deadline = self.deadline;
+        if now >= deadline {
+            return Attempted::NotStarted;
+        }
+        // Instants, not durations: an `Instant` sum is cheaper than the
+        // subtraction a remaining-time `Duration` needs, and the limit as a
+        // duration is only needed when the attempt times out.
+        let fixed = now
+            .checked_add(policy.timeouts.attempt)
+            .map_or(deadline, |end| end.min(deadline));
+        let adaptive = adaptive_limit(route, policy, now)
+            .and_then(|a| now.checked_add(a))
+            .filter(|end| *end < fixed);
+        let until = adaptive.unwrap_or(fixed);
+        self.report.attempts += 1;
+        let bit = 1u64 << i;
+        if self.tried & bit != 0 {
+            self.report.retries += 1;
+            m.metrics.retry();
+        }
+        self.tried |= bit;
+        let was_probe = self.probe.as_ref().is_some_and(|g| g.index == i);
+        let fut = std::pin::pin!(op(&route.provider));
+        let result = limited(until, fut).await;
+        let (verdict, expired) = match result {
+            Ok(Ok(value)) => {
+                let ended = Instant::now();
+                if let Some(permit) = permit {
+                    permit.finish(Outcome::Reached, &policy.admission);
+                }
+                if paid {
+                    m.budget.record_retry(ended, &policy.budget, true);
+                }
+                let elapsed = ended.saturating_duration_since(now);
+                route.stats.record(ended, elapsed, None);
+                route.metrics.attempt(None, elapsed);
+                route.record_recovery(policy, ended, None);
+                m.resolve_shadow(i, now, None);
+                if was_probe {
+                    self.probe = None;
+                }
+                if route.health.on_success() == HealthEvent::Recovered {
+                    route.metrics.recovered();
                     tracing::info!(
                         target: "retryctl",
-                        model = req.model,
-                        wait_ms = r.wait.as_millis() as u64,
-                        left_ms = deadline.saturating_duration_since(round_end).as_millis() as u64,
-                        "retry skipped: the wait would pass the deadline"
+                        model = m.name,
+                        provider = route.name,
+                        probe = was_probe,
+                        "provider recovered"
                     );
-                    m.metrics.skipped(Skip::Deadline);
-                    stopped = Some(FailReason::DeadlineExceeded { wait: Some(r.wait) });
-                    break;
                 }
-                if let Some(p50) = cannot_finish(m, r.index, policy, round_end, ready, deadline) {
-                    tracing::info!(
-                        target: "retryctl",
-                        model = req.model,
-                        provider = m.routes[r.index as usize].name,
-                        wait_ms = r.wait.as_millis() as u64,
-                        p50_ms = p50.as_millis() as u64,
-                        "retry skipped: it could not finish before the deadline"
-                    );
-                    m.metrics.skipped(Skip::DeadlinePredicted);
-                    stopped = Some(FailReason::RetryCannotFinish { wait: r.wait, p50 });
-                    continue;
+                return Attempted::Served(value, ended, elapsed);
+            }
+            Ok(Err(e)) => {
+                let v = e.classify(active.rules());
+                self.last = Some(AttemptError::Upstream(e));
+                (v, false)
+            }
+            Err(_) => {
+                let limit = until.saturating_duration_since(now);
+                self.last = Some(AttemptError::TimedOut(limit));
+                if adaptive.is_some() {
+                    // Far beyond this provider's usual answer time: most
+                    // likely a stalled connection, worth retrying.
+                    let v = Verdict::new(Classification::Transient, Cause::AdaptiveTimeout);
+                    (v, false)
+                } else {
+                    (
+                        active.rules().response_timeout(),
+                        limit < policy.timeouts.attempt,
+                    )
                 }
-                if !m.budget.withdraw(latest, &policy.budget) {
+            }
+        };
+        let ended = Instant::now();
+        let gate_probe = permit.as_ref().is_some_and(|p| p.probe);
+        if let Some(permit) = permit {
+            // A deadline cut says nothing about the upstream; a slow
+            // answer is not a connection-level failure.
+            let outcome = if expired {
+                Outcome::Abandoned
+            } else {
+                Outcome::of(verdict)
+            };
+            permit.finish(outcome, &policy.admission);
+        }
+        if paid {
+            m.budget.record_retry(ended, &policy.budget, false);
+        }
+        let elapsed = ended.saturating_duration_since(now);
+        route.stats.record(ended, elapsed, Some(verdict.cause));
+        route.metrics.attempt(Some(verdict.cause), elapsed);
+        route.record_recovery(policy, ended, Some(verdict.class));
+        m.resolve_shadow(i, now, Some(verdict.class));
+        self.report.failures.push(FailedAttempt {
+            provider: route.name,
+            round,
+            verdict,
+            elapsed,
+            probe: gate_probe,
+        });
+        tracing::debug!(
+            target: "retryctl",
+            model = m.name,
+            provider = route.name,
+            round,
+            cause = verdict.cause.as_str(),
+            "attempt failed"
+        );
+        // A deadline cut says nothing about the provider; neither does a
+        // client error. Each provider counts at most once per request.
+        if !expired
+            && verdict.class != Classification::Permanent
+            && verdict.cause.is_provider_fault()
+            && self.counted & bit == 0
+        {
+            self.counted |= bit;
+            match route.health.on_failure(ended, &policy.health, was_probe) {
+                HealthEvent::Demoted => {
+                    route.metrics.demoted();
                     tracing::warn!(
                         target: "retryctl",
-                        model = req.model,
-                        attempts = req.report.attempts,
-                        "retry refused by the retry budget"
-                    );
-                    m.metrics.skipped(Skip::Budget);
-                    stopped = Some(FailReason::BudgetExhausted);
-                    break;
+                        model = m.name,
+                        provider = route.name,
+                        after = policy.health.demote_after,
+                        "provider demoted after consecutive failed requests"
+                    )
                 }
-                if let Some(shadow) = &mut req.shadow {
-                    shadow.charge(m, round);
-                }
-                if !started_round {
-                    req.report.rounds = round;
-                    started_round = true;
-                }
-                let before = latest;
-                if ready > before {
-                    tokio::time::sleep_until(ready).await;
-                    latest = Instant::now();
-                    req.report.waited += latest - before;
-                    m.metrics.retry_delay(latest - before);
-                }
-                match attempt(
-                    m, r.index, round, latest, deadline, &mut op, resolved, &mut req,
-                )
-                .await
-                {
-                    Attempted::Served(value, ended, _) => {
-                        let fell_back = order[0] != r.index;
-                        let elapsed = ended.saturating_duration_since(start);
-                        return Ok(served(m, r.index, fell_back, value, req, elapsed));
-                    }
-                    Attempted::Failed(v, ended) => {
-                        latest = ended;
-                        match v.class {
-                            Classification::Permanent => {
-                                return Err(fail(m, req, FailReason::Permanent, start));
-                            }
-                            c if c.is_retryable() => pending.push((r.index, c)),
-                            _ => {}
-                        }
-                    }
-                    Attempted::Expired => {
-                        let reason = FailReason::DeadlineExceeded { wait: None };
-                        return Err(fail(m, req, reason, start));
-                    }
-                    Attempted::NotStarted => {
-                        // The wait ended at the deadline (timers round up to
-                        // the millisecond). The retry it paid for stays paid:
-                        // like one cancelled during its wait, it is counted.
-                        let reason = FailReason::DeadlineExceeded { wait: None };
-                        return Err(fail(m, req, reason, start));
-                    }
-                }
-            }
-            if !started_round {
-                let reason = stopped.take().unwrap_or(FailReason::NotRetryable);
-                return Err(fail(m, req, reason, start));
+                HealthEvent::ProbeFailed => tracing::info!(
+                    target: "retryctl",
+                    model = m.name,
+                    provider = route.name,
+                    "probe of demoted provider failed"
+                ),
+                HealthEvent::Unchanged | HealthEvent::Recovered => {}
             }
         }
+        if was_probe {
+            self.probe = None;
+        }
+        if expired {
+            Attempted::Expired
+        } else {
+            Attempted::Failed(verdict, ended)
+        }
+    }
+
+    /// The call was served by provider `i`.
+    fn served<T>(&mut self, i: u8, value: T, elapsed: Duration) -> Served<T> {
+        let m = self.m;
+        let fell_back = i != self.first;
+        self.report.elapsed = elapsed;
+        let r = &self.report;
+        m.metrics.served(r.retries > 0, r.attempts, r.elapsed, fell_back);
+        if let Some(shadow) = &self.shadow {
+            shadow.observe(m, r, Ended::Served(i));
+        }
+        Served {
+            value,
+            provider: m.routes[usize::from(i)].name,
+            fell_back,
+            report: std::mem::take(&mut self.report),
+        }
+    }
+
+    /// The call's result: a failure gets its accounting, metrics and log.
+    fn finish<T>(mut self, result: Result<Served<T>, FailReason>) -> Result<Served<T>, PoolError<E>> {
+        let reason = match result {
+            Ok(served) => return Ok(served),
+            Err(reason) => reason,
+        };
+        let m = self.m;
+        self.report.elapsed = Instant::now().saturating_duration_since(self.start);
+        let r = &self.report;
+        m.metrics
+            .failed(reason.as_str(), r.retries > 0, r.attempts, r.elapsed);
+        if let Some(shadow) = &self.shadow {
+            shadow.observe(m, r, Ended::Failed(&reason));
+        }
+        let last = self.last.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        if matches!(reason, FailReason::Permanent) {
+            tracing::debug!(
+                target: "retryctl",
+                model = m.name,
+                attempts = r.attempts,
+                last_error = %last,
+                "request rejected by the upstream (not retried)"
+            );
+        } else {
+            tracing::warn!(
+                target: "retryctl",
+                model = m.name,
+                attempts = r.attempts,
+                rounds = r.rounds,
+                reason = reason.as_str(),
+                elapsed_ms = r.elapsed.as_millis() as u64,
+                last_error = %last,
+                "all providers failed"
+            );
+        }
+        Err(PoolError {
+            reason,
+            last: self.last,
+            report: self.report,
+        })
     }
 }
 
@@ -436,275 +772,4 @@ fn adaptive_limit<P>(route: &super::Route<P>, policy: &Policy, now: Instant) -> 
         p99.mul_f64(a.attempt_timeout_factor)
             .clamp(a.attempt_timeout_min, a.attempt_timeout_max),
     )
-}
-
-/// Runs one attempt under the attempt's time limit, records its outcome in
-/// the request's accounting and in the provider's health.
-#[allow(clippy::too_many_arguments)]
-async fn attempt<'a, P, T, E, F, Fut>(
-    m: &'a Model<P>,
-    i: u8,
-    round: u32,
-    now: Instant,
-    deadline: Instant,
-    op: &mut F,
-    active: &ModelPolicy,
-    req: &mut Request<'a, E>,
-) -> Attempted<T>
-where
-    F: FnMut(&P) -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-    E: Classify,
-{
-    let policy = active.policy();
-    let route = &m.routes[i as usize];
-    if now >= deadline {
-        return Attempted::NotStarted;
-    }
-    // Instants, not durations: an `Instant` sum is cheaper than the
-    // subtraction a remaining-time `Duration` needs, and the limit as a
-    // duration is only needed when the attempt times out.
-    let fixed = now
-        .checked_add(policy.timeouts.attempt)
-        .map_or(deadline, |end| end.min(deadline));
-    let adaptive = adaptive_limit(route, policy, now)
-        .and_then(|a| now.checked_add(a))
-        .filter(|end| *end < fixed);
-    let until = adaptive.unwrap_or(fixed);
-    req.report.attempts += 1;
-    if round > 1 {
-        req.report.retries += 1;
-        m.metrics.retry();
-    }
-    let was_probe = req.probe.as_ref().is_some_and(|g| g.index == i);
-    let fut = std::pin::pin!(op(&route.provider));
-    let result = limited(until, fut).await;
-    let (verdict, expired) = match result {
-        Ok(Ok(value)) => {
-            let ended = Instant::now();
-            if round > 1 {
-                m.budget.record_retry(ended, &policy.budget, true);
-            }
-            let elapsed = ended.saturating_duration_since(now);
-            route.stats.record(ended, elapsed, None);
-            route.metrics.attempt(None, elapsed);
-            route.record_recovery(policy, ended, None);
-            m.resolve_shadow(i, now, None);
-            if was_probe {
-                req.probe = None;
-            }
-            if route.health.on_success() == HealthEvent::Recovered {
-                route.metrics.recovered();
-                tracing::info!(
-                    target: "retryctl",
-                    model = req.model,
-                    provider = route.name,
-                    probe = was_probe,
-                    "provider recovered"
-                );
-            }
-            return Attempted::Served(value, ended, elapsed);
-        }
-        Ok(Err(e)) => {
-            let v = e.classify(active.rules());
-            req.last = Some(AttemptError::Upstream(e));
-            (v, false)
-        }
-        Err(_) => {
-            let limit = until.saturating_duration_since(now);
-            req.last = Some(AttemptError::TimedOut(limit));
-            if adaptive.is_some() {
-                // Far beyond this provider's usual answer time: most likely
-                // a stalled connection, worth retrying.
-                let v = Verdict::new(Classification::Transient, Cause::AdaptiveTimeout);
-                (v, false)
-            } else {
-                (
-                    active.rules().response_timeout(),
-                    limit < policy.timeouts.attempt,
-                )
-            }
-        }
-    };
-    let ended = Instant::now();
-    if round > 1 {
-        m.budget.record_retry(ended, &policy.budget, false);
-    }
-    let elapsed = ended.saturating_duration_since(now);
-    route.stats.record(ended, elapsed, Some(verdict.cause));
-    route.metrics.attempt(Some(verdict.cause), elapsed);
-    route.record_recovery(policy, ended, Some(verdict.class));
-    m.resolve_shadow(i, now, Some(verdict.class));
-    req.report.failures.push(FailedAttempt {
-        provider: route.name,
-        round,
-        verdict,
-        elapsed,
-        probe: false,
-    });
-    tracing::debug!(
-        target: "retryctl",
-        model = req.model,
-        provider = route.name,
-        round,
-        cause = verdict.cause.as_str(),
-        "attempt failed"
-    );
-    // A deadline cut says nothing about the provider; neither does a
-    // client error. Each provider counts at most once per request.
-    let bit = 1u64 << i;
-    if !expired
-        && verdict.class != Classification::Permanent
-        && verdict.cause.is_provider_fault()
-        && req.counted & bit == 0
-    {
-        req.counted |= bit;
-        match route.health.on_failure(ended, &policy.health, was_probe) {
-            HealthEvent::Demoted => {
-                route.metrics.demoted();
-                tracing::warn!(
-                target: "retryctl",
-                model = req.model,
-                provider = route.name,
-                after = policy.health.demote_after,
-                "provider demoted after consecutive failed requests"
-                )
-            }
-            HealthEvent::ProbeFailed => tracing::info!(
-                target: "retryctl",
-                model = req.model,
-                provider = route.name,
-                "probe of demoted provider failed"
-            ),
-            HealthEvent::Unchanged | HealthEvent::Recovered => {}
-        }
-    }
-    if was_probe {
-        req.probe = None;
-    }
-    if expired {
-        Attempted::Expired
-    } else {
-        Attempted::Failed(verdict, ended)
-    }
-}
-
-fn served<P, T, E>(
-    m: &Model<P>,
-    i: u8,
-    fell_back: bool,
-    value: T,
-    mut req: Request<'_, E>,
-    elapsed: Duration,
-) -> Served<T> {
-    req.report.elapsed = elapsed;
-    let r = &req.report;
-    m.metrics.served(r.rounds, r.attempts, r.elapsed, fell_back);
-    if let Some(shadow) = &req.shadow {
-        shadow.observe(m, r, Ended::Served(i));
-    }
-    Served {
-        value,
-        provider: m.routes[i as usize].name,
-        fell_back,
-        report: req.report,
-    }
-}
-
-fn fail<P, E: std::fmt::Display>(
-    m: &Model<P>,
-    mut req: Request<'_, E>,
-    reason: FailReason,
-    start: Instant,
-) -> PoolError<E> {
-    req.report.elapsed = Instant::now().saturating_duration_since(start);
-    let r = &req.report;
-    m.metrics
-        .failed(reason.as_str(), r.rounds, r.attempts, r.elapsed);
-    if let Some(shadow) = &req.shadow {
-        shadow.observe(m, r, Ended::Failed(&reason));
-    }
-    let level_warn = !matches!(reason, FailReason::Permanent);
-    let last = req.last.as_ref().map(|e| e.to_string()).unwrap_or_default();
-    if level_warn {
-        tracing::warn!(
-            target: "retryctl",
-            model = req.model,
-            attempts = req.report.attempts,
-            rounds = req.report.rounds,
-            reason = reason.as_str(),
-            elapsed_ms = req.report.elapsed.as_millis() as u64,
-            last_error = %last,
-            "all providers failed"
-        );
-    } else {
-        tracing::debug!(
-            target: "retryctl",
-            model = req.model,
-            attempts = req.report.attempts,
-            last_error = %last,
-            "request rejected by the upstream (not retried)"
-        );
-    }
-    PoolError {
-        reason,
-        last: req.last,
-        report: req.report,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        let s = Duration::from_millis(500);
-        let cap = Duration::from_secs(4);
-        let waits: Vec<_> = (1..=5).map(|r| backoff(s, 2.0, r, cap)).collect();
-        assert_eq!(
-            waits,
-            [500, 1000, 2000, 4000, 4000]
-                .map(Duration::from_millis)
-                .to_vec()
-        );
-    }
-
-    #[test]
-    fn jitter_stays_in_band() {
-        let d = Duration::from_millis(500);
-        for _ in 0..1000 {
-            let j = jittered(d, 0.2);
-            assert!(j >= Duration::from_millis(400) && j <= Duration::from_millis(600));
-        }
-        assert_eq!(jittered(d, 0.0), d);
-    }
-
-    #[test]
-    fn schedule_honours_retry_after_and_drops_excessive_ones() {
-        let policy = Policy {
-            jitter: 0.0,
-            ..Policy::default()
-        };
-        let pending = [
-            (
-                0,
-                Classification::RateLimited {
-                    retry_after: Some(Duration::from_secs(3)),
-                },
-            ),
-            (1, Classification::Transient),
-            (
-                2,
-                Classification::RateLimited {
-                    retry_after: Some(Duration::from_secs(600)),
-                },
-            ),
-            (3, Classification::RateLimited { retry_after: None }),
-        ];
-        let (plan, too_long) = schedule(&policy, 1, &pending, &|_| None);
-        let got: Vec<_> = plan.iter().map(|r| (r.index, r.wait.as_millis())).collect();
-        assert_eq!(got, vec![(1, 500), (3, 1000), (0, 3000)]);
-        assert_eq!(too_long, Some(Duration::from_secs(600)));
-    }
 }

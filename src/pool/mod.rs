@@ -32,10 +32,12 @@
 //! before the retry it pays for, so every counter stays consistent.
 
 mod adaptive;
+mod admission;
 mod call;
 mod names;
 mod order;
 mod outcome;
+mod schedule;
 mod shadow;
 
 use std::collections::HashMap;
@@ -47,10 +49,11 @@ use tokio::time::Instant;
 
 use crate::budget::RetryBudget;
 use crate::health::{HealthSnapshot, ProviderHealth};
-use crate::live::LivePolicy;
+use crate::live::{ActivePolicy, LivePolicy};
 use crate::stats::{RouteStats, WindowStats};
 use crate::telemetry::{self, ModelMetrics, RouteMetrics};
 
+pub use self::admission::GateSnapshot;
 pub use self::call::CallOptions;
 pub use self::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
 pub use self::shadow::ShadowCounts;
@@ -72,6 +75,8 @@ struct Route<P> {
     metrics: RouteMetrics,
     /// State and metric handles of the adaptive decisions.
     adaptive: adaptive::RouteAdaptive,
+    /// The admission gate every attempt passes.
+    gate: admission::Gate,
 }
 
 #[derive(Debug)]
@@ -223,6 +228,7 @@ impl<P> PoolBuilder<P> {
         telemetry::describe(&prefix);
         adaptive::describe(&prefix);
         shadow::describe(&prefix);
+        admission::describe(&prefix);
         if self.models.is_empty() {
             return Err(BuildError::Empty);
         }
@@ -249,18 +255,26 @@ impl<P> PoolBuilder<P> {
                     });
                 }
             }
+            let name = names::intern(&name);
             let routes = providers
                 .into_iter()
-                .map(|(provider_name, provider)| Route {
-                    metrics: RouteMetrics::new(&prefix, &name, &provider_name),
-                    adaptive: adaptive::RouteAdaptive::new(&prefix, &name, &provider_name),
-                    name: names::intern(&provider_name),
-                    provider,
-                    health: ProviderHealth::new(),
-                    stats: RouteStats::new(),
+                .map(|(provider_name, provider)| {
+                    let provider_name = names::intern(&provider_name);
+                    Route {
+                        metrics: RouteMetrics::new(&prefix, name, provider_name),
+                        adaptive: adaptive::RouteAdaptive::new(&prefix, name, provider_name),
+                        gate: admission::Gate::new(
+                            admission::GateMetrics::new(&prefix, name, provider_name),
+                            name,
+                            provider_name,
+                        ),
+                        name: provider_name,
+                        provider,
+                        health: ProviderHealth::new(),
+                        stats: RouteStats::new(),
+                    }
                 })
                 .collect();
-            let name = names::intern(&name);
             index.insert(name, models.len());
             models.push(Model {
                 metrics: ModelMetrics::new(&prefix, name),
@@ -273,14 +287,18 @@ impl<P> PoolBuilder<P> {
             });
         }
         let policy = self.policy.unwrap_or_default();
-        let version = policy.load().version();
-        telemetry::policy_in_force(None, version);
+        let active = policy.load();
+        telemetry::policy_in_force(None, active.version());
+        for m in &models {
+            m.metrics
+                .admission_max_wait(active.for_model(m.name).policy().admission.max_wait);
+        }
         Ok(Pool {
             models,
             index,
-            policy,
             unknown_model: telemetry::unknown_model(&prefix),
-            policy_seen: AtomicU64::new(version),
+            policy_seen: AtomicU64::new(active.version()),
+            policy,
         })
     }
 }
@@ -296,6 +314,8 @@ pub struct ProviderStats {
     pub health: HealthSnapshot,
     /// Its attempts over the last [`stats::WINDOW`](crate::stats::WINDOW).
     pub recent: WindowStats,
+    /// Its admission gate.
+    pub admission: GateSnapshot,
 }
 
 impl<P> Pool<P> {
@@ -326,6 +346,7 @@ impl<P> Pool<P> {
                     provider: r.name,
                     health: r.health.snapshot(now),
                     recent: r.stats.snapshot(now),
+                    admission: r.gate.snapshot(),
                 })
             })
             .collect()
@@ -343,11 +364,16 @@ impl<P> Pool<P> {
 
     /// Reports a policy version change seen by a request (rare: one
     /// relaxed load otherwise).
-    fn note_version(&self, version: u64) {
+    fn note_version(&self, active: &ActivePolicy) {
+        let version = active.version();
         if self.policy_seen.load(Ordering::Relaxed) != version {
             let old = self.policy_seen.swap(version, Ordering::Relaxed);
             if old != version {
                 telemetry::policy_in_force(Some(old), version);
+                for m in &self.models {
+                    m.metrics
+                        .admission_max_wait(active.for_model(m.name).policy().admission.max_wait);
+                }
             }
         }
     }

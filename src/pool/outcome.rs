@@ -172,7 +172,7 @@ impl fmt::Display for FailReason {
             FailReason::AdmissionTimeout { waited } => write!(
                 f,
                 "the provider did not accept work: waited {} for it",
-                humantime::format_duration(*waited)
+                humantime::format_duration(Duration::from_millis(waited.as_millis() as u64))
             ),
             FailReason::AdmissionQueueFull => {
                 f.write_str("the provider is not accepting work and its wait queue is full")

@@ -58,7 +58,7 @@ use metrics::Counter;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use super::call::backoff;
+use super::schedule::backoff;
 use super::outcome::{FailReason, Report};
 use super::{Model, Pool};
 use crate::budget::RetryBudget;

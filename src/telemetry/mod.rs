@@ -135,6 +135,7 @@ pub(crate) struct ModelMetrics {
     attempts_per_request: Histogram,
     retry_delay: Histogram,
     budget_scale: Gauge,
+    admission_max_wait: Gauge,
 }
 
 /// Handles for one route (model x provider), resolved once.
@@ -170,16 +171,17 @@ impl ModelMetrics {
             attempts_per_request: metrics::histogram!(name("attempts_per_request"), "model" => m.clone()),
             retry_delay: metrics::histogram!(name("retry_delay_seconds"), "model" => m.clone()),
             budget_scale: {
-                let g = metrics::gauge!(name("retry_budget_scale"), "model" => m);
+                let g = metrics::gauge!(name("retry_budget_scale"), "model" => m.clone());
                 g.set(1.0);
                 g
             },
+            admission_max_wait: metrics::gauge!(name("admission_max_wait_seconds"), "model" => m),
         }
     }
 
-    /// A served request.
-    pub(crate) fn served(&self, rounds: u32, attempts: u32, elapsed: Duration, fell_back: bool) {
-        if rounds <= 1 {
+    /// A served request (`retried`: it re-attempted a provider).
+    pub(crate) fn served(&self, retried: bool, attempts: u32, elapsed: Duration, fell_back: bool) {
+        if !retried {
             self.success_first_try.increment(1);
         } else {
             self.success_after_retry.increment(1);
@@ -193,9 +195,8 @@ impl ModelMetrics {
     }
 
     /// A failed request.
-    pub(crate) fn failed(&self, reason: &str, rounds: u32, attempts: u32, elapsed: Duration) {
-        let retried = usize::from(rounds <= 1);
-        self.failed[retried][reason_index(reason)].increment(1);
+    pub(crate) fn failed(&self, reason: &str, retried: bool, attempts: u32, elapsed: Duration) {
+        self.failed[usize::from(!retried)][reason_index(reason)].increment(1);
         self.first_round_failures.increment(1);
         self.request_duration.record(elapsed.as_secs_f64());
         self.attempts_per_request.record(f64::from(attempts));
@@ -212,6 +213,11 @@ impl ModelMetrics {
     /// The share of `budget.ratio` new requests deposit (adaptive budget).
     pub(crate) fn budget_scale(&self, scale: f64) {
         self.budget_scale.set(scale);
+    }
+
+    /// The model's `admission.max_wait`, when a policy is put in force.
+    pub(crate) fn admission_max_wait(&self, max_wait: Duration) {
+        self.admission_max_wait.set(max_wait.as_secs_f64());
     }
 
     pub(crate) fn skipped(&self, why: Skip) {

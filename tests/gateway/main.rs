@@ -497,7 +497,12 @@ async fn all_providers_failed_is_502_with_reason_and_no_upstream_address() {
     )))
     .await;
     let urls = [failing.url(), format!("http://{refused}")];
-    let gw = start(&urls).await;
+    // Rounds only: with admission, the refused provider is waited for
+    // (`a_provider_that_never_accepts_is_503_admission_timeout`).
+    let policy = format!("{POLICY}[admission]\nenabled = false\n");
+    let gw = start_with_policy(&policy, &config_text(&urls, "", "", ""), env_none)
+        .await
+        .unwrap();
     let r = gw.chat(&chat_body(false)).await;
     assert_eq!(r.status(), 502);
     assert_eq!(header(&r, "x-retryctl-attempts"), Some("4"));
@@ -526,9 +531,9 @@ async fn all_providers_failed_is_502_with_reason_and_no_upstream_address() {
     assert_eq!(
         causes,
         vec![
-            expect("p0", 1, "status_5xx"),
+            expect("p0", 1, "unavailable"),
             expect("p1", 1, "connect_refused"),
-            expect("p0", 2, "status_5xx"),
+            expect("p0", 2, "unavailable"),
             expect("p1", 2, "connect_refused"),
         ]
     );
@@ -547,6 +552,41 @@ async fn all_providers_failed_is_502_with_reason_and_no_upstream_address() {
         assert!(!text.contains(&leak), "{leak} leaked: {text}");
     }
     assert_eq!(failing.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_provider_that_never_accepts_is_503_admission_timeout() {
+    let refused = closed_port();
+    // 250 ms of waiting: the first refusal limits the gate, the second
+    // (admitted at once) marks the provider down, and the one probe due
+    // at 100 ms is refused too; the next (at 300 ms) is past max_wait.
+    let policy = format!("{POLICY}[admission]\nmax_wait = \"250ms\"\n");
+    let gw = start_with_policy(
+        &policy,
+        &config_text(&[format!("http://{refused}")], "", "", ""),
+        env_none,
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let r = gw.chat(&chat_body(false)).await;
+    let took = started.elapsed();
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "retry-after"), Some("1"));
+    assert_eq!(header(&r, "x-retryctl-attempts"), Some("3"));
+    let body = json(r).await;
+    let error = &body["error"];
+    assert_eq!(error["reason"], "admission_timeout");
+    assert_eq!(error["rounds"].as_u64(), Some(1), "no round was spent");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("did not accept work: waited 25") && message.contains("last error"),
+        "{message}"
+    );
+    assert!(
+        (Duration::from_millis(240)..Duration::from_secs(2)).contains(&took),
+        "{took:?}"
+    );
 }
 
 #[tokio::test]

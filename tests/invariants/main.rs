@@ -21,7 +21,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use retryctl::{
-    AdaptivePolicy, BudgetPolicy, CallOptions, ClassifyPolicy, HealthPolicy, LivePolicy, Policy,
+    AdaptivePolicy, AdmissionPolicy, BudgetPolicy, CallOptions, ClassifyPolicy, HealthPolicy, LivePolicy, Policy,
     Pool, Timeouts,
 };
 use tokio::time::Instant;
@@ -95,6 +95,12 @@ impl PolicySpec {
                 deadline_aware: self.deadline_aware.is_some(),
                 min_samples: self.deadline_aware.unwrap_or(50),
                 ..AdaptivePolicy::default()
+            },
+            // The checks model the round mechanism; admission has its own
+            // invariants (tests/admission).
+            admission: AdmissionPolicy {
+                enabled: false,
+                ..AdmissionPolicy::default()
             },
             ..Policy::default()
         }

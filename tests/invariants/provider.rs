@@ -43,7 +43,7 @@ impl Kind {
             Kind::Ok | Kind::Hang => return None,
             Kind::Refused => Cause::ConnectRefused,
             Kind::Reset => Cause::Reset,
-            Kind::Status502 | Kind::Status503(_) => Cause::Status5xx,
+            Kind::Status502 | Kind::Status503(_) => Cause::Unavailable,
             Kind::Status429(_) => Cause::RateLimited,
             Kind::Status400 => Cause::ClientError,
             Kind::Status404 => Cause::NextProvider,

@@ -1,5 +1,11 @@
 //! Pool behaviour under paused tokio time: rounds, delays, classification,
 //! budget, deadline, health and cancellation. No real sleeps.
+//!
+//! These tests exercise the round mechanism, and most use a refused
+//! connection as their transient failure: [`pool`] builds every pool with
+//! `admission.enabled = false`, the configuration in which such a failure
+//! is retried in rounds (with admission on, it waits at the provider's
+//! gate instead: tests/admission).
 
 mod script;
 
@@ -19,11 +25,17 @@ type P = Arc<Scripted>;
 type Outcome = Result<Served<&'static str>, PoolError<TestError>>;
 
 fn pool(providers: impl IntoIterator<Item = P>, policy: Policy) -> Pool<P> {
-    let mut b = Pool::builder().policy(LivePolicy::new(policy).unwrap());
+    let mut b = Pool::builder().policy(LivePolicy::new(rounds_only(policy)).unwrap());
     for p in providers {
         b = b.provider(MODEL, p.name, p);
     }
     b.build().unwrap()
+}
+
+/// `policy` without the admission gate.
+fn rounds_only(mut policy: Policy) -> Policy {
+    policy.admission.enabled = false;
+    policy
 }
 
 async fn call(pool: &Pool<P>) -> Outcome {
@@ -85,7 +97,7 @@ async fn status_502_retries_once() {
     let err = call(&pool).await.unwrap_err();
     assert_eq!(err.reason, FailReason::RoundsExhausted);
     assert_eq!(a.count(), 2);
-    assert_eq!(err.report.failures()[1].verdict.cause, Cause::Status5xx);
+    assert_eq!(err.report.failures()[1].verdict.cause, Cause::Unavailable);
     assert_eq!(err.report.failures()[1].round, 2);
 }
 
@@ -550,10 +562,10 @@ async fn a_request_keeps_its_policy_snapshot() {
     tokio::task::yield_now().await; // the request has started and waits
     assert_eq!(a.count(), 1);
     pool.policy()
-        .store(Policy {
+        .store(rounds_only(Policy {
             max_rounds: 4,
             ..Policy::default()
-        })
+        }))
         .unwrap();
     let err = task.await.unwrap().unwrap_err();
     assert_eq!(err.report.rounds, 2, "started under max_rounds = 2");
@@ -750,7 +762,7 @@ async fn per_model_overrides_apply_to_their_model_only() {
     .unwrap();
     let a = Scripted::new("a", vec![refused()]);
     let pool: Pool<P> = Pool::builder()
-        .policy(LivePolicy::new(policy).unwrap())
+        .policy(LivePolicy::new(rounds_only(policy)).unwrap())
         .provider(MODEL, "a", a.clone())
         .provider("no-retry", "a", a.clone())
         .provider("slow", "a", a.clone())
@@ -1061,7 +1073,7 @@ fn outage_pool(delay: retryctl::RetryDelay) -> (Arc<Outage>, Arc<Pool<Arc<Outage
     let o = Outage::new();
     let pool = Pool::builder()
         .provider(MODEL, "a", o.clone())
-        .policy(LivePolicy::new(policy).unwrap())
+        .policy(LivePolicy::new(rounds_only(policy)).unwrap())
         .build()
         .unwrap();
     (o, Arc::new(pool))
@@ -1141,7 +1153,7 @@ async fn learned_delay_is_clamped_to_its_bounds() {
     let pool = Arc::new(
         Pool::builder()
             .provider(MODEL, "a", o.clone())
-            .policy(LivePolicy::new(policy).unwrap())
+            .policy(LivePolicy::new(rounds_only(policy)).unwrap())
             .build()
             .unwrap(),
     );
@@ -1165,7 +1177,7 @@ fn outage_pool_with(policy: Policy) -> (Arc<Outage>, Pool<Arc<Outage>>) {
     let o = Outage::new();
     let pool = Pool::builder()
         .provider(MODEL, "a", o.clone())
-        .policy(LivePolicy::new(policy).unwrap())
+        .policy(LivePolicy::new(rounds_only(policy)).unwrap())
         .build()
         .unwrap();
     (o, pool)

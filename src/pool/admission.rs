@@ -1,0 +1,773 @@
+//! The per-provider admission gate: requests wait for an unreachable
+//! upstream instead of failing, and only a probe finds out whether it is
+//! back.
+//!
+//! # Why a gate, and why not latency
+//!
+//! A retry on a timer helps only when the fault is shorter than the wait.
+//! A restart lasts seconds and an overflowing accept queue refills with
+//! the very retries sent into it, so blind retries fail again, spend the
+//! retry budget and add load at the worst moment. gRPC's wait-for-ready,
+//! linkerd's dispatch queue and HAProxy's turn-around all do better by
+//! *waiting* for the upstream. The gate does that per provider, driven by
+//! *connection-level* outcomes only: the upstream was not reached or
+//! refused the work (see [`Outcome`]). Latency never closes it: an LLM
+//! call's latency follows the length of its output, not the upstream's
+//! load, so latency-driven limits (Envoy's adaptive concurrency, Netflix's
+//! Gradient) misfire here.
+//!
+//! # States
+//!
+//! * **open** (the normal state): no limit. Entering and leaving cost one
+//!   atomic add each on a word that packs the limit and the attempts in
+//!   flight; nothing else is touched.
+//! * **limited**: a connection-level failure set the limit to
+//!   `decrease` x the attempts in flight (at least `min_limit`); further
+//!   failures shrink it again from the count in flight at that moment.
+//!   Attempts beyond the limit wait in FIFO order. A success grows the
+//!   limit while it is reached (slow start, +1 per success, up to the
+//!   limit the last shrink set; then +1 per limit's worth of successes),
+//!   and the gate opens again once nobody waits and the limit is at least
+//!   twice the attempts in flight: it no longer limits anything.
+//! * **down**: a connection-level failure at the floor. Only one attempt
+//!   at a time goes through, the *probe*, after `probe_delay` (doubling
+//!   after each failed probe, up to `probe_max_delay`); every other
+//!   request waits for the probe's outcome instead of retrying on its own
+//!   timer. The probe is the request at the head of the queue, or the next
+//!   request to arrive. A probe that reaches the upstream (a success, or
+//!   any answer that is not connection-level) reopens the gate with slow
+//!   start from `min_limit`, so a restarted upstream is not hit by every
+//!   waiting request at once.
+//!
+//! The waits are bounded by the caller (the request's deadline and its
+//! `admission.max_wait`); a waiter that gives up or is cancelled leaves
+//! the queue at once, and a slot granted to a waiter that is gone is
+//! handed to the next one.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::classify::{Cause, Classification, Verdict};
+use crate::policy::AdmissionPolicy;
+
+/// The limit's value while the gate is open.
+const OPEN: u32 = u32::MAX;
+/// The limit's value while the provider is down (only the probe enters).
+const DOWN: u32 = 0;
+/// The in-flight count's bits in the state word.
+const IN_FLIGHT: u64 = u32::MAX as u64;
+
+fn limit_of(word: u64) -> u32 {
+    (word >> 32) as u32
+}
+
+fn in_flight_of(word: u64) -> u32 {
+    (word & IN_FLIGHT) as u32
+}
+
+/// How an admitted attempt ended, as the gate sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The upstream was reached and answered (a success, or a failure
+    /// that is not connection-level: it is up).
+    Reached,
+    /// The upstream was not reached or refused the work: connect refused,
+    /// another connect failure, a connect timeout, a request handed back
+    /// unsent, or a 502/503 without Retry-After.
+    Unreached,
+    /// The attempt was cancelled or cut by the caller's deadline: it says
+    /// nothing about the upstream.
+    Abandoned,
+}
+
+impl Outcome {
+    /// The gate's view of a failed attempt's verdict.
+    pub(crate) fn of(verdict: Verdict) -> Outcome {
+        if is_unreached(verdict) || is_unavailable(verdict) {
+            Outcome::Unreached
+        } else {
+            Outcome::Reached
+        }
+    }
+}
+
+/// Whether the upstream certainly never received the request: re-sending
+/// it is safe and costs the upstream almost nothing, so such a retry is
+/// bounded by `admission.max_wait` and the deadline, not by `max_rounds`
+/// or the retry budget.
+pub(crate) fn is_unreached(verdict: Verdict) -> bool {
+    matches!(
+        verdict.cause,
+        Cause::ConnectRefused | Cause::Connect | Cause::ConnectTimeout | Cause::NotSent
+    )
+}
+
+/// A 502/503 without Retry-After: the upstream (or the proxy in front of
+/// it) refused the work. It closes the gate, but the proxy did receive the
+/// request, so its retry still counts against `max_rounds` and the budget.
+pub(crate) fn is_unavailable(verdict: Verdict) -> bool {
+    verdict.cause == Cause::Unavailable && verdict.class == Classification::Transient
+}
+
+/// Why a request was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The wait reached its bound (`max_wait` or the deadline).
+    TimedOut,
+    /// `max_waiting` requests were already waiting.
+    QueueFull,
+}
+
+/// A waiter's state, written under the gate's lock.
+const WAITING: u8 = 0;
+const GRANTED: u8 = 1;
+const GRANTED_PROBE: u8 = 2;
+
+#[derive(Debug)]
+struct Waiter {
+    state: AtomicU8,
+    notify: Notify,
+}
+
+/// The slow path's state: everything but the state word.
+#[derive(Debug)]
+struct Inner {
+    waiters: VecDeque<Arc<Waiter>>,
+    /// A probe is in flight.
+    probing: bool,
+    /// When the next probe may start (while down).
+    probe_at: Instant,
+    /// The wait after the next failed probe.
+    probe_backoff: Duration,
+    /// Above this limit, growth is additive; below it, slow start.
+    threshold: u32,
+    /// Successes counted toward the next additive step.
+    credit: u32,
+}
+
+/// The admission metric handles of one route, resolved once.
+#[derive(Debug)]
+pub(crate) struct GateMetrics {
+    limit: Gauge,
+    down: Gauge,
+    in_flight: Gauge,
+    waiting: Gauge,
+    wait: Histogram,
+    /// By [`Event`].
+    events: [Counter; EVENTS.len()],
+    /// By [`Transition`].
+    transitions: [Counter; TRANSITIONS.len()],
+}
+
+/// `admission_total{outcome}` labels.
+const EVENTS: [&str; 6] = [
+    "admitted_after_wait",
+    "timed_out",
+    "queue_full",
+    "cancelled",
+    "probe_succeeded",
+    "probe_failed",
+];
+
+#[derive(Clone, Copy)]
+enum Event {
+    AdmittedAfterWait = 0,
+    TimedOut = 1,
+    QueueFull = 2,
+    Cancelled = 3,
+    ProbeSucceeded = 4,
+    ProbeFailed = 5,
+}
+
+/// `admission_transitions_total{event}` labels.
+const TRANSITIONS: [&str; 4] = ["limited", "opened", "down", "recovered"];
+
+#[derive(Clone, Copy)]
+enum Transition {
+    Limited = 0,
+    Opened = 1,
+    Down = 2,
+    Recovered = 3,
+}
+
+impl GateMetrics {
+    pub(crate) fn new(prefix: &str, model: &str, provider: &str) -> Self {
+        let name = |n: &str| format!("{prefix}{n}");
+        let (m, p) = (model.to_owned(), provider.to_owned());
+        let gauge = |n: &str| {
+            let g = metrics::gauge!(name(n), "model" => m.clone(), "provider" => p.clone());
+            g.set(0.0);
+            g
+        };
+        GateMetrics {
+            limit: gauge("admission_limit"),
+            down: gauge("admission_down"),
+            in_flight: gauge("admission_in_flight"),
+            waiting: gauge("admission_waiting"),
+            wait: metrics::histogram!(name("admission_wait_seconds"), "model" => m.clone(), "provider" => p.clone()),
+            events: EVENTS.map(|e| metrics::counter!(name("admission_total"), "model" => m.clone(), "provider" => p.clone(), "outcome" => e)),
+            transitions: TRANSITIONS.map(|t| metrics::counter!(name("admission_transitions_total"), "model" => m.clone(), "provider" => p.clone(), "event" => t)),
+        }
+    }
+
+    fn event(&self, e: Event) {
+        self.events[e as usize].increment(1);
+    }
+}
+
+/// Registers the HELP texts of the admission metrics.
+pub(crate) fn describe(prefix: &str) {
+    let n = |s: &str| format!("{prefix}{s}");
+    metrics::describe_gauge!(
+        n("admission_limit"),
+        metrics::Unit::Count,
+        "The provider's admission limit (attempts in flight); 0 while the gate is open (no limit)."
+    );
+    metrics::describe_gauge!(
+        n("admission_down"),
+        metrics::Unit::Count,
+        "1 while the provider is down at its gate: only one probe attempt at a time goes through."
+    );
+    metrics::describe_gauge!(
+        n("admission_in_flight"),
+        metrics::Unit::Count,
+        "Attempts in flight to the provider while its gate limits them (0 while the gate is open)."
+    );
+    metrics::describe_gauge!(
+        n("admission_waiting"),
+        metrics::Unit::Count,
+        "Requests waiting at the provider's admission gate."
+    );
+    metrics::describe_histogram!(
+        n("admission_wait_seconds"),
+        metrics::Unit::Seconds,
+        "Each wait at a provider's admission gate, admitted or not."
+    );
+    metrics::describe_counter!(
+        n("admission_total"),
+        metrics::Unit::Count,
+        "Admission events by outcome: admitted_after_wait, timed_out (max_wait or the deadline), queue_full (max_waiting reached), cancelled (the request went away while waiting), probe_succeeded, probe_failed."
+    );
+    metrics::describe_counter!(
+        n("admission_transitions_total"),
+        metrics::Unit::Count,
+        "Gate transitions: limited (a connection-level failure set a limit), opened (the limit no longer limited), down (a failure at the floor: probing), recovered (a probe reached the upstream)."
+    );
+    metrics::describe_gauge!(
+        n("admission_max_wait_seconds"),
+        metrics::Unit::Seconds,
+        "The policy's admission.max_wait for the model: the longest a request waits at gates."
+    );
+}
+
+/// One provider's admission gate (per route: model x provider).
+#[derive(Debug)]
+pub(crate) struct Gate {
+    /// `limit << 32 | in_flight`; the limit is [`OPEN`] or [`DOWN`] in
+    /// those states.
+    state: AtomicU64,
+    inner: Mutex<Inner>,
+    metrics: GateMetrics,
+    model: &'static str,
+    provider: &'static str,
+}
+
+/// An admitted attempt's slot: give it back with [`Permit::finish`];
+/// dropping it (a cancelled attempt) gives it back as
+/// [`Outcome::Abandoned`].
+#[derive(Debug)]
+pub(crate) struct Permit<'g> {
+    gate: &'g Gate,
+    /// This attempt is the probe of a down provider.
+    pub(crate) probe: bool,
+    done: bool,
+}
+
+impl Permit<'_> {
+    /// Gives the slot back with the attempt's outcome.
+    pub(crate) fn finish(mut self, outcome: Outcome, policy: &AdmissionPolicy) {
+        self.done = true;
+        self.gate.leave(self.probe, outcome, policy);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.gate
+                .leave(self.probe, Outcome::Abandoned, &AdmissionPolicy::default());
+        }
+    }
+}
+
+/// Removes a waiter from the queue if its wait is dropped (cancelled)
+/// before it saw the outcome; a slot granted to it meanwhile goes back.
+struct WaitGuard<'g> {
+    gate: &'g Gate,
+    waiter: Arc<Waiter>,
+    armed: bool,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let gate = self.gate;
+            let mut inner = gate.lock();
+            gate.abandon_wait(&mut inner, &self.waiter);
+            gate.metrics.event(Event::Cancelled);
+            gate.dispatch(&mut inner, Instant::now());
+            gate.publish(&inner);
+        }
+    }
+}
+
+impl Gate {
+    pub(crate) fn new(metrics: GateMetrics, model: &'static str, provider: &'static str) -> Gate {
+        Gate {
+            state: AtomicU64::new(u64::from(OPEN) << 32),
+            inner: Mutex::new(Inner {
+                waiters: VecDeque::new(),
+                probing: false,
+                probe_at: Instant::now(),
+                probe_backoff: Duration::ZERO,
+                threshold: OPEN,
+                credit: 0,
+            }),
+            metrics,
+            model,
+            provider,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (every
+        // update is a few assignments): keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the gate is open (no limit): one relaxed load.
+    pub(crate) fn is_open(&self) -> bool {
+        limit_of(self.state.load(Ordering::Relaxed)) == OPEN
+    }
+
+    /// Admits an attempt now, or says it would have to wait (`None`).
+    /// Open gate: one atomic add.
+    pub(crate) fn try_enter(&self, now: Instant) -> Option<Permit<'_>> {
+        let prev = self.state.fetch_add(1, Ordering::AcqRel);
+        if limit_of(prev) == OPEN {
+            return Some(self.permit(false));
+        }
+        self.state.fetch_sub(1, Ordering::AcqRel);
+        let mut inner = self.lock();
+        let admitted = if inner.waiters.is_empty() {
+            self.admit_now(&mut inner, now)
+        } else {
+            None
+        };
+        self.dispatch(&mut inner, now);
+        self.publish(&inner);
+        admitted
+    }
+
+    /// Waits in FIFO order until admitted, or until `until`. A wait that
+    /// is dropped leaves the queue at once.
+    pub(crate) async fn enter(
+        &self,
+        policy: &AdmissionPolicy,
+        until: Instant,
+    ) -> Result<Permit<'_>, Refused> {
+        let now = Instant::now();
+        if let Some(permit) = self.try_enter(now) {
+            return Ok(permit);
+        }
+        let waiter = Arc::new(Waiter {
+            state: AtomicU8::new(WAITING),
+            notify: Notify::new(),
+        });
+        {
+            let mut inner = self.lock();
+            if inner.waiters.len() >= policy.max_waiting as usize {
+                self.metrics.event(Event::QueueFull);
+                return Err(Refused::QueueFull);
+            }
+            // Checked again under the lock: a slot may have freed since.
+            if inner.waiters.is_empty()
+                && let Some(permit) = self.admit_now(&mut inner, now)
+            {
+                self.publish(&inner);
+                return Ok(permit);
+            }
+            inner.waiters.push_back(waiter.clone());
+            self.publish(&inner);
+        }
+        let mut guard = WaitGuard {
+            gate: self,
+            waiter,
+            armed: true,
+        };
+        let result = self.wait(&guard.waiter, until).await;
+        guard.armed = false;
+        let waited = Instant::now().saturating_duration_since(now);
+        self.metrics.wait.record(waited.as_secs_f64());
+        if result.is_ok() {
+            self.metrics.event(Event::AdmittedAfterWait);
+        } else {
+            self.metrics.event(Event::TimedOut);
+        }
+        result
+    }
+
+    async fn wait(&self, waiter: &Arc<Waiter>, until: Instant) -> Result<Permit<'_>, Refused> {
+        loop {
+            let wake = {
+                let mut inner = self.lock();
+                let now = Instant::now();
+                if let Some(permit) = self.take_grant(waiter) {
+                    return Ok(permit);
+                }
+                if now >= until {
+                    self.abandon_wait(&mut inner, waiter);
+                    self.dispatch(&mut inner, now);
+                    self.publish(&inner);
+                    return Err(Refused::TimedOut);
+                }
+                // The head of the queue keeps the probe's timer while the
+                // provider is down; the others wait to be granted.
+                let head = inner
+                    .waiters
+                    .front()
+                    .is_some_and(|w| Arc::ptr_eq(w, waiter));
+                let down = limit_of(self.state.load(Ordering::Acquire)) == DOWN;
+                if head && down && !inner.probing {
+                    Some(inner.probe_at)
+                } else {
+                    None
+                }
+            };
+            let until = wake.map_or(until, |w| w.min(until));
+            tokio::select! {
+                _ = waiter.notify.notified() => {}
+                _ = tokio::time::sleep_until(until) => {
+                    let mut inner = self.lock();
+                    self.dispatch(&mut inner, Instant::now());
+                    self.publish(&inner);
+                }
+            }
+        }
+    }
+
+    /// A grant made to `waiter`, if any, as its permit.
+    fn take_grant(&self, waiter: &Waiter) -> Option<Permit<'_>> {
+        match waiter.state.swap(WAITING, Ordering::AcqRel) {
+            GRANTED => Some(self.permit(false)),
+            GRANTED_PROBE => Some(self.permit(true)),
+            _ => None,
+        }
+    }
+
+    /// Takes `waiter` out of the queue, or gives back a slot granted to
+    /// it that it will not use.
+    fn abandon_wait(&self, inner: &mut Inner, waiter: &Arc<Waiter>) {
+        if let Some(i) = inner.waiters.iter().position(|w| Arc::ptr_eq(w, waiter)) {
+            let _ = inner.waiters.remove(i);
+            if i == 0
+                && let Some(next) = inner.waiters.front()
+            {
+                // The new head takes over the probe's timer.
+                next.notify.notify_one();
+            }
+            return;
+        }
+        match waiter.state.swap(WAITING, Ordering::AcqRel) {
+            GRANTED => {
+                self.state.fetch_sub(1, Ordering::AcqRel);
+            }
+            GRANTED_PROBE => {
+                self.state.fetch_sub(1, Ordering::AcqRel);
+                inner.probing = false;
+            }
+            _ => {}
+        }
+    }
+
+    fn permit(&self, probe: bool) -> Permit<'_> {
+        Permit {
+            gate: self,
+            probe,
+            done: false,
+        }
+    }
+
+    /// Admits one attempt if the state allows it now (the caller checked
+    /// that nobody waits ahead of it).
+    fn admit_now(&self, inner: &mut Inner, now: Instant) -> Option<Permit<'_>> {
+        let word = self.state.load(Ordering::Acquire);
+        let limit = limit_of(word);
+        if limit == DOWN {
+            if inner.probing || now < inner.probe_at {
+                return None;
+            }
+            inner.probing = true;
+            self.state.fetch_add(1, Ordering::AcqRel);
+            return Some(self.permit(true));
+        }
+        if limit == OPEN || in_flight_of(word) < limit {
+            self.state.fetch_add(1, Ordering::AcqRel);
+            return Some(self.permit(false));
+        }
+        None
+    }
+
+    /// Grants free slots (or a due probe) to the waiters at the head of
+    /// the queue.
+    fn dispatch(&self, inner: &mut Inner, now: Instant) {
+        while let Some(head) = inner.waiters.front() {
+            let word = self.state.load(Ordering::Acquire);
+            let limit = limit_of(word);
+            let state = if limit == DOWN {
+                if inner.probing || now < inner.probe_at {
+                    // The head's timer wakes it when the probe is due.
+                    break;
+                }
+                inner.probing = true;
+                GRANTED_PROBE
+            } else if limit == OPEN || in_flight_of(word) < limit {
+                GRANTED
+            } else {
+                break;
+            };
+            self.state.fetch_add(1, Ordering::AcqRel);
+            head.state.store(state, Ordering::Release);
+            head.notify.notify_one();
+            inner.waiters.pop_front();
+        }
+    }
+
+    /// Sets the limit, keeping the in-flight count.
+    fn set_limit(&self, limit: u32) {
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                Some(u64::from(limit) << 32 | (w & IN_FLIGHT))
+            });
+    }
+
+    /// An attempt left: its slot is free, and its outcome moves the limit.
+    fn leave(&self, probe: bool, outcome: Outcome, policy: &AdmissionPolicy) {
+        let prev = self.state.fetch_sub(1, Ordering::AcqRel);
+        if limit_of(prev) == OPEN && outcome != Outcome::Unreached && !probe {
+            return;
+        }
+        let in_flight = in_flight_of(prev);
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let limit = limit_of(self.state.load(Ordering::Acquire));
+        match outcome {
+            Outcome::Abandoned => {
+                if probe {
+                    // Nobody learned anything: the next in line probes now.
+                    inner.probing = false;
+                    inner.probe_at = now;
+                }
+            }
+            Outcome::Unreached => self.on_unreached(&mut inner, probe, limit, in_flight, policy, now),
+            Outcome::Reached => self.on_reached(&mut inner, probe, limit, in_flight, policy),
+        }
+        self.dispatch(&mut inner, now);
+        self.publish(&inner);
+    }
+
+    fn on_unreached(
+        &self,
+        inner: &mut Inner,
+        probe: bool,
+        limit: u32,
+        in_flight: u32,
+        policy: &AdmissionPolicy,
+        now: Instant,
+    ) {
+        if limit == DOWN {
+            if probe {
+                inner.probing = false;
+                inner.probe_at = now + inner.probe_backoff;
+                inner.probe_backoff = (inner.probe_backoff * 2).min(policy.probe_max_delay);
+                self.metrics.event(Event::ProbeFailed);
+                tracing::debug!(
+                    target: "retryctl",
+                    model = self.model,
+                    provider = self.provider,
+                    next_probe_ms = (inner.probe_at - now).as_millis() as u64,
+                    "probe failed: the provider is still down"
+                );
+            }
+            return;
+        }
+        let floor = policy.min_limit.max(1);
+        if limit != OPEN && limit <= floor {
+            // At the floor and still failing: down. One probe at a time.
+            self.set_limit(DOWN);
+            inner.probing = false;
+            inner.probe_at = now + policy.probe_delay;
+            inner.probe_backoff = (policy.probe_delay * 2).min(policy.probe_max_delay);
+            self.metrics.transitions[Transition::Down as usize].increment(1);
+            tracing::warn!(
+                target: "retryctl",
+                model = self.model,
+                provider = self.provider,
+                waiting = inner.waiters.len(),
+                "provider down: requests wait for a probe to reach it"
+            );
+            return;
+        }
+        // `in_flight` counts this attempt: the limit is a share of what
+        // was in flight when the upstream stopped taking work.
+        let shrunk = ((f64::from(in_flight) * policy.decrease) as u32).max(floor);
+        let new = if limit == OPEN {
+            self.metrics.transitions[Transition::Limited as usize].increment(1);
+            tracing::info!(
+                target: "retryctl",
+                model = self.model,
+                provider = self.provider,
+                limit = shrunk,
+                "provider limited after a connection-level failure"
+            );
+            shrunk
+        } else {
+            limit.min(shrunk)
+        };
+        inner.threshold = new;
+        inner.credit = 0;
+        self.set_limit(new);
+    }
+
+    fn on_reached(
+        &self,
+        inner: &mut Inner,
+        probe: bool,
+        limit: u32,
+        in_flight: u32,
+        policy: &AdmissionPolicy,
+    ) {
+        if limit == DOWN {
+            // A probe, or an attempt admitted before the provider went
+            // down, reached it: it is back.
+            if probe {
+                inner.probing = false;
+                self.metrics.event(Event::ProbeSucceeded);
+            }
+            self.metrics.transitions[Transition::Recovered as usize].increment(1);
+            tracing::info!(
+                target: "retryctl",
+                model = self.model,
+                provider = self.provider,
+                waiting = inner.waiters.len(),
+                "provider recovered: reopening with slow start"
+            );
+            if policy.slow_start {
+                inner.threshold = OPEN;
+                inner.credit = 0;
+                self.set_limit(policy.min_limit.max(1));
+            } else {
+                self.open(inner);
+            }
+            return;
+        }
+        if limit == OPEN {
+            return;
+        }
+        // Grow only while the limit is what holds attempts back.
+        if in_flight >= limit || !inner.waiters.is_empty() {
+            let grown = if limit < inner.threshold {
+                limit.saturating_add(1)
+            } else {
+                inner.credit += 1;
+                if inner.credit >= limit {
+                    inner.credit = 0;
+                    limit.saturating_add(1)
+                } else {
+                    limit
+                }
+            };
+            if grown != limit {
+                self.set_limit(grown.min(OPEN - 1));
+            }
+            return;
+        }
+        // Nobody waits and the limit is twice what is in flight: it no
+        // longer limits anything.
+        let now_in_flight = in_flight_of(self.state.load(Ordering::Acquire));
+        if inner.waiters.is_empty() && u64::from(limit) >= 2 * u64::from(now_in_flight.max(1)) {
+            self.open(inner);
+        }
+    }
+
+    fn open(&self, inner: &mut Inner) {
+        inner.threshold = OPEN;
+        inner.credit = 0;
+        self.set_limit(OPEN);
+        self.metrics.transitions[Transition::Opened as usize].increment(1);
+    }
+
+    /// Opens the gate at once (admission was switched off): every waiter
+    /// is admitted.
+    pub(crate) fn open_now(&self) {
+        let mut inner = self.lock();
+        if limit_of(self.state.load(Ordering::Acquire)) != OPEN {
+            self.open(&mut inner);
+        }
+        self.dispatch(&mut inner, Instant::now());
+        self.publish(&inner);
+    }
+
+    /// Updates the gauges from the state (slow path only: the open gate
+    /// does not maintain them).
+    fn publish(&self, inner: &Inner) {
+        let word = self.state.load(Ordering::Acquire);
+        let limit = limit_of(word);
+        let m = &self.metrics;
+        m.waiting.set(inner.waiters.len() as f64);
+        m.down.set(if limit == DOWN { 1.0 } else { 0.0 });
+        if limit == OPEN {
+            m.limit.set(0.0);
+            m.in_flight.set(0.0);
+        } else {
+            m.limit.set(f64::from(limit));
+            m.in_flight.set(f64::from(in_flight_of(word)));
+        }
+    }
+
+    /// The gate's state, for [`crate::Pool::admission`] and tests.
+    pub(crate) fn snapshot(&self) -> GateSnapshot {
+        let inner = self.lock();
+        let word = self.state.load(Ordering::Acquire);
+        let limit = limit_of(word);
+        GateSnapshot {
+            limit: (limit != OPEN && limit != DOWN).then_some(limit),
+            down: limit == DOWN,
+            in_flight: in_flight_of(word),
+            waiting: inner.waiters.len(),
+            probing: inner.probing,
+        }
+    }
+}
+
+/// One provider's admission gate, as [`crate::Pool::admission`] reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GateSnapshot {
+    /// The in-flight limit; `None` while the gate is open or down.
+    pub limit: Option<u32>,
+    /// Whether the provider is down (only a probe goes through).
+    pub down: bool,
+    /// Attempts in flight.
+    pub in_flight: u32,
+    /// Requests waiting.
+    pub waiting: usize,
+    /// Whether a probe is in flight.
+    pub probing: bool,
+}

@@ -1,0 +1,146 @@
+//! When the next round's retries happen: exponential backoff with
+//! jitter, Retry-After honoured and capped, and a learned delay per
+//! provider when the policy asks for one.
+//!
+//! Only retries of requests the upstream received are timed here: a
+//! request it never received (refused, connect timeout, unsent) waits at
+//! the provider's admission gate instead ([`super::admission`]).
+
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+use crate::classify::Classification;
+use crate::policy::Policy;
+
+/// A provider to retry in the next round, and the wait it needs.
+#[derive(Clone, Copy)]
+pub(super) struct Retry {
+    pub(super) index: u8,
+    pub(super) wait: Duration,
+}
+
+/// `base x backoff^(retry - 1)`, capped.
+pub(super) fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
+    let scaled = base.as_secs_f64() * factor.powi(retry.saturating_sub(1).min(64) as i32);
+    if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
+        cap
+    } else {
+        Duration::from_secs_f64(scaled)
+    }
+}
+
+/// Spreads `wait` uniformly over `wait x (1 +/- jitter)`.
+pub(super) fn jittered(wait: Duration, jitter: f64) -> Duration {
+    if jitter <= 0.0 || wait.is_zero() {
+        return wait;
+    }
+    let factor = 1.0 + jitter * (2.0 * fastrand::f64() - 1.0);
+    wait.mul_f64(factor.max(0.0))
+}
+
+/// The waits before retry number `retry` (1-based) of the given providers,
+/// in the order they become due; providers whose Retry-After exceeds the
+/// policy's cap are left out and reported. `learned` gives a transient
+/// provider's own delay (`delay = "auto"`); without one, transient
+/// providers share one wait.
+pub(super) fn schedule(
+    policy: &Policy,
+    retry: u32,
+    pending: &[(u8, Classification)],
+    learned: &dyn Fn(u8) -> Option<Duration>,
+) -> (SmallVec<[Retry; 8]>, Option<Duration>) {
+    let transient = jittered(
+        backoff(policy.base_delay(), policy.backoff, retry, policy.max_delay),
+        policy.jitter,
+    );
+    let mut too_long = None;
+    let mut out: SmallVec<[Retry; 8]> = SmallVec::new();
+    for &(index, class) in pending {
+        let wait = match class {
+            Classification::RateLimited { retry_after } => {
+                if let Some(ra) = retry_after.filter(|ra| *ra > policy.max_retry_after) {
+                    too_long = Some(ra);
+                    continue;
+                }
+                let own = jittered(
+                    backoff(
+                        policy.rate_limited_delay,
+                        policy.backoff,
+                        retry,
+                        policy.max_retry_after,
+                    ),
+                    policy.jitter,
+                );
+                own.max(retry_after.unwrap_or_default())
+            }
+            _ => match learned(index) {
+                Some(base) => jittered(
+                    backoff(base, policy.backoff, retry, policy.max_delay),
+                    policy.jitter,
+                ),
+                None => transient,
+            },
+        };
+        out.push(Retry { index, wait });
+    }
+    // Stable: equal waits keep the round's provider order.
+    out.sort_by_key(|r| r.wait);
+    (out, too_long)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let s = Duration::from_millis(500);
+        let cap = Duration::from_secs(4);
+        let waits: Vec<_> = (1..=5).map(|r| backoff(s, 2.0, r, cap)).collect();
+        assert_eq!(
+            waits,
+            [500, 1000, 2000, 4000, 4000]
+                .map(Duration::from_millis)
+                .to_vec()
+        );
+    }
+
+    #[test]
+    fn jitter_stays_in_band() {
+        let d = Duration::from_millis(500);
+        for _ in 0..1000 {
+            let j = jittered(d, 0.2);
+            assert!(j >= Duration::from_millis(400) && j <= Duration::from_millis(600));
+        }
+        assert_eq!(jittered(d, 0.0), d);
+    }
+
+    #[test]
+    fn schedule_honours_retry_after_and_drops_excessive_ones() {
+        let policy = Policy {
+            jitter: 0.0,
+            ..Policy::default()
+        };
+        let pending = [
+            (
+                0,
+                Classification::RateLimited {
+                    retry_after: Some(Duration::from_secs(3)),
+                },
+            ),
+            (1, Classification::Transient),
+            (
+                2,
+                Classification::RateLimited {
+                    retry_after: Some(Duration::from_secs(600)),
+                },
+            ),
+            (3, Classification::RateLimited { retry_after: None }),
+        ];
+        let (plan, too_long) = schedule(&policy, 1, &pending, &|_| None);
+        let got: Vec<_> = plan.iter().map(|r| (r.index, r.wait.as_millis())).collect();
+        assert_eq!(got, vec![(1, 500), (3, 1000), (0, 3000)]);
+        assert_eq!(too_long, Some(Duration::from_secs(600)));
+    }
+}
