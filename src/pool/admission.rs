@@ -149,7 +149,19 @@ struct Inner {
     threshold: u32,
     /// Successes counted toward the next additive step.
     credit: u32,
+    /// The attempts in flight at the last connection-level failure: the
+    /// limit does not grow back to it before `hold_until`.
+    ceiling: u32,
+    hold_until: Instant,
 }
+
+/// How long the limit stays below the in-flight count at which the
+/// upstream last failed before additive growth probes past it again. An
+/// overflowing accept queue costs a connect timeout per attempt beyond
+/// its capacity: probing for more capacity once per 10 s instead of once
+/// per few round trips keeps those failures rare while still finding
+/// capacity that comes back.
+const HOLD: Duration = Duration::from_secs(10);
 
 /// The admission metric handles of one route, resolved once.
 #[derive(Debug)]
@@ -338,6 +350,8 @@ impl Gate {
                 probe_backoff: Duration::ZERO,
                 threshold: OPEN,
                 credit: 0,
+                ceiling: OPEN,
+                hold_until: Instant::now(),
             }),
             metrics,
             model,
@@ -437,14 +451,12 @@ impl Gate {
                     self.publish(&inner);
                     return Err(Refused::TimedOut);
                 }
-                // The head of the queue keeps the probe's timer while the
-                // provider is down; the others wait to be granted.
-                let head = inner
-                    .waiters
-                    .front()
-                    .is_some_and(|w| Arc::ptr_eq(w, waiter));
+                // While the provider is down, every waiter keeps a timer
+                // for the next probe (the first to wake grants it to the
+                // head of the queue): no waiter's departure can leave the
+                // probe without a timer.
                 let down = limit_of(self.state.load(Ordering::Acquire)) == DOWN;
-                if head && down && !inner.probing {
+                if down && !inner.probing {
                     Some(inner.probe_at)
                 } else {
                     None
@@ -476,12 +488,6 @@ impl Gate {
     fn abandon_wait(&self, inner: &mut Inner, waiter: &Arc<Waiter>) {
         if let Some(i) = inner.waiters.iter().position(|w| Arc::ptr_eq(w, waiter)) {
             let _ = inner.waiters.remove(i);
-            if i == 0
-                && let Some(next) = inner.waiters.front()
-            {
-                // The new head takes over the probe's timer.
-                next.notify.notify_one();
-            }
             return;
         }
         match waiter.state.swap(WAITING, Ordering::AcqRel) {
@@ -491,6 +497,7 @@ impl Gate {
             GRANTED_PROBE => {
                 self.state.fetch_sub(1, Ordering::AcqRel);
                 inner.probing = false;
+                Self::wake_all(inner);
             }
             _ => {}
         }
@@ -549,6 +556,14 @@ impl Gate {
         }
     }
 
+    /// Wakes every waiter to re-arm its timer for the next probe (the
+    /// probe's time changed). Once per probe: cheap next to the probe.
+    fn wake_all(inner: &Inner) {
+        for w in &inner.waiters {
+            w.notify.notify_one();
+        }
+    }
+
     /// Sets the limit, keeping the in-flight count.
     fn set_limit(&self, limit: u32) {
         let _ = self
@@ -568,16 +583,20 @@ impl Gate {
         let now = Instant::now();
         let mut inner = self.lock();
         let limit = limit_of(self.state.load(Ordering::Acquire));
+        if probe {
+            // Whatever happened, the probe is over.
+            inner.probing = false;
+        }
         match outcome {
             Outcome::Abandoned => {
                 if probe {
                     // Nobody learned anything: the next in line probes now.
-                    inner.probing = false;
                     inner.probe_at = now;
+                    Self::wake_all(&inner);
                 }
             }
             Outcome::Unreached => self.on_unreached(&mut inner, probe, limit, in_flight, policy, now),
-            Outcome::Reached => self.on_reached(&mut inner, probe, limit, in_flight, policy),
+            Outcome::Reached => self.on_reached(&mut inner, probe, limit, in_flight, policy, now),
         }
         self.dispatch(&mut inner, now);
         self.publish(&inner);
@@ -594,9 +613,9 @@ impl Gate {
     ) {
         if limit == DOWN {
             if probe {
-                inner.probing = false;
                 inner.probe_at = now + inner.probe_backoff;
                 inner.probe_backoff = (inner.probe_backoff * 2).min(policy.probe_max_delay);
+                Self::wake_all(inner);
                 self.metrics.event(Event::ProbeFailed);
                 tracing::debug!(
                     target: "retryctl",
@@ -615,6 +634,7 @@ impl Gate {
             inner.probing = false;
             inner.probe_at = now + policy.probe_delay;
             inner.probe_backoff = (policy.probe_delay * 2).min(policy.probe_max_delay);
+            Self::wake_all(inner);
             self.metrics.transitions[Transition::Down as usize].increment(1);
             tracing::warn!(
                 target: "retryctl",
@@ -643,6 +663,8 @@ impl Gate {
         };
         inner.threshold = new;
         inner.credit = 0;
+        inner.ceiling = in_flight.max(1);
+        inner.hold_until = now + HOLD;
         self.set_limit(new);
     }
 
@@ -653,12 +675,12 @@ impl Gate {
         limit: u32,
         in_flight: u32,
         policy: &AdmissionPolicy,
+        now: Instant,
     ) {
         if limit == DOWN {
             // A probe, or an attempt admitted before the provider went
             // down, reached it: it is back.
             if probe {
-                inner.probing = false;
                 self.metrics.event(Event::ProbeSucceeded);
             }
             self.metrics.transitions[Transition::Recovered as usize].increment(1);
@@ -672,6 +694,7 @@ impl Gate {
             if policy.slow_start {
                 inner.threshold = OPEN;
                 inner.credit = 0;
+                inner.ceiling = OPEN;
                 self.set_limit(policy.min_limit.max(1));
             } else {
                 self.open(inner);
@@ -683,8 +706,11 @@ impl Gate {
         }
         // Grow only while the limit is what holds attempts back.
         if in_flight >= limit || !inner.waiters.is_empty() {
+            let held = now < inner.hold_until && limit.saturating_add(1) >= inner.ceiling;
             let grown = if limit < inner.threshold {
                 limit.saturating_add(1)
+            } else if held {
+                limit
             } else {
                 inner.credit += 1;
                 if inner.credit >= limit {
@@ -710,6 +736,7 @@ impl Gate {
     fn open(&self, inner: &mut Inner) {
         inner.threshold = OPEN;
         inner.credit = 0;
+        inner.ceiling = OPEN;
         self.set_limit(OPEN);
         self.metrics.transitions[Transition::Opened as usize].increment(1);
     }

@@ -1,0 +1,586 @@
+//! The admission gate: requests wait for an unreachable provider instead
+//! of failing, only probes reach it while it is down, and it reopens with
+//! slow start. Paused tokio time for the timing rules; real sockets on
+//! loopback for a restart and an overflowing accept queue.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use retryctl::upstream::{self, UpstreamError};
+use retryctl::{CallOptions, Cause, FailReason, LivePolicy, Policy, Pool, Report};
+use tokio::time::Instant;
+
+const MODEL: &str = "m";
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+// ---- a provider that is down until a given instant (paused time) ---------
+
+/// Refuses connections (after `fail_after`) until `up_at`, then answers
+/// after `answer_after`; counts what it sees, and the most attempts it
+/// had in flight at once.
+#[derive(Debug)]
+struct Upstream {
+    up_at: Mutex<Option<Instant>>,
+    fail_after: Duration,
+    answer_after: Duration,
+    in_flight: AtomicU32,
+    max_in_flight: AtomicU32,
+    /// (started, succeeded) per attempt.
+    log: Mutex<Vec<(Instant, bool)>>,
+}
+
+impl Upstream {
+    fn new(up_at: Option<Instant>, fail_after: Duration, answer_after: Duration) -> Arc<Self> {
+        Arc::new(Upstream {
+            up_at: Mutex::new(up_at),
+            fail_after,
+            answer_after,
+            in_flight: AtomicU32::new(0),
+            max_in_flight: AtomicU32::new(0),
+            log: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Never up (until `set_up`).
+    fn down(fail_after: Duration) -> Arc<Self> {
+        Upstream::new(Some(Instant::now() + Duration::from_secs(1 << 30)), fail_after, ms(1))
+    }
+
+    fn set_up(&self, at: Instant) {
+        *self.up_at.lock().unwrap() = Some(at);
+    }
+
+    fn attempt(self: &Arc<Self>) -> impl Future<Output = Result<&'static str, io::Error>> + use<> {
+        let me = self.clone();
+        async move {
+            let now = Instant::now();
+            let up = me.up_at.lock().unwrap().is_none_or(|t| now >= t);
+            let n = me.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            me.max_in_flight.fetch_max(n, Ordering::SeqCst);
+            let i = {
+                let mut log = me.log.lock().unwrap();
+                log.push((now, false));
+                log.len() - 1
+            };
+            // Decrements on drop too (a cancelled attempt).
+            let _guard = InFlight(&me.in_flight);
+            if up {
+                tokio::time::sleep(me.answer_after).await;
+                me.log.lock().unwrap()[i].1 = true;
+                Ok("ok")
+            } else {
+                tokio::time::sleep(me.fail_after).await;
+                Err(io::Error::from(io::ErrorKind::ConnectionRefused))
+            }
+        }
+    }
+
+    fn attempts(&self) -> Vec<(Instant, bool)> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+struct InFlight<'a>(&'a AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+type P = Arc<Upstream>;
+
+fn pool_of(providers: &[(&str, P)], policy: Policy) -> Arc<Pool<P>> {
+    let mut b = Pool::builder().policy(LivePolicy::new(policy).unwrap());
+    for (name, p) in providers {
+        b = b.provider(MODEL, name, p.clone());
+    }
+    Arc::new(b.build().unwrap())
+}
+
+fn gate(pool: &Pool<P>, provider: &str) -> retryctl::pool::GateSnapshot {
+    pool.stats()
+        .into_iter()
+        .find(|s| s.provider == provider)
+        .unwrap()
+        .admission
+}
+
+/// Failed attempts in a report that were neither the request's first
+/// attempt nor a probe: retries the upstream saw fail.
+fn failed_retries(report: &Report) -> usize {
+    let first_failed = report.attempts > 0 && !report.failures().is_empty();
+    report
+        .failures()
+        .iter()
+        .enumerate()
+        .filter(|(k, f)| !f.probe && !(*k == 0 && first_failed))
+        .count()
+}
+
+// ---- paused time --------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_is_waited_out_with_probes_and_paced_after_recovery() {
+    let t0 = Instant::now();
+    let up = t0 + Duration::from_secs(3);
+    // Refusals take 1 ms (so the 100 first attempts are in flight at
+    // once), answers 10 ms.
+    let a = Upstream::new(Some(up), ms(1), ms(10));
+    let pool = pool_of(&[("a", a.clone())], Policy::default());
+    let budget = pool.budget_available(MODEL).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let pool = pool.clone();
+        let a = a.clone();
+        tasks.spawn(async move { pool.call(MODEL, |p: &P| p.attempt()).await.map(|s| s.report) });
+        let _ = &a;
+    }
+    let mut reports = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        reports.push(r.unwrap().expect("every caller is served"));
+    }
+    assert_eq!(reports.len(), 100);
+    let attempts = a.attempts();
+    let failed: Vec<_> = attempts.iter().filter(|(_, ok)| !ok).collect();
+    let probes_failed: usize = reports
+        .iter()
+        .map(|r| r.failures().iter().filter(|f| f.probe).count())
+        .sum();
+    // The first wave (100 attempts in flight when it went down) fails;
+    // after that only probes reach the upstream while it is down:
+    // 100, 200, 400, 800, 1000, 1000 ms apart.
+    assert_eq!(reports.iter().map(failed_retries).sum::<usize>(), 0);
+    assert_eq!(failed.len(), 100 + probes_failed);
+    assert_eq!(probes_failed, 5, "probes at ~0.1, 0.3, 0.7, 1.5, 2.5 s");
+    let probe_times: Vec<u128> = failed[100..]
+        .iter()
+        .map(|(t, _)| (*t - t0).as_millis())
+        .collect();
+    assert_eq!(probe_times, vec![101, 302, 703, 1504, 2505]);
+    // Waiting spends no retry budget and no round.
+    assert_eq!(pool.budget_available(MODEL).unwrap(), budget + 100.0 * 0.2);
+    assert!(reports.iter().all(|r| r.rounds == 1));
+    // Recovery: the probe at 3.506 s succeeds, then slow start: 1, 2, 4,
+    // ... attempts at a time, not 99 at once.
+    let first_ok = attempts.iter().find(|(_, ok)| *ok).unwrap().0;
+    assert_eq!((first_ok - t0).as_millis(), 3506);
+    let within = |d: u64| {
+        attempts
+            .iter()
+            .filter(|(t, ok)| *ok && *t < first_ok + ms(d))
+            .count()
+    };
+    assert_eq!(within(10), 1, "the probe alone");
+    assert_eq!(within(20), 2, "then one (the limit starts at 1)");
+    assert_eq!(within(30), 4, "then two");
+    assert_eq!(within(40), 8, "then four");
+    assert!(a.max_in_flight.load(Ordering::SeqCst) <= 100);
+    let last = attempts.last().unwrap().0;
+    assert!(last - first_ok < ms(100), "drained in {:?}", last - first_ok);
+    // And the gate is open again.
+    let g = gate(&pool, "a");
+    assert_eq!((g.limit, g.down, g.waiting), (None, false, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_provider_is_never_delayed_by_another_ones_gate() {
+    let down = Upstream::down(Duration::ZERO);
+    let healthy = Upstream::new(None, Duration::ZERO, ms(5));
+    let pool = pool_of(
+        &[("down", down.clone()), ("healthy", healthy.clone())],
+        Policy::default(),
+    );
+    for _ in 0..50 {
+        let served = pool.call(MODEL, |p: &P| p.attempt()).await.unwrap();
+        assert_eq!(served.provider, "healthy");
+        assert_eq!(served.report.queued, Duration::ZERO);
+        assert_eq!(served.report.waited, Duration::ZERO);
+        tokio::time::sleep(ms(20)).await;
+    }
+    // 50 requests over ~1.3 s: the down provider saw its first two
+    // refusals and then only its probes (0.1, 0.3, 0.7 s later).
+    let seen = down.attempts().len();
+    assert!((3..=6).contains(&seen), "{seen} attempts on the down provider");
+    assert!(gate(&pool, "down").down);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waits_are_bounded_by_max_wait_and_the_deadline() {
+    let a = Upstream::down(Duration::ZERO);
+    let mut policy = Policy::default();
+    policy.admission.max_wait = Duration::from_secs(2);
+    let pool = pool_of(&[("a", a.clone())], policy);
+    let budget = pool.budget_available(MODEL).unwrap();
+    let start = Instant::now();
+    let err = pool.call(MODEL, |p: &P| p.attempt()).await.unwrap_err();
+    assert_eq!(
+        err.reason,
+        FailReason::AdmissionTimeout {
+            waited: Duration::from_secs(2)
+        }
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert_eq!(err.report.queued, Duration::from_secs(2));
+    assert_eq!(err.report.rounds, 1);
+    // First refusal, the one that marks it down, then probes at 0.1, 0.3,
+    // 0.7 and 1.5 s.
+    assert_eq!(err.report.attempts, 6);
+    let message = err.to_string();
+    assert!(
+        message.contains("did not accept work: waited 2s")
+            && message.contains("last error: connection refused"),
+        "{message}"
+    );
+    assert_eq!(pool.budget_available(MODEL).unwrap(), budget + 0.2);
+
+    // The deadline bounds a wait too, and the next request waits no
+    // longer than its own deadline.
+    let start = Instant::now();
+    let err = pool
+        .call_with(MODEL, CallOptions::timeout(ms(250)), |p: &P| p.attempt())
+        .await
+        .unwrap_err();
+    assert!(matches!(err.reason, FailReason::AdmissionTimeout { .. }));
+    assert_eq!(start.elapsed(), ms(250));
+    assert!(err.report.queued <= ms(250));
+
+    // max_wait = 0s: fail at once, never wait.
+    let mut policy = Policy::default();
+    policy.admission.max_wait = Duration::ZERO;
+    pool.policy().store(policy).unwrap();
+    let start = Instant::now();
+    let err = pool.call(MODEL, |p: &P| p.attempt()).await.unwrap_err();
+    assert_eq!(
+        err.reason,
+        FailReason::AdmissionTimeout {
+            waited: Duration::ZERO
+        }
+    );
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_waiters_leave_no_waiter_behind() {
+    let a = Upstream::down(Duration::ZERO);
+    let pool = pool_of(&[("a", a.clone())], Policy::default());
+    // Down: the first request limits the gate, its re-attempt marks it
+    // down; then 1,000 requests wait and are cancelled.
+    let first = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.call(MODEL, |p: &P| p.attempt()).await.map(|_| ()) })
+    };
+    tokio::time::sleep(ms(1)).await;
+    assert!(gate(&pool, "a").down);
+    let mut waiters = Vec::new();
+    for _ in 0..1000 {
+        let pool = pool.clone();
+        waiters.push(tokio::spawn(async move {
+            pool.call(MODEL, |p: &P| p.attempt()).await.map(|_| ())
+        }));
+    }
+    tokio::time::sleep(ms(50)).await;
+    // The first request waits for a probe too.
+    assert_eq!(gate(&pool, "a").waiting, 1001);
+    for w in &waiters {
+        w.abort();
+    }
+    for w in waiters {
+        assert!(w.await.unwrap_err().is_cancelled());
+    }
+    let g = gate(&pool, "a");
+    assert_eq!((g.waiting, g.in_flight, g.down), (1, 0, true), "{g:?}");
+    first.abort();
+    let _ = first.await;
+    let g = gate(&pool, "a");
+    assert_eq!((g.waiting, g.in_flight, g.probing), (0, 0, false), "{g:?}");
+    // The provider comes back: the next request probes it and is served.
+    a.set_up(Instant::now());
+    let served = pool.call(MODEL, |p: &P| p.attempt()).await.unwrap();
+    assert_eq!(served.report.attempts, 1);
+    let g = gate(&pool, "a");
+    assert!(!g.down && g.in_flight == 0, "{g:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_turns_requests_away_at_once() {
+    let a = Upstream::down(Duration::ZERO);
+    let mut policy = Policy::default();
+    policy.admission.max_waiting = 3;
+    let pool = pool_of(&[("a", a.clone())], policy);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            let start = Instant::now();
+            let r = pool.call(MODEL, |p: &P| p.attempt()).await;
+            (r.map(|_| ()).map_err(|e| e.reason), start.elapsed())
+        });
+    }
+    let mut full = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (r, took) = r.unwrap();
+        if r == Err(FailReason::AdmissionQueueFull) {
+            full += 1;
+            assert_eq!(took, Duration::ZERO);
+        } else {
+            assert!(matches!(r, Err(FailReason::AdmissionTimeout { .. })), "{r:?}");
+        }
+    }
+    // One request marks the provider down and waits, two more fit.
+    assert_eq!(full, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_never_limits_and_connection_failures_shrink_from_in_flight() {
+    // Slow answers (30 s, an LLM generation) keep the gate open.
+    let slow = Upstream::new(None, Duration::ZERO, Duration::from_secs(30));
+    let pool = pool_of(&[("a", slow.clone())], Policy::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let pool = pool.clone();
+        tasks.spawn(async move { pool.call(MODEL, |p: &P| p.attempt()).await.is_ok() });
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(gate(&pool, "a").limit, None, "open while slow");
+    while let Some(r) = tasks.join_next().await {
+        assert!(r.unwrap());
+    }
+    assert_eq!(gate(&pool, "a").limit, None);
+
+    // 8 attempts in flight when the upstream starts refusing: the first
+    // refusal limits the gate to 4, the next ones to half of what is
+    // still in flight.
+    let a = Upstream::new(None, Duration::ZERO, ms(100));
+    let pool = pool_of(&[("a", a.clone())], Policy::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let pool = pool.clone();
+        tasks.spawn(async move { pool.call(MODEL, |p: &P| p.attempt()).await.is_ok() });
+    }
+    tokio::time::sleep(ms(10)).await;
+    assert_eq!(a.in_flight.load(Ordering::SeqCst), 8);
+    a.set_up(Instant::now() + Duration::from_secs(1));
+    let late = pool.clone();
+    let refused = tokio::spawn(async move { late.call(MODEL, |p: &P| p.attempt()).await });
+    tokio::time::sleep(ms(1)).await;
+    // In flight: 8 slow ones + the refused one = 9 → limit 4.
+    let g = gate(&pool, "a");
+    assert_eq!(g.limit, Some(4), "{g:?}");
+    while let Some(r) = tasks.join_next().await {
+        assert!(r.unwrap());
+    }
+    let served = refused.await.unwrap().unwrap();
+    assert_eq!(served.report.failures()[0].verdict.cause, Cause::ConnectRefused);
+}
+
+#[tokio::test(start_paused = true)]
+async fn switching_admission_off_releases_the_waiters() {
+    let a = Upstream::down(Duration::ZERO);
+    let pool = pool_of(&[("a", a.clone())], Policy::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            pool.call(MODEL, |p: &P| p.attempt())
+                .await
+                .map(|s| s.report.queued)
+        });
+    }
+    tokio::time::sleep(ms(50)).await;
+    assert_eq!(gate(&pool, "a").waiting, 5);
+    a.set_up(Instant::now());
+    let mut off = Policy::default();
+    off.admission.enabled = false;
+    pool.policy().store(off).unwrap();
+    // The next request sees the change and opens the gate for everyone.
+    let served = pool.call(MODEL, |p: &P| p.attempt()).await.unwrap();
+    assert_eq!(served.report.queued, Duration::ZERO);
+    let mut ok = 0;
+    while let Some(r) = tasks.join_next().await {
+        let queued = r.unwrap().unwrap();
+        assert!(queued <= ms(51), "{queued:?}");
+        ok += 1;
+    }
+    assert_eq!(ok, 5);
+    assert_eq!(gate(&pool, "a").limit, None);
+}
+
+// ---- real sockets -------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Http {
+    client: reqwest::Client,
+    url: String,
+}
+
+fn http_pool(url: String, connect_timeout: Duration) -> Arc<Pool<Http>> {
+    let mut policy = Policy::default();
+    policy.timeouts.connect = connect_timeout;
+    policy.timeouts.attempt = Duration::from_secs(5);
+    let client = upstream::client_builder(&policy.timeouts)
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    Arc::new(
+        Pool::builder()
+            .provider(MODEL, "a", Http { client, url })
+            .policy(LivePolicy::new(policy).unwrap())
+            .build()
+            .unwrap(),
+    )
+}
+
+async fn http_call(pool: &Pool<Http>) -> Result<Report, retryctl::PoolError<UpstreamError>> {
+    pool.call(MODEL, |p: &Http| {
+        let request = p.client.post(&p.url).body("{}");
+        async move {
+            let response = upstream::check(request.send().await?).await?;
+            response.bytes().await.map_err(UpstreamError::from)?;
+            Ok::<_, UpstreamError>(())
+        }
+    })
+    .await
+    .map(|s| s.report)
+}
+
+/// A minimal HTTP server on a fixed address: answers every request with
+/// 200 and closes; counts the requests it answered.
+async fn serve_on(addr: std::net::SocketAddr, answered: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(ms(5)).await,
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = "{}";
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(response.as_bytes()).await.is_ok() {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_the_only_provider_on_real_sockets() {
+    let _ = tracing_subscriber::fmt().with_env_filter("retryctl=debug").with_test_writer().try_init();
+    let addr = support::closed_port();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let pool = http_pool(format!("http://{addr}/v1/chat/completions"), ms(500));
+    // The listener is closed for 3 s, then reopened on the same port.
+    let restart = {
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            serve_on(addr, answered).await
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let pool = pool.clone();
+        tasks.spawn(async move { http_call(&pool).await });
+    }
+    let mut reports = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok(r) => reports.push(r),
+            Err(e) => panic!("{e}: {:?}, gate {:?}", e.report, pool.stats()[0].admission),
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(answered.load(Ordering::SeqCst), 100);
+    // While it was down, the upstream saw the first wave and the probes,
+    // and no request re-tried on its own.
+    let probes: usize = reports
+        .iter()
+        .map(|r| r.failures().iter().filter(|f| f.probe).count())
+        .sum();
+    let retried: usize = reports.iter().map(failed_retries).sum();
+    assert!(
+        (3..=7).contains(&probes),
+        "{probes} failed probes over 3 s (0.1 s doubling to 1 s)"
+    );
+    assert!(retried <= 2, "{retried} failed retries beside the probes");
+    assert!(reports.iter().all(|r| r.rounds == 1));
+    assert!(
+        took < Duration::from_secs(5),
+        "served {took:?} after the start of a 3 s outage"
+    );
+    restart.await.unwrap().abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_accept_queue_is_absorbed_and_settles() {
+    // listen(1), one accept every 20 ms; 16 callers, each sending its
+    // requests one after another for 3 s, over new connections.
+    let server =
+        support::StalledServer::slow_accept(ms(20), support::Reply::ok("vm")).await;
+    let pool = http_pool(server.url(), ms(500));
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            let mut reports = Vec::new();
+            while started.elapsed() < Duration::from_secs(3) {
+                reports.push((started.elapsed(), http_call(&pool).await));
+            }
+            reports
+        });
+    }
+    let mut timeouts_late = 0;
+    let mut timeouts = 0;
+    let mut served = 0;
+    while let Some(r) = tasks.join_next().await {
+        for (sent, r) in r.unwrap() {
+            let report = r.expect("every request is served");
+            served += 1;
+            let n = report
+                .failures()
+                .iter()
+                .filter(|f| f.verdict.cause == Cause::ConnectTimeout)
+                .count();
+            timeouts += n;
+            if sent > Duration::from_secs(1) {
+                timeouts_late += n;
+            }
+        }
+    }
+    assert!(served >= 50, "{served} served");
+    assert!(timeouts >= 1, "the first burst must overflow the queue");
+    // Once the limit settled, attempts stay within what the queue holds.
+    assert!(
+        timeouts_late * 10 <= served,
+        "{timeouts_late} connect timeouts after the first second, {timeouts} in all, {served} served"
+    );
+}
