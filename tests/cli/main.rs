@@ -201,3 +201,67 @@ fn shipped_shadow_example_is_valid_when_uncommented() {
     let candidate = policy.shadow_candidate().expect("a candidate");
     assert_eq!((candidate.max_rounds, candidate.budget.ratio), (3, 0.3));
 }
+
+#[test]
+fn check_names_an_admission_error_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "max_rounds = 2\n\n[admission]\ndecrease = 1.5\n").unwrap();
+    let (code, out, err) = retryctl(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    let first = err.lines().next().unwrap();
+    assert!(
+        first.ends_with(
+            "bad.toml:4:12: `admission.decrease` = 1.5 is invalid: a number within 0.1..=0.9"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("\n4 | decrease = 1.5\n  |            ^\n"),
+        "{err}"
+    );
+
+    std::fs::write(&bad, "[models.\"m\".admission]\nmax_wait = \"1h\"\n").unwrap();
+    let (code, _, err) = retryctl(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("bad.toml:2:12: `models.\"m\".admission.max_wait` = \"1h\" is invalid"),
+        "{err}"
+    );
+}
+
+#[test]
+fn defaults_and_check_print_the_admission_table() {
+    let (code, out, _) = retryctl(&["defaults"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("\n[admission]\nenabled = true\nmax_wait = \"10s\"\n"),
+        "{out}"
+    );
+    let (code, out, err) = retryctl(&["check", "config/policy.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\n[admission]\n"), "{out}");
+}
+
+#[test]
+fn shipped_policy_writes_out_every_admission_field() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/policy.toml"))
+        .unwrap();
+    let keys = |text: &str| -> Vec<String> {
+        let table: toml::Table = toml::from_str(text).unwrap();
+        let admission = table.get("admission").and_then(|a| a.as_table());
+        let mut keys: Vec<String> = admission
+            .expect("an [admission] table")
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(keys(&text), keys(&Policy::default().to_toml()));
+    assert!(
+        text.contains("spends no retry budget"),
+        "the budget is explained"
+    );
+}
