@@ -331,6 +331,29 @@ async fn shutdown_closes_the_listener() {
 }
 
 #[tokio::test]
+async fn reopening_server_refuses_while_closed_then_serves_on_the_same_port() {
+    let mut server = ReopeningServer::start(Reply::ok("up")).await;
+    let (addr, url) = (server.addr(), server.url());
+    let c = client(Duration::from_secs(1));
+    let body = |r: reqwest::Response| async move { r.text().await.unwrap() };
+    assert_eq!(body(c.get(&url).send().await.unwrap()).await, "up");
+
+    server.close().await;
+    assert!(!server.is_open());
+    let e = get_err(&c, &url).await;
+    let d = describe(&e);
+    assert!(e.is_connect(), "{d}");
+    assert_eq!(io_kind(&e), Some(ErrorKind::ConnectionRefused), "{d}");
+
+    // Reopened on the very port the client knows, despite the first
+    // connection's TIME_WAIT on it.
+    server.reopen();
+    assert_eq!(server.addr(), addr);
+    assert_eq!(body(c.get(&url).send().await.unwrap()).await, "up");
+    assert_eq!(server.accepted(), 2);
+}
+
+#[tokio::test]
 async fn dropping_servers_closes_their_listeners() {
     let http = HttpServer::always(Reply::ok("x")).await;
     let reset = ResetServer::start(ResetMode::AfterRequest).await;

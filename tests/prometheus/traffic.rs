@@ -12,6 +12,11 @@
 //! | `moonshotai/Kimi-K2` | `proxy` (429 with Retry-After: 3600, 400, ok) | Retry-After too long, permanent |
 //! | `budget/starved` (a pool whose budget is 0) | `proxy` (refused) | budget refusals |
 //! | `no/such-model` | none | unknown model |
+//! | `admission/flapping` | `vm` (its listener closes for 1.5 s, then reopens on the same port) | the admission gate: see [`Driver::admission`] |
+//!
+//! The admission gate is enabled for `admission/flapping` only (a model
+//! override): the other models keep failing in rounds on refused
+//! connections, which is what their rows and counts are about.
 //!
 //! The starved pool's policy follows a file through a real
 //! `retryctl::PolicyWatcher` (explicit re-reads, no file events or timer,
@@ -20,15 +25,16 @@
 //! (rejected: the reload is failing at the end).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use retryctl::policy::BudgetPolicy;
+use retryctl::policy::{AdmissionOverride, BudgetPolicy};
 use retryctl::reload::ReloadCounts;
 use retryctl::upstream::{self, UpstreamError};
-use retryctl::{CallOptions, LivePolicy, Policy, Pool, PoolError, Served};
+use retryctl::{CallOptions, LivePolicy, Policy, PolicyOverride, Pool, PoolError, Served};
 use retryctl::{PolicyWatcher, ReloadOptions};
 
-use crate::support::{HttpServer, Reply, closed_port};
+use crate::support::{HttpServer, ReopeningServer, Reply, closed_port};
 
 pub(crate) const GPT: &str = "openai/gpt-oss-120b";
 pub(crate) const GLM: &str = "zai-org/GLM-5-FP8";
@@ -36,6 +42,12 @@ pub(crate) const QWEN: &str = "Qwen/Qwen3.5-122B-A10B";
 pub(crate) const KIMI: &str = "moonshotai/Kimi-K2";
 pub(crate) const STARVED: &str = "budget/starved";
 pub(crate) const UNKNOWN: &str = "no/such-model";
+pub(crate) const ADMISSION: &str = "admission/flapping";
+
+/// `admission.max_wait` of [`ADMISSION`]: well above the outage of
+/// [`Driver::admission`], so that only the request with a tiny deadline
+/// gives up at the gate.
+pub(crate) const ADMISSION_MAX_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub(crate) struct Provider {
@@ -59,6 +71,8 @@ pub(crate) struct ModelTally {
     pub(crate) attempts: u64,
     pub(crate) retries: u64,
     pub(crate) fallbacks: u64,
+    /// Requests that waited at an admission gate (`Report::queued` > 0).
+    pub(crate) queued: u64,
 }
 
 /// Per model, plus requests for models no pool serves.
@@ -104,6 +118,7 @@ impl Tally {
         }
         t.attempts += u64::from(report.attempts);
         t.retries += u64::from(report.retries);
+        t.queued += u64::from(!report.queued.is_zero());
         *t.by_outcome
             .entry((key.0.to_owned(), key.1.to_owned()))
             .or_default() += 1;
@@ -116,7 +131,8 @@ impl Tally {
 }
 
 /// Fast policy for real sockets: 30 ms between rounds, 200 ms connect
-/// timeout, demotion after 3 failed requests, 200 ms cool-down.
+/// timeout, demotion after 3 failed requests, 200 ms cool-down, no
+/// admission gate (see [`admission_override`] for the model that has one).
 fn policy() -> Policy {
     let mut p = Policy {
         delay: Duration::from_millis(30).into(),
@@ -127,16 +143,36 @@ fn policy() -> Policy {
     p.health.demote_after = 3;
     p.health.cooldown = Duration::from_millis(200);
     p.health.max_cooldown = Duration::from_millis(400);
+    p.admission.enabled = false;
     p
+}
+
+/// The admission gate of [`ADMISSION`]: on, waits up to
+/// [`ADMISSION_MAX_WAIT`], probes after 100 ms doubling to 400 ms (so the
+/// reopened listener is found within 0.4 s).
+fn admission_override() -> PolicyOverride {
+    PolicyOverride {
+        admission: AdmissionOverride {
+            enabled: Some(true),
+            max_wait: Some(ADMISSION_MAX_WAIT),
+            probe_delay: Some(Duration::from_millis(100)),
+            probe_max_delay: Some(Duration::from_millis(400)),
+            ..AdmissionOverride::default()
+        },
+        ..PolicyOverride::default()
+    }
 }
 
 /// The pools, their fault servers (kept alive as long as the driver) and
 /// the policy file of the starved pool.
 pub(crate) struct Driver {
-    main: Pool<Provider>,
+    /// Shared with the concurrent requests of [`Driver::admission`].
+    main: Arc<Pool<Provider>>,
     starved: Pool<Provider>,
     pub(crate) tally: Tally,
     _servers: Vec<HttpServer>,
+    /// The only provider of [`ADMISSION`].
+    flapping: ReopeningServer,
     starved_policy: Policy,
     pub(crate) live: LivePolicy,
     pub(crate) watcher: PolicyWatcher,
@@ -194,13 +230,20 @@ impl Driver {
         ))
         .await;
 
+        let flapping = ReopeningServer::start(Reply::ok("admitted")).await;
+
+        let mut main_policy = policy.clone();
+        main_policy
+            .models
+            .insert(ADMISSION.to_owned(), admission_override());
         let main = Pool::builder()
-            .policy(LivePolicy::new(policy.clone()).expect("valid policy"))
+            .policy(LivePolicy::new(main_policy).expect("valid policy"))
             .provider(GPT, "proxy-a", provider(flaky.url()))
             .provider(GPT, "proxy-b", provider(healthy.url()))
             .provider(GLM, "proxy", provider(glm.url()))
             .provider(QWEN, "vm", provider(format!("http://{}", closed_port())))
             .provider(KIMI, "proxy", provider(kimi.url()))
+            .provider(ADMISSION, "vm", provider(flapping.url()))
             .build()
             .expect("pool");
         let starved_policy = Policy {
@@ -234,10 +277,11 @@ impl Driver {
         )
         .expect("watch policy.toml");
         Driver {
-            main,
+            main: Arc::new(main),
             starved,
             tally: Tally::default(),
             _servers: vec![flaky, healthy, glm, kimi],
+            flapping,
             starved_policy,
             live,
             watcher,
@@ -273,19 +317,8 @@ impl Driver {
     }
 
     async fn call(&mut self, starved: bool, model: &str, options: CallOptions) {
-        let pool = if starved { &self.starved } else { &self.main };
-        let outcome: Outcome = pool
-            .call_with(model, options, |p: &Provider| {
-                let request = p
-                    .client
-                    .post(format!("{}/v1/chat/completions", p.url))
-                    .body("{}");
-                async move {
-                    let response = upstream::check(request.send().await?).await?;
-                    Ok(response.text().await?)
-                }
-            })
-            .await;
+        let pool = if starved { &self.starved } else { &*self.main };
+        let outcome = request(pool, model, options).await;
         self.tally.record(model, &outcome);
     }
 
@@ -313,6 +346,80 @@ impl Driver {
         }
         self.call(false, UNKNOWN, default).await;
     }
+}
+
+impl Driver {
+    /// The admission phase, on [`ADMISSION`] (a single provider):
+    ///
+    /// 1. two requests while the upstream listens: served, the gate open;
+    /// 2. the listener closes (connects are refused) and 20 requests
+    ///    arrive, one every 70 ms, while the port stays closed for 1.5 s,
+    ///    then the listener reopens on the same port. With the gate, the
+    ///    first refusals shrink the provider's limit and mark it down; the
+    ///    other requests wait at the gate (FIFO) while a probe fails every
+    ///    100..400 ms; the first probe after the reopening succeeds, the
+    ///    provider recovers and the waiting requests are admitted;
+    /// 3. in the middle of the outage, with requests already waiting, one
+    ///    request with a 50 ms deadline: it gives up at the gate
+    ///    (`admission_timeout`);
+    /// 4. three requests after the reopening.
+    ///
+    /// Without a gate, the outage's requests fail in rounds on refused
+    /// connections instead (the provider is demoted, then recovers).
+    pub(crate) async fn admission(&mut self) {
+        const REQUESTS: u32 = 20;
+        const EVERY: Duration = Duration::from_millis(70);
+        const OUTAGE: Duration = Duration::from_millis(1500);
+        let default = CallOptions::default();
+        for _ in 0..2 {
+            self.call(false, ADMISSION, default).await;
+        }
+
+        self.flapping.close().await;
+        let mut requests = tokio::task::JoinSet::new();
+        let spawn = |requests: &mut tokio::task::JoinSet<Outcome>, at, options| {
+            let pool = self.main.clone();
+            requests.spawn(async move {
+                tokio::time::sleep(at).await;
+                request(&pool, ADMISSION, options).await
+            });
+        };
+        for i in 0..REQUESTS {
+            spawn(&mut requests, EVERY * i, default);
+        }
+        spawn(
+            &mut requests,
+            EVERY * (REQUESTS / 2) + EVERY / 2,
+            CallOptions::timeout(Duration::from_millis(50)),
+        );
+        tokio::time::sleep(OUTAGE).await;
+        self.flapping.reopen();
+        while let Some(outcome) = requests.join_next().await {
+            self.tally
+                .record(ADMISSION, &outcome.expect("admission request task"));
+        }
+
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..3 {
+            self.call(false, ADMISSION, default).await;
+        }
+    }
+}
+
+/// One request for `model` through `pool`: a POST to the provider's
+/// `/v1/chat/completions`.
+async fn request(pool: &Pool<Provider>, model: &str, options: CallOptions) -> Outcome {
+    pool.call_with(model, options, |p: &Provider| {
+        let request = p
+            .client
+            .post(format!("{}/v1/chat/completions", p.url))
+            .body("{}");
+        async move {
+            let response = upstream::check(request.send().await?).await?;
+            Ok(response.text().await?)
+        }
+    })
+    .await
 }
 
 /// One route's health as the pool reports it.

@@ -1,5 +1,5 @@
-//! Transport-level faults: refused connects, resets, and connects that never
-//! complete.
+//! Transport-level faults: refused connects, resets, connects that never
+//! complete, and a listener that goes away and comes back on its port.
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -241,6 +241,107 @@ impl StalledServer {
     }
 
     /// Connections accepted so far ([`StalledServer::slow_accept`] only).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// An HTTP server whose listener can be closed and reopened **on the same
+/// port**: an upstream process that restarts, or a VM that drops off the
+/// network and comes back. While closed, connecting is refused
+/// (`io::ErrorKind::ConnectionRefused`), exactly as with [`closed_port`];
+/// while open, every request on a fresh connection gets `reply`
+/// (`Connection: close`). Starts open. Stops when dropped.
+///
+/// The port stays reserved while closed: the listener is replaced by a
+/// socket bound to the same address that never listens (so a bind to port
+/// 0 is not given the port meanwhile), and reopening calls `listen` on it.
+/// Both use `SO_REUSEADDR`, so the server's own connections in `TIME_WAIT`
+/// do not block the rebind.
+pub struct ReopeningServer {
+    addr: SocketAddr,
+    reply: Reply,
+    accepted: Arc<AtomicUsize>,
+    /// The accept loop while open (it owns the listener).
+    task: Option<TaskGuard>,
+    /// The port while closed: bound, not listening.
+    parked: Option<Socket>,
+}
+
+fn reusable_socket(addr: SocketAddr) -> Socket {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket
+        .bind(&addr.into())
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    socket
+}
+
+impl ReopeningServer {
+    /// Starts an open server on `127.0.0.1:<ephemeral>`.
+    pub async fn start(reply: Reply) -> Self {
+        let socket = reusable_socket("127.0.0.1:0".parse().unwrap());
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let mut server = ReopeningServer {
+            addr,
+            reply,
+            accepted: Arc::new(AtomicUsize::new(0)),
+            task: None,
+            parked: Some(socket),
+        };
+        server.reopen();
+        server
+    }
+
+    /// Closes the listener (and the connections it accepted) and waits
+    /// until it is closed: from then on a connect is refused. The port
+    /// stays reserved. No-op when already closed.
+    pub async fn close(&mut self) {
+        if let Some(mut task) = self.task.take() {
+            task.stop().await;
+            self.parked = Some(reusable_socket(self.addr));
+        }
+    }
+
+    /// Listens again on the same port. No-op when already open.
+    pub fn reopen(&mut self) {
+        let Some(socket) = self.parked.take() else {
+            return;
+        };
+        socket.listen(128).expect("listen");
+        socket.set_nonblocking(true).expect("set_nonblocking");
+        let listener = TcpListener::from_std(StdTcpListener::from(socket)).expect("from_std");
+        let (reply, acc) = (self.reply.clone(), self.accepted.clone());
+        self.task = Some(TaskGuard::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                while conns.try_join_next().is_some() {}
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                conns.spawn(serve_one(stream, reply.clone()));
+            }
+        }));
+    }
+
+    /// Whether the listener is open.
+    pub fn is_open(&self) -> bool {
+        self.task.is_some()
+    }
+
+    /// The bound socket address (the same while closed and reopened).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Connections accepted so far, across reopenings.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }

@@ -14,7 +14,7 @@ pub mod faults;
 pub mod http;
 pub mod sse;
 
-pub use faults::{ResetMode, ResetServer, StalledServer, closed_port};
+pub use faults::{ReopeningServer, ResetMode, ResetServer, StalledServer, closed_port};
 pub use http::{HttpServer, RecordedRequest, Reply, ReplyAction};
 
 use std::error::Error as StdError;
