@@ -214,7 +214,8 @@ pub struct AdaptivePolicy {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdmissionPolicy {
-    /// `false` removes the gate: attempts are never held, and
+    /// `true` puts the gate in front of every attempt; `false` (the
+    /// default, for now) removes it: attempts are never held, and
     /// connection-level failures are retried in rounds like any other.
     pub enabled: bool,
     /// The longest a request waits at gates in total before it fails with
@@ -653,7 +654,9 @@ impl Default for AdaptivePolicy {
 impl Default for AdmissionPolicy {
     fn default() -> Self {
         AdmissionPolicy {
-            enabled: true,
+            // Off until the demo and the scenarios of its design show it
+            // ahead of the round-only policy: see docs/decisions.md.
+            enabled: false,
             max_wait: Duration::from_secs(10),
             max_waiting: 1024,
             decrease: 0.5,
@@ -1683,7 +1686,7 @@ mod tests {
     #[test]
     fn admission_defaults() {
         let a = AdmissionPolicy::default();
-        assert!(a.enabled && a.slow_start);
+        assert!(!a.enabled && a.slow_start);
         assert_eq!(a.max_wait, Duration::from_secs(10));
         assert_eq!((a.max_waiting, a.decrease, a.min_limit), (1024, 0.5, 1));
         assert_eq!(a.probe_delay, Duration::from_millis(100));

@@ -141,10 +141,12 @@ fn check(rules: &Rules, error: &str, code: u16, retry_after: Option<Duration>) {
 /// rate-limited).
 fn consistent(v: Verdict) {
     let ok = match v.cause {
-        Cause::Keyword | Cause::Status5xx | Cause::StatusRetryable => matches!(
-            v.class,
-            Classification::Transient | Classification::RateLimited { .. }
-        ),
+        Cause::Keyword | Cause::Status5xx | Cause::Unavailable | Cause::StatusRetryable => {
+            matches!(
+                v.class,
+                Classification::Transient | Classification::RateLimited { .. }
+            )
+        }
         Cause::RateLimited => matches!(v.class, Classification::RateLimited { .. }),
         Cause::ClientError => v.class == Classification::Permanent,
         Cause::NextProvider | Cause::Opaque => v.class == Classification::TryNext,

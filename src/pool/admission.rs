@@ -595,7 +595,9 @@ impl Gate {
                     Self::wake_all(&inner);
                 }
             }
-            Outcome::Unreached => self.on_unreached(&mut inner, probe, limit, in_flight, policy, now),
+            Outcome::Unreached => {
+                self.on_unreached(&mut inner, probe, limit, in_flight, policy, now)
+            }
             Outcome::Reached => self.on_reached(&mut inner, probe, limit, in_flight, policy, now),
         }
         self.dispatch(&mut inner, now);

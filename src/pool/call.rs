@@ -669,7 +669,8 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         let fell_back = i != self.first;
         self.report.elapsed = elapsed;
         let r = &self.report;
-        m.metrics.served(r.retries > 0, r.attempts, r.elapsed, fell_back);
+        m.metrics
+            .served(r.retries > 0, r.attempts, r.elapsed, fell_back);
         if let Some(shadow) = &self.shadow {
             shadow.observe(m, r, Ended::Served(i));
         }
@@ -682,7 +683,12 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
     }
 
     /// The call's result: a failure gets its accounting, metrics and log.
-    fn finish<T>(mut self, result: Result<Served<T>, FailReason>) -> Result<Served<T>, PoolError<E>> {
+    // The public `call_with` returns this very type.
+    #[allow(clippy::result_large_err)]
+    fn finish<T>(
+        mut self,
+        result: Result<Served<T>, FailReason>,
+    ) -> Result<Served<T>, PoolError<E>> {
         let reason = match result {
             Ok(served) => return Ok(served),
             Err(reason) => reason,
@@ -695,7 +701,11 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         if let Some(shadow) = &self.shadow {
             shadow.observe(m, r, Ended::Failed(&reason));
         }
-        let last = self.last.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        let last = self
+            .last
+            .as_ref()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         if matches!(reason, FailReason::Permanent) {
             tracing::debug!(
                 target: "retryctl",

@@ -16,6 +16,22 @@
 //! Health is updated as attempts finish, but each provider is counted at
 //! most once per request, and only for failures that are its fault.
 //!
+//! # Waiting instead of failing: admission
+//!
+//! With `[admission] enabled = true`, every attempt passes its provider's
+//! admission gate (see `admission.rs`): open, it costs one atomic add. A
+//! failure at *connection level* (refused, connect timeout, unsent, a
+//! 502/503 without Retry-After) limits the provider's attempts in flight;
+//! a failure at the floor marks it down, and then only one probe at a
+//! time reaches it while the other requests wait in line. A request whose
+//! attempt the upstream never received (refused, connect timeout, unsent)
+//! is attempted again when the gate admits it, in the same round: that
+//! re-send costs the upstream nothing, so it spends no retry budget and no
+//! round, and is bounded by `admission.max_wait` (over the whole request)
+//! and the deadline instead. Another provider that can take the request
+//! now is tried first, without waiting. Retries of requests the upstream
+//! did receive keep their rounds, delay and budget.
+//!
 //! # What is retried, and what is not
 //!
 //! The pool retries until the operation *returns*. For an HTTP upstream

@@ -58,8 +58,8 @@ use metrics::Counter;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use super::schedule::backoff;
 use super::outcome::{FailReason, Report};
+use super::schedule::backoff;
 use super::{Model, Pool};
 use crate::budget::RetryBudget;
 use crate::classify::Classification;

@@ -46,6 +46,19 @@
 //! | `retryctl_learned_retry_delay_seconds` | gauge | model, provider |
 //! | `retryctl_shadow_decisions_total` | counter | model, decision |
 //! | `retryctl_shadow_failures_total` | counter | model, effect |
+//!
+//! And the admission gate's (`pool/admission.rs`):
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `retryctl_admission_limit` | gauge | model, provider |
+//! | `retryctl_admission_down` | gauge | model, provider |
+//! | `retryctl_admission_in_flight` | gauge | model, provider |
+//! | `retryctl_admission_waiting` | gauge | model, provider |
+//! | `retryctl_admission_wait_seconds` | histogram | model, provider |
+//! | `retryctl_admission_total` | counter | model, provider, outcome |
+//! | `retryctl_admission_transitions_total` | counter | model, provider, event |
+//! | `retryctl_admission_max_wait_seconds` | gauge | model |
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 mod support;
 
 use std::io;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +16,13 @@ use retryctl::{CallOptions, Cause, FailReason, LivePolicy, Policy, Pool, Report}
 use tokio::time::Instant;
 
 const MODEL: &str = "m";
+
+/// The default policy with the gate on.
+fn gated() -> Policy {
+    let mut p = Policy::default();
+    p.admission.enabled = true;
+    p
+}
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -51,7 +58,11 @@ impl Upstream {
 
     /// Never up (until `set_up`).
     fn down(fail_after: Duration) -> Arc<Self> {
-        Upstream::new(Some(Instant::now() + Duration::from_secs(1 << 30)), fail_after, ms(1))
+        Upstream::new(
+            Some(Instant::now() + Duration::from_secs(1 << 30)),
+            fail_after,
+            ms(1),
+        )
     }
 
     fn set_up(&self, at: Instant) {
@@ -135,13 +146,17 @@ async fn a_restart_is_waited_out_with_probes_and_paced_after_recovery() {
     // Refusals take 1 ms (so the 100 first attempts are in flight at
     // once), answers 10 ms.
     let a = Upstream::new(Some(up), ms(1), ms(10));
-    let pool = pool_of(&[("a", a.clone())], Policy::default());
+    let pool = pool_of(&[("a", a.clone())], gated());
     let budget = pool.budget_available(MODEL).unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..100 {
         let pool = pool.clone();
         let a = a.clone();
-        tasks.spawn(async move { pool.call(MODEL, |p: &P| p.attempt()).await.map(|s| s.report) });
+        tasks.spawn(async move {
+            pool.call(MODEL, |p: &P| p.attempt())
+                .await
+                .map(|s| s.report)
+        });
         let _ = &a;
     }
     let mut reports = Vec::new();
@@ -185,7 +200,11 @@ async fn a_restart_is_waited_out_with_probes_and_paced_after_recovery() {
     assert_eq!(within(40), 8, "then four");
     assert!(a.max_in_flight.load(Ordering::SeqCst) <= 100);
     let last = attempts.last().unwrap().0;
-    assert!(last - first_ok < ms(100), "drained in {:?}", last - first_ok);
+    assert!(
+        last - first_ok < ms(100),
+        "drained in {:?}",
+        last - first_ok
+    );
     // And the gate is open again.
     let g = gate(&pool, "a");
     assert_eq!((g.limit, g.down, g.waiting), (None, false, 0));
@@ -197,7 +216,7 @@ async fn a_healthy_provider_is_never_delayed_by_another_ones_gate() {
     let healthy = Upstream::new(None, Duration::ZERO, ms(5));
     let pool = pool_of(
         &[("down", down.clone()), ("healthy", healthy.clone())],
-        Policy::default(),
+        gated(),
     );
     for _ in 0..50 {
         let served = pool.call(MODEL, |p: &P| p.attempt()).await.unwrap();
@@ -209,14 +228,17 @@ async fn a_healthy_provider_is_never_delayed_by_another_ones_gate() {
     // 50 requests over ~1.3 s: the down provider saw its first two
     // refusals and then only its probes (0.1, 0.3, 0.7 s later).
     let seen = down.attempts().len();
-    assert!((3..=6).contains(&seen), "{seen} attempts on the down provider");
+    assert!(
+        (3..=6).contains(&seen),
+        "{seen} attempts on the down provider"
+    );
     assert!(gate(&pool, "down").down);
 }
 
 #[tokio::test(start_paused = true)]
 async fn waits_are_bounded_by_max_wait_and_the_deadline() {
     let a = Upstream::down(Duration::ZERO);
-    let mut policy = Policy::default();
+    let mut policy = gated();
     policy.admission.max_wait = Duration::from_secs(2);
     let pool = pool_of(&[("a", a.clone())], policy);
     let budget = pool.budget_available(MODEL).unwrap();
@@ -254,7 +276,7 @@ async fn waits_are_bounded_by_max_wait_and_the_deadline() {
     assert!(err.report.queued <= ms(250));
 
     // max_wait = 0s: fail at once, never wait.
-    let mut policy = Policy::default();
+    let mut policy = gated();
     policy.admission.max_wait = Duration::ZERO;
     pool.policy().store(policy).unwrap();
     let start = Instant::now();
@@ -271,7 +293,7 @@ async fn waits_are_bounded_by_max_wait_and_the_deadline() {
 #[tokio::test(start_paused = true)]
 async fn cancelled_waiters_leave_no_waiter_behind() {
     let a = Upstream::down(Duration::ZERO);
-    let pool = pool_of(&[("a", a.clone())], Policy::default());
+    let pool = pool_of(&[("a", a.clone())], gated());
     // Down: the first request limits the gate, its re-attempt marks it
     // down; then 1,000 requests wait and are cancelled.
     let first = {
@@ -313,7 +335,7 @@ async fn cancelled_waiters_leave_no_waiter_behind() {
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_turns_requests_away_at_once() {
     let a = Upstream::down(Duration::ZERO);
-    let mut policy = Policy::default();
+    let mut policy = gated();
     policy.admission.max_waiting = 3;
     let pool = pool_of(&[("a", a.clone())], policy);
     let mut tasks = tokio::task::JoinSet::new();
@@ -332,7 +354,10 @@ async fn a_full_queue_turns_requests_away_at_once() {
             full += 1;
             assert_eq!(took, Duration::ZERO);
         } else {
-            assert!(matches!(r, Err(FailReason::AdmissionTimeout { .. })), "{r:?}");
+            assert!(
+                matches!(r, Err(FailReason::AdmissionTimeout { .. })),
+                "{r:?}"
+            );
         }
     }
     // One request marks the provider down and waits, two more fit.
@@ -343,7 +368,7 @@ async fn a_full_queue_turns_requests_away_at_once() {
 async fn latency_never_limits_and_connection_failures_shrink_from_in_flight() {
     // Slow answers (30 s, an LLM generation) keep the gate open.
     let slow = Upstream::new(None, Duration::ZERO, Duration::from_secs(30));
-    let pool = pool_of(&[("a", slow.clone())], Policy::default());
+    let pool = pool_of(&[("a", slow.clone())], gated());
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let pool = pool.clone();
@@ -360,7 +385,7 @@ async fn latency_never_limits_and_connection_failures_shrink_from_in_flight() {
     // refusal limits the gate to 4, the next ones to half of what is
     // still in flight.
     let a = Upstream::new(None, Duration::ZERO, ms(100));
-    let pool = pool_of(&[("a", a.clone())], Policy::default());
+    let pool = pool_of(&[("a", a.clone())], gated());
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let pool = pool.clone();
@@ -379,13 +404,16 @@ async fn latency_never_limits_and_connection_failures_shrink_from_in_flight() {
         assert!(r.unwrap());
     }
     let served = refused.await.unwrap().unwrap();
-    assert_eq!(served.report.failures()[0].verdict.cause, Cause::ConnectRefused);
+    assert_eq!(
+        served.report.failures()[0].verdict.cause,
+        Cause::ConnectRefused
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn switching_admission_off_releases_the_waiters() {
     let a = Upstream::down(Duration::ZERO);
-    let pool = pool_of(&[("a", a.clone())], Policy::default());
+    let pool = pool_of(&[("a", a.clone())], gated());
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..5 {
         let pool = pool.clone();
@@ -398,8 +426,8 @@ async fn switching_admission_off_releases_the_waiters() {
     tokio::time::sleep(ms(50)).await;
     assert_eq!(gate(&pool, "a").waiting, 5);
     a.set_up(Instant::now());
-    let mut off = Policy::default();
-    off.admission.enabled = false;
+    let off = Policy::default();
+    assert!(!off.admission.enabled);
     pool.policy().store(off).unwrap();
     // The next request sees the change and opens the gate for everyone.
     let served = pool.call(MODEL, |p: &P| p.attempt()).await.unwrap();
@@ -423,7 +451,7 @@ struct Http {
 }
 
 fn http_pool(url: String, connect_timeout: Duration) -> Arc<Pool<Http>> {
-    let mut policy = Policy::default();
+    let mut policy = gated();
     policy.timeouts.connect = connect_timeout;
     policy.timeouts.attempt = Duration::from_secs(5);
     let client = upstream::client_builder(&policy.timeouts)
@@ -452,58 +480,17 @@ async fn http_call(pool: &Pool<Http>) -> Result<Report, retryctl::PoolError<Upst
     .map(|s| s.report)
 }
 
-/// A minimal HTTP server on a fixed address: answers every request with
-/// 200 and closes; counts the requests it answered.
-async fn serve_on(addr: std::net::SocketAddr, answered: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = loop {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => break l,
-            Err(_) => tokio::time::sleep(ms(5)).await,
-        }
-    };
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let answered = answered.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = "{}";
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                if stream.write_all(response.as_bytes()).await.is_ok() {
-                    answered.fetch_add(1, Ordering::SeqCst);
-                }
-            });
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_of_the_only_provider_on_real_sockets() {
-    let _ = tracing_subscriber::fmt().with_env_filter("retryctl=debug").with_test_writer().try_init();
-    let addr = support::closed_port();
-    let answered = Arc::new(AtomicUsize::new(0));
-    let pool = http_pool(format!("http://{addr}/v1/chat/completions"), ms(500));
+    let mut server = support::ReopeningServer::start(support::Reply::ok("back")).await;
+    let pool = http_pool(server.url(), ms(500));
     // The listener is closed for 3 s, then reopened on the same port.
-    let restart = {
-        let answered = answered.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            serve_on(addr, answered).await
-        })
-    };
+    server.close().await;
+    let restart = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        server.reopen();
+        server
+    });
     let started = std::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..100 {
@@ -518,7 +505,8 @@ async fn a_restart_of_the_only_provider_on_real_sockets() {
         }
     }
     let took = started.elapsed();
-    assert_eq!(answered.load(Ordering::SeqCst), 100);
+    let server = restart.await.unwrap();
+    assert_eq!(server.accepted(), 100, "one connection per request");
     // While it was down, the upstream saw the first wave and the probes,
     // and no request re-tried on its own.
     let probes: usize = reports
@@ -536,15 +524,13 @@ async fn a_restart_of_the_only_provider_on_real_sockets() {
         took < Duration::from_secs(5),
         "served {took:?} after the start of a 3 s outage"
     );
-    restart.await.unwrap().abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overflowing_accept_queue_is_absorbed_and_settles() {
     // listen(1), one accept every 20 ms; 16 callers, each sending its
     // requests one after another for 3 s, over new connections.
-    let server =
-        support::StalledServer::slow_accept(ms(20), support::Reply::ok("vm")).await;
+    let server = support::StalledServer::slow_accept(ms(20), support::Reply::ok("vm")).await;
     let pool = http_pool(server.url(), ms(500));
     let started = std::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

@@ -560,7 +560,7 @@ async fn a_provider_that_never_accepts_is_503_admission_timeout() {
     // 250 ms of waiting: the first refusal limits the gate, the second
     // (admitted at once) marks the provider down, and the one probe due
     // at 100 ms is refused too; the next (at 300 ms) is past max_wait.
-    let policy = format!("{POLICY}[admission]\nmax_wait = \"250ms\"\n");
+    let policy = format!("{POLICY}[admission]\nenabled = true\nmax_wait = \"250ms\"\n");
     let gw = start_with_policy(
         &policy,
         &config_text(&[format!("http://{refused}")], "", "", ""),

@@ -21,8 +21,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use retryctl::{
-    AdaptivePolicy, AdmissionPolicy, BudgetPolicy, CallOptions, ClassifyPolicy, HealthPolicy, LivePolicy, Policy,
-    Pool, Timeouts,
+    AdaptivePolicy, AdmissionPolicy, BudgetPolicy, CallOptions, ClassifyPolicy, HealthPolicy,
+    LivePolicy, Policy, Pool, Timeouts,
 };
 use tokio::time::Instant;
 

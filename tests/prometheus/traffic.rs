@@ -95,7 +95,7 @@ impl Tally {
         let (report, key) = match outcome {
             Ok(s) => {
                 t.fallbacks += u64::from(s.fell_back);
-                let outcome = if s.report.rounds <= 1 {
+                let outcome = if s.report.retries == 0 {
                     "success_first_try"
                 } else {
                     "success_after_retry"
@@ -104,7 +104,7 @@ impl Tally {
             }
             Err(e) => {
                 t.failed += 1;
-                let outcome = if e.report.rounds <= 1 {
+                let outcome = if e.report.retries == 0 {
                     "failed_without_retry"
                 } else {
                     "failed_after_retry"
@@ -113,7 +113,7 @@ impl Tally {
             }
         };
         // Served in round 1 (by any provider) = the first round did not fail.
-        if outcome.is_err() || report.rounds > 1 {
+        if outcome.is_err() || report.retries > 0 {
             t.first_round_failed += 1;
         }
         t.attempts += u64::from(report.attempts);

@@ -174,10 +174,12 @@ async fn ten_thousand_unknown_models_create_no_series() {
             let ok = match label.as_str() {
                 "model" => MODELS.contains(&value.as_str()),
                 "provider" => PROVIDERS.contains(&value.as_str()),
-                // fixed sets, the adaptive decisions' included
-                "outcome" | "reason" | "result" | "decision" | "source" | "effect" => value
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()),
+                // fixed sets, the adaptive decisions and admission events included
+                "outcome" | "reason" | "result" | "decision" | "source" | "effect" | "event" => {
+                    value
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+                }
                 "le" | "quantile" => value == "+Inf" || value.parse::<f64>().is_ok(),
                 // The policy's version (`retryctl_policy_info`).
                 "hash" => value.len() == 16 && value.bytes().all(|b| b.is_ascii_hexdigit()),
