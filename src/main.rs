@@ -48,7 +48,10 @@ struct DemoArgs {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: std::time::Duration,
     /// The retry policy (default: the embedded defaults, as in
-    /// config/policy.toml).
+    /// config/policy.toml). The file is followed as the gateway follows
+    /// it: an edit saved while the demo runs applies to the retrying side
+    /// at once (a bad one is refused and the previous policy stays); the
+    /// baseline and the connect timeout keep the policy read at start.
     #[arg(long)]
     policy: Option<PathBuf>,
     /// Cap on the policy's connect timeout for the loopback upstreams.
@@ -66,13 +69,14 @@ struct DemoArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Instead of the production faults: one scenario per adaptive option,
-    /// the fixed policy against the option on the same faults, as a table
-    /// (--seed applies; --json writes the reports).
+    /// Instead of the production faults: one scenario per adaptive option
+    /// and one for the admission gate, the fixed policy against the option
+    /// on the same faults, as a table (--seed applies; --json writes the
+    /// reports).
     #[arg(long)]
     compare: bool,
     /// With --compare: only this scenario (latency_order, learned_delay,
-    /// shadow, deadline_aware, attempt_timeout, budget).
+    /// shadow, deadline_aware, attempt_timeout, budget, admission).
     #[arg(long, requires = "compare")]
     scenario: Option<String>,
 }
@@ -143,32 +147,10 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn read_policy(path: &std::path::Path) -> Result<Policy, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        format!(
-            "{}: not UTF-8 text (invalid byte at offset {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
-    Policy::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 fn demo(args: DemoArgs) -> ExitCode {
     if args.compare {
         return compare(&args);
     }
-    let policy = match &args.policy {
-        Some(path) => match read_policy(path) {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => Policy::default(),
-    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -190,16 +172,23 @@ fn demo(args: DemoArgs) -> ExitCode {
             seed: args.seed,
             rps: args.rps,
             duration: args.duration,
-            policy,
+            policy: Policy::default(),
+            policy_file: args.policy.clone(),
             connect_timeout: args.connect_timeout,
             progress: !args.quiet,
         };
         eprintln!(
-            "faulty upstreams on loopback: seed {}, {} req/s per pool for {}; baseline = the same policy with max_rounds = 1",
+            "faulty upstreams on loopback: seed {}, {} req/s per pool for {}; baseline = the same policy with max_rounds = 1 and no admission gate",
             config.seed,
             config.rps,
             humantime::format_duration(config.duration)
         );
+        if let Some(path) = &args.policy {
+            eprintln!(
+                "following {}: edits apply to the retrying side as they are saved (the baseline and the connect timeout keep the policy read at start)",
+                path.display()
+            );
+        }
         let report = match retryctl::demo::run(&config).await {
             Ok(r) => r,
             Err(e) => {

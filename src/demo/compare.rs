@@ -1,12 +1,18 @@
-//! `retryctl demo --compare`: each adaptive option against the fixed rule,
-//! on a fault schedule made for it.
+//! `retryctl demo --compare`: each adaptive option, and the admission gate,
+//! against the fixed rule, on a fault schedule made for it.
 //!
 //! A scenario is a seeded fault schedule per provider and two policies:
-//! the fixed one (the defaults) and the one with the option on. Both run at
+//! the fixed one (the defaults) and the one with the option on. The
+//! adaptive options are options of the retry rounds, so both sides of their
+//! scenarios run without the admission gate (`admission.enabled = false`):
+//! the gate would take the connection-level failures out of the rounds and
+//! measure itself instead. The `admission` scenario measures the gate: the
+//! demo's fault mix, the defaults with the gate off against the defaults. Both run at
 //! the same time, each against its own set of [`FaultServer`]s on loopback
 //! following the same schedule from the same moment, with the same
 //! requests (the same ids, so the same per-request noise). The report
-//! compares failures, upstream attempts (amplification) and latency.
+//! compares failures, upstream attempts (amplification), wasted attempts
+//! (failed retries and probes) and latency.
 //!
 //! The scenarios are built where each option should matter, so a win here
 //! says "it does what it claims", not "turn it on everywhere": the default
@@ -24,12 +30,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::faults::FaultServer;
 use super::report::{SideReport, side};
-use super::runner::{DemoError, MODEL, Upstream, one};
+use super::runner::{DemoError, MODEL, Upstream, client, one};
 use super::schedule::{FaultKind, NoiseRates, Schedule, Window};
 use crate::live::LivePolicy;
 use crate::policy::{Policy, RetryDelay};
 use crate::pool::{Pool, ShadowCounts};
-use crate::upstream;
 
 /// One comparison: what runs, on which faults.
 #[derive(Clone, Debug)]
@@ -95,8 +100,8 @@ pub struct ShadowEstimate {
 
 impl ScenarioReport {
     /// Whether the option beat the fixed rule: fewer failures, or as many
-    /// with fewer attempts or a lower mean, p90 or p99 latency (each by
-    /// more than 5%).
+    /// with fewer attempts, fewer wasted attempts, or a lower mean, p90 or
+    /// p99 latency (each by more than 5%).
     pub fn adaptive_wins(&self) -> bool {
         let (f, a) = (&self.fixed, &self.adaptive);
         a.failures < f.failures || (a.failures == f.failures && !self.gains().is_empty())
@@ -110,6 +115,9 @@ impl ScenarioReport {
         let mut out = Vec::new();
         if better(a.attempts as f64, f.attempts as f64) {
             out.push("fewer attempts");
+        }
+        if better(a.wasted_attempts as f64, f.wasted_attempts as f64) {
+            out.push("fewer wasted attempts");
         }
         if better(self.mean_ms.1, self.mean_ms.0) {
             out.push("lower mean latency");
@@ -200,15 +208,50 @@ fn windows(
     }
 }
 
-/// The scenarios, one per adaptive option, from `seed`.
+/// The demo's fault mix (as [`Schedule::generate`] makes it, in a shorter
+/// run): a reload that refuses, a restart of 2-5 s, a backlog-1
+/// slow-accept window and a reload that resets, each window's length drawn
+/// from the seed, at least 1.5 s apart, with the demo's per-request noise.
+pub fn demo_mix(seed: u64) -> Schedule {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut windows = Vec::new();
+    let mut t = Duration::from_millis(500);
+    for (kind, lo, hi, reset) in [
+        (FaultKind::Reload, 100, 300, false),
+        (FaultKind::Restart, 2000, 5000, false),
+        (FaultKind::Backlog, 300, 600, false),
+        (FaultKind::Reload, 100, 300, true),
+    ] {
+        let end = t + Duration::from_millis(rng.u64(lo..=hi));
+        windows.push(Window {
+            kind,
+            start: t,
+            end,
+            reset,
+        });
+        t = end + Duration::from_millis(1500 + rng.u64(0..=500));
+    }
+    Schedule {
+        seed,
+        windows,
+        noise: NoiseRates::default(),
+    }
+}
+
+/// The scenarios, one per adaptive option and one for the admission gate,
+/// from `seed`.
 pub fn scenarios(seed: u64) -> Vec<Scenario> {
-    let base = Policy::default();
+    // The adaptive options' scenarios: both sides without the gate.
+    let mut base = Policy::default();
+    base.admission.enabled = false;
     let with = |f: &dyn Fn(&mut Policy)| {
-        let mut p = Policy::default();
+        let mut p = base.clone();
         f(&mut p);
         p
     };
     let secs = Duration::from_secs;
+    let mix = demo_mix(seed);
+    let mix_duration = mix.windows.last().map_or(secs(10), |w| w.end) + secs(1);
     vec![
         Scenario {
             name: "latency_order",
@@ -313,8 +356,19 @@ pub fn scenarios(seed: u64) -> Vec<Scenario> {
             rps: 100,
             duration: secs(6),
             deadline: secs(10),
-            fixed: base,
+            fixed: base.clone(),
             adaptive: with(&|p| p.adaptive.budget = true),
+        },
+        Scenario {
+            name: "admission",
+            option: "[admission] enabled = true",
+            faults: "the demo's mix: reloads (refuse, reset), a restart of 2-5 s, backlog 1",
+            providers: vec![mix],
+            rps: 100,
+            duration: mix_duration,
+            deadline: secs(15),
+            fixed: base,
+            adaptive: Policy::default(),
         },
     ]
 }
@@ -325,13 +379,9 @@ fn build(
     prefix: &str,
     connect_timeout: Duration,
 ) -> Result<Pool<Upstream>, DemoError> {
-    let mut policy = policy.clone();
-    policy.timeouts.connect = policy.timeouts.connect.min(connect_timeout);
-    let client = upstream::client_builder(&policy.timeouts)
-        .pool_max_idle_per_host(0)
-        .build()?;
+    let client = client(&policy.timeouts, connect_timeout)?;
     let mut b = Pool::builder()
-        .policy(LivePolicy::new(policy)?)
+        .policy(LivePolicy::new(policy.clone())?)
         .metrics_prefix(prefix);
     for (i, url) in urls.iter().enumerate() {
         b = b.provider(
@@ -434,8 +484,8 @@ pub fn table(seed: u64, reports: &[ScenarioReport]) -> String {
     );
     let _ = writeln!(
         t,
-        "{:<16}{:<10}{:>9}{:>8}{:>8}{:>10}{:>10}{:>10}{:>10}",
-        "scenario", "policy", "requests", "failed", "ampl.", "mean", "p50", "p90", "p99"
+        "{:<16}{:<10}{:>9}{:>8}{:>8}{:>8}{:>10}{:>10}{:>10}{:>10}",
+        "scenario", "policy", "requests", "failed", "ampl.", "wasted", "mean", "p50", "p90", "p99"
     );
     let ms = |v: f64| {
         if v >= 1000.0 {
@@ -453,12 +503,13 @@ pub fn table(seed: u64, reports: &[ScenarioReport]) -> String {
             let name = if label == "fixed" { r.name } else { "" };
             let _ = writeln!(
                 t,
-                "{:<16}{:<10}{:>9}{:>8}{:>8}{:>10}{:>10}{:>10}{:>10}",
+                "{:<16}{:<10}{:>9}{:>8}{:>8}{:>8}{:>10}{:>10}{:>10}{:>10}",
                 name,
                 label,
                 r.requests,
                 s.failures,
                 format!("{:+.0}%", s.amplification_pct),
+                s.wasted_attempts,
                 ms(mean),
                 ms(s.p50_ms),
                 ms(p90),
@@ -466,6 +517,16 @@ pub fn table(seed: u64, reports: &[ScenarioReport]) -> String {
             );
         }
         let _ = writeln!(t, "  option: {}; faults: {}", r.option, r.faults);
+        if r.fixed.queued_requests + r.adaptive.queued_requests > 0 {
+            let _ = writeln!(
+                t,
+                "  waited at the gate: fixed {} requests (p99 {}), adaptive {} requests (p99 {})",
+                r.fixed.queued_requests,
+                ms(r.fixed.queued_p99_ms),
+                r.adaptive.queued_requests,
+                ms(r.adaptive.queued_p99_ms)
+            );
+        }
         if let Some(e) = r.shadow {
             let _ = writeln!(
                 t,
@@ -481,4 +542,119 @@ pub fn table(seed: u64, reports: &[ScenarioReport]) -> String {
         let _ = writeln!(t, "  verdict: {}\n", r.verdict());
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(fixed: SideReport, adaptive: SideReport) -> ScenarioReport {
+        ScenarioReport {
+            name: "admission",
+            option: "[admission] enabled = true",
+            faults: "",
+            requests: 1000,
+            p90_ms: (10.0, 10.0),
+            mean_ms: (10.0, 10.0),
+            shadow: None,
+            fixed,
+            adaptive,
+        }
+    }
+
+    fn side(failures: u64, attempts: u64, wasted_attempts: u64) -> SideReport {
+        SideReport {
+            failures,
+            attempts,
+            wasted_attempts,
+            p50_ms: 5.0,
+            p99_ms: 50.0,
+            ..SideReport::default()
+        }
+    }
+
+    #[test]
+    fn fewer_wasted_attempts_at_equal_failures_is_a_win_and_more_failures_is_not() {
+        let r = report(side(10, 1100, 100), side(10, 1090, 20));
+        assert!(r.adaptive_wins());
+        assert_eq!(
+            r.verdict(),
+            "the option wins: failures 10 -> 10 (+0%), fewer wasted attempts"
+        );
+        let r = report(side(10, 1100, 100), side(11, 1010, 0));
+        assert!(!r.adaptive_wins());
+        assert!(
+            r.verdict().starts_with("no win: failures 10 -> 11"),
+            "{}",
+            r.verdict()
+        );
+        // within 5%: no gain
+        let r = report(side(10, 1100, 100), side(10, 1100, 96));
+        assert!(!r.adaptive_wins(), "{}", r.verdict());
+        let r = report(side(10, 1100, 100), side(9, 1100, 300));
+        assert!(r.adaptive_wins(), "{}", r.verdict());
+    }
+
+    #[test]
+    fn only_the_admission_scenario_turns_the_gate_on() {
+        let all = scenarios(3);
+        let names: Vec<_> = all.iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            [
+                "latency_order",
+                "learned_delay",
+                "shadow",
+                "deadline_aware",
+                "attempt_timeout",
+                "budget",
+                "admission"
+            ]
+        );
+        for s in &all {
+            assert!(!s.fixed.admission.enabled, "{}", s.name);
+            assert_eq!(
+                s.adaptive.admission.enabled,
+                s.name == "admission",
+                "{}",
+                s.name
+            );
+        }
+        let admission = all.iter().find(|s| s.name == "admission").unwrap();
+        let mut adaptive = admission.adaptive.clone();
+        adaptive.admission.enabled = false;
+        assert_eq!(adaptive, admission.fixed, "the gate is the only difference");
+        assert_eq!(admission.adaptive, Policy::default());
+    }
+
+    #[test]
+    fn the_admission_scenario_runs_the_demo_mix() {
+        for seed in 0..50 {
+            let s = demo_mix(seed);
+            let kinds: Vec<_> = s.windows.iter().map(|w| (w.kind, w.reset)).collect();
+            assert_eq!(
+                kinds,
+                [
+                    (FaultKind::Reload, false),
+                    (FaultKind::Restart, false),
+                    (FaultKind::Backlog, false),
+                    (FaultKind::Reload, true)
+                ]
+            );
+            let restart = s.windows[1].end - s.windows[1].start;
+            assert!(
+                (Duration::from_secs(2)..=Duration::from_secs(5)).contains(&restart),
+                "{restart:?}"
+            );
+            for pair in s.windows.windows(2) {
+                assert!(pair[1].start >= pair[0].end + Duration::from_millis(1500));
+            }
+            assert_eq!(s.noise, NoiseRates::default());
+            assert_eq!(demo_mix(seed), s);
+        }
+        let all = scenarios(1);
+        let admission = all.iter().find(|s| s.name == "admission").unwrap();
+        let last = admission.providers[0].windows.last().unwrap().end;
+        assert!(admission.duration > last, "the run covers every window");
+    }
 }

@@ -5,12 +5,15 @@
 //! windows that refuse or reset connections, a restart, and per-request
 //! noise (502/503, some with Retry-After, genuine 400s, slow responses).
 //! The same traffic goes through a pool without retries (the baseline, as
-//! production was) and a pool under the policy ([`runner`]); the
-//! [`report`] compares them: failures, failures per day at production
-//! volume, amplification, latency, and which faults were absorbed.
+//! production was: one round, no admission gate) and a pool under the
+//! policy ([`runner`]), which may follow a policy file live as the gateway
+//! does; the [`report`] compares them: failures, failures per day at
+//! production volume, amplification, wasted attempts, time at the gate,
+//! latency, and which faults were absorbed.
 //!
-//! [`compare`] runs one scenario per adaptive option, the fixed policy
-//! against the option on the same faults (`retryctl demo --compare`).
+//! [`compare`] runs one scenario per adaptive option, and one for the
+//! admission gate, the fixed policy against the option on the same faults
+//! (`retryctl demo --compare`).
 
 pub mod compare;
 pub mod faults;
@@ -21,7 +24,7 @@ pub mod schedule;
 use std::sync::Arc;
 
 pub use report::DemoReport;
-pub use runner::{DemoConfig, DemoError};
+pub use runner::{DemoConfig, DemoError, ReloadEvent, ReloadSummary};
 pub use schedule::{FaultKind, Schedule};
 
 /// Runs the demo on the schedule generated from its seed, and builds its
@@ -37,11 +40,13 @@ pub async fn run_schedule(
 ) -> Result<DemoReport, DemoError> {
     let schedule = Arc::new(schedule);
     let (baseline, retrying) = runner::run(config, schedule.clone()).await?;
-    Ok(DemoReport::new(
+    let mut report = DemoReport::new(
         &schedule,
         config.rps,
         config.duration,
         &baseline.samples,
         &retrying.samples,
-    ))
+    );
+    report.reloads = retrying.reloads;
+    Ok(report)
 }

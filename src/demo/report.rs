@@ -7,7 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::runner::Sample;
+use super::runner::{ReloadSummary, Sample};
 use super::schedule::{FaultKind, Schedule, Window};
 
 /// The production reference: baseline failures per day.
@@ -21,12 +21,21 @@ const BIN: Duration = Duration::from_millis(500);
 pub struct SideReport {
     /// Failed requests.
     pub failures: u64,
-    /// Requests whose first round failed.
-    pub first_round_failures: u64,
+    /// Requests with a failed attempt, or that failed without one: what
+    /// would have failed without retries.
+    pub any_attempt_failed: u64,
     /// Upstream attempts.
     pub attempts: u64,
     /// Extra attempts over one per request, in %.
     pub amplification_pct: f64,
+    /// Attempts that failed and were not the request's first, plus failed
+    /// admission probes: what the retries cost the upstream for nothing.
+    pub wasted_attempts: u64,
+    /// Requests that waited at an admission gate.
+    pub queued_requests: u64,
+    /// 99th percentile of the time requests waited at admission gates
+    /// (all requests, those that did not wait count as 0), ms.
+    pub queued_p99_ms: f64,
     /// Requests that failed because the retry budget refused a retry.
     pub budget_refused: u64,
     /// Failures per day, scaled so the baseline is the production figure.
@@ -88,6 +97,14 @@ pub struct DemoReport {
     pub faults: Vec<FaultRow>,
     /// Requests retried after a client error: must be 0.
     pub client_errors_retried: u64,
+    /// The retrying side's wasted attempts per failure it absorbed
+    /// (baseline failures - retrying failures); `None` when it absorbed
+    /// none.
+    pub wasted_per_absorbed: Option<f64>,
+    /// What the policy file watcher did, when the retrying side followed
+    /// a file (`retryctl demo --policy FILE`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reloads: Option<ReloadSummary>,
     /// The fault windows.
     pub windows: Vec<Window>,
     /// Failures over time.
@@ -96,18 +113,31 @@ pub struct DemoReport {
 
 /// The `q` quantile of the samples' latency, in ms.
 pub(crate) fn percentile(samples: &[Sample], q: f64) -> f64 {
+    quantile_ms(samples.iter().map(|s| s.latency), q)
+}
+
+/// The `q` quantile of `values`, in ms (0 when empty; zero values count
+/// as zero).
+pub(crate) fn quantile_ms(values: impl Iterator<Item = Duration>, q: f64) -> f64 {
     let mut h = match Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3) {
         Ok(h) => h,
         Err(_) => return 0.0,
     };
-    for s in samples {
-        h.saturating_record((s.latency.as_micros() as u64).max(1));
+    let mut zeros = 0u64;
+    let mut n = 0u64;
+    for v in values {
+        n += 1;
+        match v.as_micros() as u64 {
+            0 => zeros += 1,
+            us => h.saturating_record(us),
+        }
     }
-    if h.is_empty() {
-        0.0
-    } else {
-        h.value_at_quantile(q) as f64 / 1000.0
+    if n == 0 || (zeros as f64) >= q * n as f64 {
+        return 0.0;
     }
+    // The quantile among the non-zero values that puts it at `q` overall.
+    let q = (q * n as f64 - zeros as f64) / (n - zeros) as f64;
+    h.value_at_quantile(q.clamp(0.0, 1.0)) as f64 / 1000.0
 }
 
 /// One side's figures.
@@ -125,13 +155,16 @@ pub(crate) fn side(samples: &[Sample]) -> SideReport {
     reasons.sort();
     SideReport {
         failures,
-        first_round_failures: samples.iter().filter(|s| s.first_round_failed()).count() as u64,
+        any_attempt_failed: samples.iter().filter(|s| s.any_attempt_failed()).count() as u64,
         attempts,
         amplification_pct: if n == 0 {
             0.0
         } else {
             (attempts as f64 - n as f64) / n as f64 * 100.0
         },
+        wasted_attempts: samples.iter().map(|s| u64::from(s.wasted)).sum(),
+        queued_requests: samples.iter().filter(|s| !s.queued.is_zero()).count() as u64,
+        queued_p99_ms: quantile_ms(samples.iter().map(|s| s.queued), 0.99),
         budget_refused: samples
             .iter()
             .filter(|s| s.reason == Some("budget_exhausted"))
@@ -173,6 +206,9 @@ impl DemoReport {
         } else {
             PRODUCTION_FAILURES_PER_DAY * r.failures as f64 / b.failures as f64
         };
+        let absorbed = b.failures.saturating_sub(r.failures);
+        let wasted_per_absorbed =
+            (absorbed > 0).then(|| r.wasted_attempts as f64 / absorbed as f64);
         let reduction_pct = if b.failures == 0 {
             0.0
         } else {
@@ -192,10 +228,12 @@ impl DemoReport {
                         .count() as u64,
                     baseline_failed: baseline.iter().filter(of).filter(|s| !s.ok).count() as u64,
                     retrying_failed: retrying.iter().filter(of).filter(|s| !s.ok).count() as u64,
+                    // Served after a failed attempt: not `rounds > 1`, the
+                    // admission gate re-attempts within a round.
                     absorbed: retrying
                         .iter()
                         .filter(of)
-                        .filter(|s| s.ok && s.rounds > 1)
+                        .filter(|s| s.ok && s.first_failure.is_some())
                         .count() as u64,
                 }
             })
@@ -233,6 +271,8 @@ impl DemoReport {
             faults,
             client_errors_retried: retrying.iter().filter(|s| s.retried_client_error).count()
                 as u64,
+            wasted_per_absorbed,
+            reloads: None,
             windows: schedule.windows.clone(),
             timeline,
         }
@@ -247,9 +287,9 @@ impl DemoReport {
             "retryctl demo: seed {}, {} req/s for {:.0} s, {} requests per pool\n",
             self.seed, self.rps, self.duration_s, self.requests
         );
-        let _ = writeln!(t, "{:<34}{:>16}{:>16}", "", "baseline", "retryctl");
+        let _ = writeln!(t, "{:<42}{:>14}{:>14}", "", "baseline", "retryctl");
         let row = |t: &mut String, name: &str, a: String, b: String| {
-            let _ = writeln!(t, "{name:<34}{a:>16}{b:>16}");
+            let _ = writeln!(t, "{name:<42}{a:>14}{b:>14}");
         };
         row(
             &mut t,
@@ -271,9 +311,9 @@ impl DemoReport {
         );
         row(
             &mut t,
-            "first-round failures",
-            b.first_round_failures.to_string(),
-            r.first_round_failures.to_string(),
+            "requests with a failed attempt",
+            b.any_attempt_failed.to_string(),
+            r.any_attempt_failed.to_string(),
         );
         row(
             &mut t,
@@ -289,9 +329,28 @@ impl DemoReport {
         );
         row(
             &mut t,
+            "wasted attempts (failed retries + probes)",
+            b.wasted_attempts.to_string(),
+            r.wasted_attempts.to_string(),
+        );
+        row(
+            &mut t,
+            "wasted per absorbed failure",
+            "-".into(),
+            self.wasted_per_absorbed
+                .map_or_else(|| "-".to_owned(), |w| format!("{w:.2}")),
+        );
+        row(
+            &mut t,
             "failed: retry budget refused",
             "-".into(),
             r.budget_refused.to_string(),
+        );
+        row(
+            &mut t,
+            "waited at the gate (p99)",
+            "-".into(),
+            format!("{:.1} ms", r.queued_p99_ms),
         );
         row(
             &mut t,
@@ -340,6 +399,9 @@ impl DemoReport {
         let reasons: Vec<String> = r.reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
         if !reasons.is_empty() {
             let _ = writeln!(t, "\nretryctl failures by reason: {}", reasons.join(", "));
+        }
+        if let Some(reloads) = &self.reloads {
+            let _ = writeln!(t, "\n{}", reloads.line());
         }
         t
     }
@@ -432,5 +494,134 @@ impl DemoReport {
             .draw()?;
         root.present()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Cause;
+    use crate::demo::schedule::NoiseRates;
+
+    fn quiet(windows: Vec<Window>) -> Schedule {
+        Schedule {
+            seed: 1,
+            windows,
+            noise: NoiseRates {
+                bad_gateway: 0.0,
+                unavailable: 0.0,
+                client_error: 0.0,
+                slow: 0.0,
+                slow_delay: Duration::ZERO,
+            },
+        }
+    }
+
+    fn sample(id: u64, ok: bool, attempts: u32, failed_first: bool, wasted: u32) -> Sample {
+        Sample {
+            id,
+            sent: Duration::from_millis(id * 10),
+            ok,
+            latency: Duration::from_millis(5),
+            attempts,
+            rounds: 1,
+            first_failure: failed_first.then_some(Cause::ConnectRefused),
+            reason: (!ok).then_some("rounds_exhausted"),
+            retried_client_error: false,
+            wasted,
+            queued: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn wasted_attempts_per_absorbed_failure_and_absorbed_without_a_second_round() {
+        // ids 0..10 sent in a reload window (0..100 ms)
+        let schedule = quiet(vec![Window {
+            kind: FaultKind::Reload,
+            start: Duration::ZERO,
+            end: Duration::from_millis(100),
+            reset: false,
+        }]);
+        let baseline: Vec<_> = (0..100)
+            .map(|id| sample(id, id >= 10, 1, id < 10, 0))
+            .collect();
+        // 8 served in round 1 after a failed attempt (re-attempted at the
+        // gate), 2 failed after wasting 2 attempts each, 1 more wasted on a
+        // request that was served
+        let mut retrying: Vec<_> = (0..100)
+            .map(|id| match id {
+                0..8 => sample(id, true, 2, true, 0),
+                8..10 => sample(id, false, 3, true, 2),
+                10 => sample(id, true, 2, false, 1),
+                _ => sample(id, true, 1, false, 0),
+            })
+            .collect();
+        for s in retrying.iter_mut().take(10) {
+            s.queued = Duration::from_millis(200);
+        }
+        let r = DemoReport::new(&schedule, 100, Duration::from_secs(1), &baseline, &retrying);
+        assert_eq!((r.baseline.failures, r.retrying.failures), (10, 2));
+        assert_eq!(r.baseline.any_attempt_failed, 10);
+        assert_eq!(r.retrying.any_attempt_failed, 10);
+        assert_eq!(
+            (r.baseline.wasted_attempts, r.retrying.wasted_attempts),
+            (0, 5)
+        );
+        assert_eq!(r.wasted_per_absorbed, Some(5.0 / 8.0));
+        let reload = r
+            .faults
+            .iter()
+            .find(|f| f.kind == FaultKind::Reload)
+            .unwrap();
+        assert_eq!(
+            (reload.hit, reload.absorbed, reload.retrying_failed),
+            (10, 8, 2)
+        );
+        assert_eq!(r.retrying.queued_requests, 10);
+        assert!(
+            (r.retrying.queued_p99_ms - 200.0).abs() < 1.0,
+            "{}",
+            r.retrying.queued_p99_ms
+        );
+        assert_eq!(r.baseline.queued_p99_ms, 0.0);
+
+        let table = r.table();
+        for line in [
+            "requests with a failed attempt                        10            10",
+            "wasted attempts (failed retries + probes)              0             5",
+            "wasted per absorbed failure                            -          0.62",
+            "waited at the gate (p99)                               -      200.1 ms",
+            "client errors retried (must be 0)                      -             0",
+        ] {
+            assert!(table.contains(line), "{line:?} in\n{table}");
+        }
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["retrying"]["wasted_attempts"], 5);
+        assert_eq!(json["wasted_per_absorbed"], 0.625);
+        assert_eq!(json["retrying"]["any_attempt_failed"], 10);
+        assert_eq!(json["retrying"]["queued_requests"], 10);
+        assert!(json.get("reloads").is_none());
+
+        // nothing absorbed: "-" and null
+        let r = DemoReport::new(&schedule, 100, Duration::from_secs(1), &baseline, &baseline);
+        assert_eq!(r.wasted_per_absorbed, None);
+        assert!(
+            r.table()
+                .contains("wasted per absorbed failure                            -             -")
+        );
+        assert!(serde_json::to_value(&r).unwrap()["wasted_per_absorbed"].is_null());
+    }
+
+    #[test]
+    fn quantiles_count_zero_waits_as_zero() {
+        let ms = Duration::from_millis;
+        let waits = |n_zero: usize, v: Duration| {
+            std::iter::repeat_n(Duration::ZERO, n_zero).chain(std::iter::repeat_n(v, 100 - n_zero))
+        };
+        assert_eq!(quantile_ms(waits(100, ms(1)), 0.99), 0.0);
+        assert_eq!(quantile_ms(waits(99, ms(300)), 0.99), 0.0);
+        assert!((quantile_ms(waits(98, ms(300)), 0.99) - 300.0).abs() < 1.0);
+        assert!((quantile_ms(waits(0, ms(300)), 0.5) - 300.0).abs() < 1.0);
+        assert_eq!(quantile_ms(std::iter::empty(), 0.99), 0.0);
     }
 }

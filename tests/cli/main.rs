@@ -165,12 +165,129 @@ fn demo_compare_names_its_scenarios() {
         "deadline_aware",
         "attempt_timeout",
         "budget",
+        "admission",
     ] {
         assert!(err.contains(name), "{err}");
     }
     // --scenario only with --compare
     let (code, _, _) = retryctl(&["demo", "--scenario", "shadow"]);
     assert_eq!(code, 2);
+    let (code, help, _) = retryctl(&["demo", "--help"]);
+    assert_eq!(code, 0);
+    assert!(help.contains("budget, admission)"), "{help}");
+}
+
+#[test]
+fn demo_follows_its_policy_file_and_reports_the_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(
+        &path,
+        "max_rounds = 2
+",
+    )
+    .unwrap();
+    let json = dir.path().join("report.json");
+    let child = Command::new(env!("CARGO_BIN_EXE_retryctl"))
+        .args([
+            "demo",
+            "--duration",
+            "3s",
+            "--rps",
+            "20",
+            "--quiet",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--policy",
+            path.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run retryctl");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    std::fs::write(
+        &path,
+        "max_rounds = 3
+[admission]
+enabled = false
+",
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    std::fs::write(
+        &path,
+        "max_rounds = 3
+[budget]
+ratio = 3.0
+",
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("following "), "{stderr}");
+    let applied = stderr
+        .lines()
+        .find(|l| l.starts_with("policy reloaded at "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        applied.ends_with(": admission.enabled = false, max_rounds = 3"),
+        "{applied}"
+    );
+    let refused = stderr
+        .lines()
+        .find(|l| l.starts_with("policy reload refused at "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        refused.contains("the previous policy stays: ")
+            && refused.contains("policy.toml:3:9: `budget.ratio` = 3.0 is invalid"),
+        "{refused}"
+    );
+    assert!(
+        stdout.contains("1 reload applied, 1 refused (still refused: "),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let reloads = &report["reloads"];
+    assert_eq!(
+        (reloads["applied"].as_u64(), reloads["refused"].as_u64()),
+        (Some(1), Some(1)),
+        "{reloads}"
+    );
+    assert_eq!(reloads["events"][0]["result"], "applied");
+    assert_eq!(reloads["events"][1]["result"], "refused");
+}
+
+#[test]
+fn demo_refuses_a_bad_policy_file_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "max_rounds = 2
+[admission]
+enabled = \"yes\"
+",
+    )
+    .unwrap();
+    let (code, out, err) = retryctl(&[
+        "demo",
+        "--quiet",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--policy",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("bad.toml:3:11: `admission.enabled`"), "{err}");
 }
 
 #[test]

@@ -167,6 +167,7 @@ fn config(policy: Policy) -> DemoConfig {
         rps: 20,
         duration: Duration::from_secs(6),
         policy,
+        policy_file: None,
         connect_timeout: Duration::from_millis(250),
         progress: false,
     }
@@ -219,6 +220,21 @@ async fn a_seeded_run_gives_the_same_counts_twice() {
     // (more only if a retry meets a 5xx by the schedule's noise)
     assert!((10..=12).contains(&restart.retrying_failed), "{restart:?}");
     assert_eq!(a.client_errors_retried, 0);
+    // the retries that failed (into the restart, or on noise) are wasted;
+    // the reload windows' absorbed requests cost one retry each, not wasted
+    assert!(
+        a.retrying.wasted_attempts >= restart.retrying_failed,
+        "{}",
+        a.table()
+    );
+    assert_eq!(a.baseline.wasted_attempts, 0);
+    let absorbed = a.baseline.failures - a.retrying.failures;
+    assert_eq!(
+        a.wasted_per_absorbed,
+        Some(a.retrying.wasted_attempts as f64 / absorbed as f64)
+    );
+    assert_eq!(a.baseline.any_attempt_failed, a.baseline.failures);
+    assert!(a.retrying.any_attempt_failed >= a.baseline.failures - 2);
     let client = row(FaultKind::ClientError);
     assert_eq!(client.baseline_failed, client.retrying_failed);
     assert!(a.retrying.failures < a.baseline.failures);
@@ -239,6 +255,9 @@ async fn a_policy_that_retries_nothing_shows_no_reduction() {
     assert_eq!(r.baseline.attempts, r.retrying.attempts);
     assert_eq!(r.reduction_pct, 0.0);
     assert_eq!(r.retrying.amplification_pct, 0.0);
+    assert_eq!(r.retrying.wasted_attempts, 0);
+    assert_eq!(r.wasted_per_absorbed, None);
+    assert!(r.table().contains("wasted per absorbed failure"));
 }
 
 #[test]
@@ -273,6 +292,193 @@ fn report_renders_json_and_svg() {
     assert!(text.starts_with("<svg"));
     assert!(text.contains("retryctl") && text.contains("baseline"));
     assert!(report.table().contains("failure reduction"));
+    assert!(value["retrying"]["wasted_attempts"].is_u64(), "{value}");
+    assert!(value["retrying"]["queued_p99_ms"].is_f64(), "{value}");
+    assert!(value.get("wasted_per_absorbed").is_some(), "{value}");
+}
+
+// ---- demo --policy FILE: the file is followed live ------------------------------
+
+/// Refusing windows of 150 ms every 400 ms from 200 ms to 3 s, no noise:
+/// at 20 req/s, three requests meet each window.
+fn refusing_every_400ms() -> Schedule {
+    Schedule {
+        seed: 13,
+        windows: (0..7)
+            .map(|i| window(FaultKind::Reload, 200 + i * 400, 350 + i * 400, false))
+            .collect(),
+        noise: NoiseRates {
+            bad_gateway: 0.0,
+            unavailable: 0.0,
+            client_error: 0.0,
+            slow: 0.0,
+            slow_delay: Duration::ZERO,
+        },
+    }
+}
+
+/// Runs 3 s of the demo following `path`, which is rewritten to `edit`
+/// about 1 s into the traffic.
+async fn run_with_edit(
+    path: &std::path::Path,
+    edit: &'static str,
+) -> (
+    retryctl::demo::runner::SideRun,
+    retryctl::demo::runner::SideRun,
+) {
+    let cfg = DemoConfig {
+        duration: Duration::from_secs(3),
+        policy_file: Some(path.to_owned()),
+        ..config(Policy::default())
+    };
+    let writer = {
+        let path = path.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1300)).await;
+            std::fs::write(&path, edit).unwrap();
+        })
+    };
+    let sides = retryctl::demo::runner::run(&cfg, Arc::new(refusing_every_400ms()))
+        .await
+        .unwrap();
+    writer.await.unwrap();
+    sides
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_edited_during_the_run_changes_the_retrying_side_live() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    // Retries off at first; the gate off throughout, so that max_rounds
+    // alone decides whether a refused request is re-attempted.
+    std::fs::write(
+        &path,
+        "max_rounds = 1
+jitter = 0.0
+[admission]
+enabled = false
+",
+    )
+    .unwrap();
+    let (baseline, retrying) = run_with_edit(
+        &path,
+        "max_rounds = 3
+jitter = 0.0
+[admission]
+enabled = false
+",
+    )
+    .await;
+    let reloads = retrying.reloads.expect("the file was followed");
+    assert_eq!((reloads.applied, reloads.refused), (1, 0), "{reloads:?}");
+    assert_eq!(reloads.events.len(), 1, "{reloads:?}");
+    let event = &reloads.events[0];
+    assert_eq!(event.result, "applied");
+    assert_eq!(event.detail, "max_rounds = 3");
+    assert!(
+        (Duration::from_millis(700)..Duration::from_millis(2000)).contains(&event.at),
+        "{event:?}"
+    );
+    assert!(
+        event.to_string().starts_with("policy reloaded at "),
+        "{event}"
+    );
+    assert!(reloads.line().contains("1 reload applied, 0 refused"));
+    assert!(reloads.last_error.is_none());
+
+    // Before the reload (the watcher's poll and a margin earlier), a
+    // refused request was not retried; after it, every one was.
+    let before =
+        |s: &&retryctl::demo::runner::Sample| s.sent + Duration::from_millis(300) < event.at;
+    let after = |s: &&retryctl::demo::runner::Sample| s.sent > event.at;
+    let hit_before: Vec<_> = retrying
+        .samples
+        .iter()
+        .filter(before)
+        .filter(|s| s.first_failure.is_some())
+        .collect();
+    assert!(hit_before.len() >= 3, "{hit_before:?}");
+    assert!(
+        retrying
+            .samples
+            .iter()
+            .filter(before)
+            .all(|s| s.attempts == 1),
+        "max_rounds = 1 before the edit"
+    );
+    let hit_after: Vec<_> = retrying
+        .samples
+        .iter()
+        .filter(after)
+        .filter(|s| s.first_failure.is_some())
+        .collect();
+    assert!(hit_after.len() >= 6, "{hit_after:?}");
+    assert!(
+        hit_after.iter().all(|s| s.attempts >= 2 && s.attempts <= 3),
+        "max_rounds = 3 after the edit: {hit_after:?}"
+    );
+    assert!(hit_after.iter().any(|s| s.ok), "{hit_after:?}");
+    // The baseline keeps the policy read at start: one attempt each.
+    assert!(baseline.samples.iter().all(|s| s.attempts <= 1));
+    assert!(baseline.reloads.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_edit_is_refused_and_the_previous_policy_stays() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(
+        &path,
+        "max_rounds = 3
+jitter = 0.0
+[admission]
+enabled = false
+",
+    )
+    .unwrap();
+    let (_, retrying) = run_with_edit(
+        &path,
+        "max_rounds = 0
+jitter = 0.0
+",
+    )
+    .await;
+    let reloads = retrying.reloads.expect("the file was followed");
+    assert_eq!(reloads.applied, 0, "{reloads:?}");
+    assert!(reloads.refused >= 1, "{reloads:?}");
+    let event = &reloads.events[0];
+    assert_eq!(event.result, "refused", "{reloads:?}");
+    assert!(
+        event
+            .detail
+            .contains("policy.toml:1:14: `max_rounds` = 0 is invalid"),
+        "{event:?}"
+    );
+    assert!(
+        event.to_string().contains("refused")
+            && event.to_string().contains("previous policy stays"),
+        "{event}"
+    );
+    let last = reloads.last_error.as_deref().unwrap_or_default();
+    assert!(last.contains("max_rounds"), "{reloads:?}");
+    assert!(
+        reloads
+            .line()
+            .contains(&format!("0 reloads applied, {} refused", reloads.refused)),
+        "{}",
+        reloads.line()
+    );
+    // max_rounds = 3 stays in force: refused requests after the edit are
+    // still retried.
+    let hit_after: Vec<_> = retrying
+        .samples
+        .iter()
+        .filter(|s| s.sent > event.at && s.first_failure.is_some())
+        .collect();
+    assert!(hit_after.len() >= 6, "{hit_after:?}");
+    assert!(hit_after.iter().all(|s| s.attempts >= 2), "{hit_after:?}");
 }
 
 // ---- demo --compare: each adaptive option against the fixed rule -------------
@@ -331,5 +537,47 @@ async fn each_adaptive_option_wins_its_scenario_on_real_sockets() {
     assert!(
         table.contains("budget") && table.contains("verdict"),
         "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admission_scenario_counts_the_retries_wasted_on_the_demo_mix() {
+    use retryctl::demo::compare;
+    let _serial = SERIAL.lock().await;
+    let mut s = compare::scenarios(1)
+        .into_iter()
+        .find(|s| s.name == "admission")
+        .unwrap();
+    // shorter than `retryctl demo --compare`: the first reload and at
+    // least 2 s of the restart
+    s.duration = Duration::from_secs(6);
+    let restart = s.providers[0].windows[1];
+    assert_eq!(restart.kind, FaultKind::Restart);
+    assert!(restart.start + Duration::from_secs(2) <= s.duration);
+    assert!(!s.fixed.admission.enabled && s.adaptive.admission.enabled);
+    let r = compare::run(&s, Duration::from_millis(250)).await.unwrap();
+    assert_eq!(r.requests, 600);
+    // Without the gate, the second round retries into the closed port.
+    assert!(r.fixed.wasted_attempts > 20, "{r:?}");
+    assert!(r.fixed.failures > 0, "{r:?}");
+    for side in [&r.fixed, &r.adaptive] {
+        assert!(side.any_attempt_failed >= side.failures, "{side:?}");
+        assert!(side.wasted_attempts < side.attempts, "{side:?}");
+    }
+    assert_eq!(
+        r.verdict().starts_with("the option wins"),
+        r.adaptive_wins(),
+        "{}",
+        r.verdict()
+    );
+    let table = compare::table(1, std::slice::from_ref(&r));
+    assert!(
+        table.contains("wasted") && table.contains("[admission] enabled = true"),
+        "{table}"
+    );
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(
+        json["fixed"]["wasted_attempts"].as_u64(),
+        Some(r.fixed.wasted_attempts)
     );
 }
