@@ -133,7 +133,7 @@ fn failed_retries(report: &Report) -> usize {
         .failures()
         .iter()
         .enumerate()
-        .filter(|(k, f)| !f.probe && !(*k == 0 && first_failed))
+        .filter(|(k, f)| !(f.probe || (*k == 0 && first_failed)))
         .count()
 }
 
