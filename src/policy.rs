@@ -1698,7 +1698,7 @@ mod tests {
         );
         let text = Policy::default().to_toml();
         assert!(
-            text.contains("[admission]\nenabled = true\nmax_wait = \"10s\"\n"),
+            text.contains("[admission]\nenabled = false\nmax_wait = \"10s\"\n"),
             "{text}"
         );
     }

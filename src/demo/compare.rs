@@ -367,8 +367,8 @@ pub fn scenarios(seed: u64) -> Vec<Scenario> {
             rps: 100,
             duration: mix_duration,
             deadline: secs(15),
+            adaptive: with(&|p| p.admission.enabled = true),
             fixed: base,
-            adaptive: Policy::default(),
         },
     ]
 }
@@ -624,7 +624,9 @@ mod tests {
         let mut adaptive = admission.adaptive.clone();
         adaptive.admission.enabled = false;
         assert_eq!(adaptive, admission.fixed, "the gate is the only difference");
-        assert_eq!(admission.adaptive, Policy::default());
+        let mut gated = Policy::default();
+        gated.admission.enabled = true;
+        assert_eq!(admission.adaptive, gated);
     }
 
     #[test]

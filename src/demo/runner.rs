@@ -740,7 +740,7 @@ mod tests {
         assert_eq!(
             changed_keys(&new, &old),
             [
-                "admission.enabled = true",
+                "admission.enabled = false",
                 "max_rounds = 2",
                 "models.\"openai/gpt-oss-120b\".jitter removed"
             ]
