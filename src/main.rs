@@ -148,6 +148,14 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
+    // The pool's `tracing` events (gates limited, down, recovered) on
+    // stderr, only when asked for: the report is the demo's output.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if args.compare {
         return compare(&args);
     }

@@ -203,7 +203,7 @@ pub struct AdaptivePolicy {
 /// Every attempt passes its provider's gate, first attempts included. The
 /// gate is driven by *connection-level* outcomes only (the upstream was
 /// not reached or refused the work: connect refused, connect timeout, a
-/// request handed back unsent, 502/503 without Retry-After): such a
+/// request handed back unsent): such a
 /// failure shrinks the provider's in-flight limit to `decrease` x the
 /// attempts in flight (at least `min_limit`); successes grow it back (slow
 /// start, then additive) until it no longer limits and the gate opens.

@@ -24,9 +24,13 @@
 //! * **limited**: a connection-level failure set the limit to
 //!   `decrease` x the attempts in flight (at least `min_limit`); further
 //!   failures shrink it again from the count in flight at that moment.
-//!   Attempts beyond the limit wait in FIFO order. A success grows the
+//!   Attempts beyond the limit wait in FIFO order. An attempt counts
+//!   against the limit only through its connect phase (`timeouts.connect`):
+//!   the limit is about connections the upstream could not accept, and an
+//!   LLM generation of minutes must not hold a slot. A success grows the
 //!   limit while it is reached (slow start, +1 per success, up to the
-//!   limit the last shrink set; then +1 per limit's worth of successes),
+//!   limit the last shrink set; then +1 per limit's worth of successes,
+//!   not past the in-flight count of the last connect timeout for 10 s),
 //!   and the gate opens again once nobody waits and the limit is at least
 //!   twice the attempts in flight: it no longer limits anything.
 //! * **down**: a connection-level failure at the floor. Only one attempt
@@ -37,7 +41,15 @@
 //!   request to arrive. A probe that reaches the upstream (a success, or
 //!   any answer that is not connection-level) reopens the gate with slow
 //!   start from `min_limit`, so a restarted upstream is not hit by every
-//!   waiting request at once.
+//!   waiting request at once: after refusals (an outage) doubling until
+//!   the gate opens, after connect timeouts (overload) doubling only up to
+//!   the last limit, then additively.
+//!
+//! A 502/503 is not a connection-level outcome here: the upstream (or its
+//! proxy) answered, so it is reachable. On the demo's mix, random 502/503
+//! noise at 2% of attempts kept a healthy upstream's limit at 1, and the
+//! requests queued behind it failed (`admission_queue_full`); those
+//! statuses are retried in rounds, under the budget.
 //!
 //! The waits are bounded by the caller (the request's deadline and its
 //! `admission.max_wait`); a waiter that gives up or is cancelled leaves
@@ -53,7 +65,7 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::classify::{Cause, Classification, Verdict};
+use crate::classify::{Cause, Verdict};
 use crate::policy::AdmissionPolicy;
 
 /// The limit's value while the gate is open.
@@ -77,10 +89,13 @@ pub(crate) enum Outcome {
     /// The upstream was reached and answered (a success, or a failure
     /// that is not connection-level: it is up).
     Reached,
-    /// The upstream was not reached or refused the work: connect refused,
-    /// another connect failure, a connect timeout, a request handed back
-    /// unsent, or a 502/503 without Retry-After.
-    Unreached,
+    /// Nothing took the connection: connect refused, another connect
+    /// failure, a request handed back unsent. An outage (a restart):
+    /// once the provider is back, it can take what it took before.
+    Refused,
+    /// The connect did not complete in time: the accept queue is full.
+    /// Overload: the provider is back with the capacity it had.
+    ConnectTimeout,
     /// The attempt was cancelled or cut by the caller's deadline: it says
     /// nothing about the upstream.
     Abandoned,
@@ -89,11 +104,18 @@ pub(crate) enum Outcome {
 impl Outcome {
     /// The gate's view of a failed attempt's verdict.
     pub(crate) fn of(verdict: Verdict) -> Outcome {
-        if is_unreached(verdict) || is_unavailable(verdict) {
-            Outcome::Unreached
+        if verdict.cause == Cause::ConnectTimeout {
+            Outcome::ConnectTimeout
+        } else if is_unreached(verdict) {
+            Outcome::Refused
         } else {
             Outcome::Reached
         }
+    }
+
+    /// A connection-level failure.
+    fn is_failure(self) -> bool {
+        matches!(self, Outcome::Refused | Outcome::ConnectTimeout)
     }
 }
 
@@ -106,13 +128,6 @@ pub(crate) fn is_unreached(verdict: Verdict) -> bool {
         verdict.cause,
         Cause::ConnectRefused | Cause::Connect | Cause::ConnectTimeout | Cause::NotSent
     )
-}
-
-/// A 502/503 without Retry-After: the upstream (or the proxy in front of
-/// it) refused the work. It closes the gate, but the proxy did receive the
-/// request, so its retry still counts against `max_rounds` and the budget.
-pub(crate) fn is_unavailable(verdict: Verdict) -> bool {
-    verdict.cause == Cause::Unavailable && verdict.class == Classification::Transient
 }
 
 /// Why a request was not admitted.
@@ -153,6 +168,10 @@ struct Inner {
     /// limit does not grow back to it before `hold_until`.
     ceiling: u32,
     hold_until: Instant,
+    /// The last failure was overload (a connect timeout), not
+    /// refusal: recovery slow-starts only up to `threshold`, then grows
+    /// additively, instead of doubling until the gate opens.
+    overloaded: bool,
 }
 
 /// How long the limit stays below the in-flight count at which the
@@ -298,22 +317,50 @@ pub(crate) struct Permit<'g> {
     gate: &'g Gate,
     /// This attempt is the probe of a down provider.
     pub(crate) probe: bool,
+    /// Admitted while the gate limited: its slot counts only while it may
+    /// still be connecting (see [`Permit::connected`]).
+    limited: bool,
+    /// The attempt still holds its slot.
+    holding: bool,
     done: bool,
 }
 
 impl Permit<'_> {
+    /// Whether the caller should end this attempt's slot when its connect
+    /// phase is over ([`Permit::connected`]): admitted while the gate
+    /// limited, and not the probe (one probe at a time, until its outcome).
+    pub(crate) fn connecting(&self) -> bool {
+        self.limited && self.holding && !self.probe
+    }
+
+    /// The attempt is past its connect phase (`timeouts.connect` has
+    /// passed): it has its connection, or has failed. The limit is about
+    /// connections the upstream could not accept, so the attempt stops
+    /// counting against it now; otherwise an LLM generation of minutes
+    /// would hold a slot and every request behind it would wait.
+    pub(crate) fn connected(&mut self) {
+        if self.holding {
+            self.holding = false;
+            self.gate.release_slot();
+        }
+    }
+
     /// Gives the slot back with the attempt's outcome.
     pub(crate) fn finish(mut self, outcome: Outcome, policy: &AdmissionPolicy) {
         self.done = true;
-        self.gate.leave(self.probe, outcome, policy);
+        self.gate.leave(self.probe, self.holding, outcome, policy);
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.gate
-                .leave(self.probe, Outcome::Abandoned, &AdmissionPolicy::default());
+            self.gate.leave(
+                self.probe,
+                self.holding,
+                Outcome::Abandoned,
+                &AdmissionPolicy::default(),
+            );
         }
     }
 }
@@ -352,6 +399,7 @@ impl Gate {
                 credit: 0,
                 ceiling: OPEN,
                 hold_until: Instant::now(),
+                overloaded: false,
             }),
             metrics,
             model,
@@ -375,7 +423,13 @@ impl Gate {
     pub(crate) fn try_enter(&self, now: Instant) -> Option<Permit<'_>> {
         let prev = self.state.fetch_add(1, Ordering::AcqRel);
         if limit_of(prev) == OPEN {
-            return Some(self.permit(false));
+            return Some(Permit {
+                gate: self,
+                probe: false,
+                limited: false,
+                holding: true,
+                done: false,
+            });
         }
         self.state.fetch_sub(1, Ordering::AcqRel);
         let mut inner = self.lock();
@@ -503,11 +557,24 @@ impl Gate {
         }
     }
 
+    /// A slot taken on the slow path (the gate limited, or down).
     fn permit(&self, probe: bool) -> Permit<'_> {
         Permit {
             gate: self,
             probe,
+            limited: true,
+            holding: true,
             done: false,
+        }
+    }
+
+    /// An attempt past its connect phase frees its slot early.
+    fn release_slot(&self) {
+        let prev = self.state.fetch_sub(1, Ordering::AcqRel);
+        if limit_of(prev) != OPEN {
+            let mut inner = self.lock();
+            self.dispatch(&mut inner, Instant::now());
+            self.publish(&inner);
         }
     }
 
@@ -574,9 +641,13 @@ impl Gate {
     }
 
     /// An attempt left: its slot is free, and its outcome moves the limit.
-    fn leave(&self, probe: bool, outcome: Outcome, policy: &AdmissionPolicy) {
-        let prev = self.state.fetch_sub(1, Ordering::AcqRel);
-        if limit_of(prev) == OPEN && outcome != Outcome::Unreached && !probe {
+    fn leave(&self, probe: bool, holding: bool, outcome: Outcome, policy: &AdmissionPolicy) {
+        let prev = if holding {
+            self.state.fetch_sub(1, Ordering::AcqRel)
+        } else {
+            self.state.load(Ordering::Acquire)
+        };
+        if limit_of(prev) == OPEN && !outcome.is_failure() && !probe {
             return;
         }
         let in_flight = in_flight_of(prev);
@@ -595,8 +666,8 @@ impl Gate {
                     Self::wake_all(&inner);
                 }
             }
-            Outcome::Unreached => {
-                self.on_unreached(&mut inner, probe, limit, in_flight, policy, now)
+            Outcome::Refused | Outcome::ConnectTimeout => {
+                self.on_failure(&mut inner, outcome, probe, limit, in_flight, policy, now)
             }
             Outcome::Reached => self.on_reached(&mut inner, probe, limit, in_flight, policy, now),
         }
@@ -604,9 +675,11 @@ impl Gate {
         self.publish(&inner);
     }
 
-    fn on_unreached(
+    #[allow(clippy::too_many_arguments)]
+    fn on_failure(
         &self,
         inner: &mut Inner,
+        outcome: Outcome,
         probe: bool,
         limit: u32,
         in_flight: u32,
@@ -630,6 +703,7 @@ impl Gate {
             return;
         }
         let floor = policy.min_limit.max(1);
+        inner.overloaded = outcome != Outcome::Refused;
         if limit != OPEN && limit <= floor {
             // At the floor and still failing: down. One probe at a time.
             self.set_limit(DOWN);
@@ -665,8 +739,10 @@ impl Gate {
         };
         inner.threshold = new;
         inner.credit = 0;
-        inner.ceiling = in_flight.max(1);
-        inner.hold_until = now + HOLD;
+        if outcome == Outcome::ConnectTimeout {
+            inner.ceiling = in_flight.max(1);
+            inner.hold_until = now + HOLD;
+        }
         self.set_limit(new);
     }
 
@@ -694,9 +770,13 @@ impl Gate {
                 "provider recovered: reopening with slow start"
             );
             if policy.slow_start {
-                inner.threshold = OPEN;
+                // After an outage, double until the gate opens; after
+                // overload, only up to the last limit, then additively.
+                if !inner.overloaded {
+                    inner.threshold = OPEN;
+                    inner.ceiling = OPEN;
+                }
                 inner.credit = 0;
-                inner.ceiling = OPEN;
                 self.set_limit(policy.min_limit.max(1));
             } else {
                 self.open(inner);

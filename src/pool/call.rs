@@ -65,6 +65,10 @@ impl CallOptions {
     }
 }
 
+/// How long after the client's connect timeout an attempt admitted by a
+/// limiting gate is taken to be connected.
+const CONNECT_MARGIN: Duration = Duration::from_millis(5);
+
 /// One step of a round: a provider to attempt, and why.
 #[derive(Clone, Copy)]
 enum Step {
@@ -538,8 +542,26 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         }
         self.tried |= bit;
         let was_probe = self.probe.as_ref().is_some_and(|g| g.index == i);
-        let fut = std::pin::pin!(op(&route.provider));
-        let result = limited(until, fut).await;
+        let mut fut = std::pin::pin!(op(&route.provider));
+        let mut permit = permit;
+        let result = match permit.as_mut().filter(|p| p.connecting()) {
+            // Admitted by a limiting gate: the slot is held through the
+            // connect phase only (its end: `timeouts.connect`, plus a
+            // tick so the client's own connect timeout is seen first).
+            Some(p) => {
+                let connected = now
+                    .checked_add(policy.timeouts.connect + CONNECT_MARGIN)
+                    .map_or(until, |t| t.min(until));
+                match tokio::time::timeout_at(connected, limited(until, fut.as_mut())).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        p.connected();
+                        limited(until, fut).await
+                    }
+                }
+            }
+            None => limited(until, fut).await,
+        };
         let (verdict, expired) = match result {
             Ok(Ok(value)) => {
                 let ended = Instant::now();

@@ -20,8 +20,8 @@
 //!
 //! With `[admission] enabled = true`, every attempt passes its provider's
 //! admission gate (see `admission.rs`): open, it costs one atomic add. A
-//! failure at *connection level* (refused, connect timeout, unsent, a
-//! 502/503 without Retry-After) limits the provider's attempts in flight;
+//! failure at *connection level* (refused, connect timeout, unsent) limits
+//! the provider's attempts in flight;
 //! a failure at the floor marks it down, and then only one probe at a
 //! time reaches it while the other requests wait in line. A request whose
 //! attempt the upstream never received (refused, connect timeout, unsent)
