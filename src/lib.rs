@@ -28,7 +28,9 @@
 //!     .policy(LivePolicy::default())
 //!     .build()
 //!     .unwrap();
-//! // The first attempt is refused (a transient failure), the retry succeeds.
+//! // The first attempt is refused: the upstream never saw it, so it is sent
+//! // again as soon as the provider's admission gate lets it through (at
+//! // once here), in the same round and without spending retry budget.
 //! let mut calls = 0;
 //! let served = pool
 //!     .call("gpt-oss-120b", |_| {
@@ -44,7 +46,7 @@
 //!     })
 //!     .await
 //!     .unwrap();
-//! assert_eq!((served.value, served.attempts(), served.rounds()), ("hello", 2, 2));
+//! assert_eq!((served.value, served.attempts(), served.rounds()), ("hello", 2, 1));
 //! let failure = &served.report.failures()[0];
 //! assert_eq!(failure.verdict.class, Classification::Transient);
 //! # }

@@ -214,9 +214,9 @@ pub struct AdaptivePolicy {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdmissionPolicy {
-    /// `true` puts the gate in front of every attempt; `false` (the
-    /// default, for now) removes it: attempts are never held, and
-    /// connection-level failures are retried in rounds like any other.
+    /// `true` (the default) puts the gate in front of every attempt;
+    /// `false` removes it: attempts are never held, and connection-level
+    /// failures are retried in rounds like any other.
     pub enabled: bool,
     /// The longest a request waits at gates in total before it fails with
     /// `admission_timeout` (0s: never wait, fail at once).
@@ -654,9 +654,7 @@ impl Default for AdaptivePolicy {
 impl Default for AdmissionPolicy {
     fn default() -> Self {
         AdmissionPolicy {
-            // Off until the demo and the scenarios of its design show it
-            // ahead of the round-only policy: see docs/decisions.md.
-            enabled: false,
+            enabled: true,
             max_wait: Duration::from_secs(10),
             max_waiting: 1024,
             decrease: 0.5,
@@ -1686,7 +1684,7 @@ mod tests {
     #[test]
     fn admission_defaults() {
         let a = AdmissionPolicy::default();
-        assert!(!a.enabled && a.slow_start);
+        assert!(a.enabled && a.slow_start);
         assert_eq!(a.max_wait, Duration::from_secs(10));
         assert_eq!((a.max_waiting, a.decrease, a.min_limit), (1024, 0.5, 1));
         assert_eq!(a.probe_delay, Duration::from_millis(100));
@@ -1698,7 +1696,7 @@ mod tests {
         );
         let text = Policy::default().to_toml();
         assert!(
-            text.contains("[admission]\nenabled = false\nmax_wait = \"10s\"\n"),
+            text.contains("[admission]\nenabled = true\nmax_wait = \"10s\"\n"),
             "{text}"
         );
     }

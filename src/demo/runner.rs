@@ -725,14 +725,14 @@ mod tests {
     fn changed_keys_name_each_changed_value_with_its_table() {
         let old = Policy::default();
         let new = Policy::from_toml(
-            "max_rounds = 3\n[admission]\nenabled = true\n\
+            "max_rounds = 3\n[admission]\nenabled = false\n\
              [models.\"openai/gpt-oss-120b\"]\njitter = 0.0\n",
         )
         .unwrap();
         assert_eq!(
             changed_keys(&old, &new),
             [
-                "admission.enabled = true",
+                "admission.enabled = false",
                 "max_rounds = 3",
                 "models.\"openai/gpt-oss-120b\".jitter = 0.0"
             ]
@@ -740,7 +740,7 @@ mod tests {
         assert_eq!(
             changed_keys(&new, &old),
             [
-                "admission.enabled = false",
+                "admission.enabled = true",
                 "max_rounds = 2",
                 "models.\"openai/gpt-oss-120b\".jitter removed"
             ]

@@ -18,8 +18,8 @@
 //!
 //! # Waiting instead of failing: admission
 //!
-//! With `[admission] enabled = true`, every attempt passes its provider's
-//! admission gate (see `admission.rs`): open, it costs one atomic add. A
+//! Every attempt passes its provider's admission gate (`[admission]`, on
+//! by default; see `admission.rs`): open, it costs one atomic add. A
 //! failure at *connection level* (refused, connect timeout, unsent) limits
 //! the provider's attempts in flight;
 //! a failure at the floor marks it down, and then only one probe at a

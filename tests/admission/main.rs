@@ -426,8 +426,8 @@ async fn switching_admission_off_releases_the_waiters() {
     tokio::time::sleep(ms(50)).await;
     assert_eq!(gate(&pool, "a").waiting, 5);
     a.set_up(Instant::now());
-    let off = Policy::default();
-    assert!(!off.admission.enabled);
+    let mut off = gated();
+    off.admission.enabled = false;
     pool.policy().store(off).unwrap();
     // The next request sees the change and opens the gate for everyone.
     let served = pool.call(MODEL, |p: &P| p.attempt()).await.unwrap();

@@ -353,7 +353,7 @@ fn defaults_and_check_print_the_admission_table() {
     let (code, out, _) = retryctl(&["defaults"]);
     assert_eq!(code, 0);
     assert!(
-        out.contains("\n[admission]\nenabled = false\nmax_wait = \"10s\"\n"),
+        out.contains("\n[admission]\nenabled = true\nmax_wait = \"10s\"\n"),
         "{out}"
     );
     let (code, out, err) = retryctl(&["check", "config/policy.toml"]);

@@ -183,10 +183,17 @@ fn no_jitter() -> Policy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_run_gives_the_same_counts_twice() {
     let _serial = SERIAL.lock().await;
-    let a = retryctl::demo::run_schedule(&config(no_jitter()), aligned_schedule())
+    // Rounds alone: their timing is the policy's, so the counts repeat
+    // exactly (the gate's probes follow the sockets' timing).
+    let rounds = || {
+        let mut p = no_jitter();
+        p.admission.enabled = false;
+        p
+    };
+    let a = retryctl::demo::run_schedule(&config(rounds()), aligned_schedule())
         .await
         .unwrap();
-    let b = retryctl::demo::run_schedule(&config(no_jitter()), aligned_schedule())
+    let b = retryctl::demo::run_schedule(&config(rounds()), aligned_schedule())
         .await
         .unwrap();
     assert_eq!(a.requests, 120);
@@ -241,12 +248,48 @@ async fn a_seeded_run_gives_the_same_counts_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_waits_out_the_restart_that_rounds_cannot() {
+    let _serial = SERIAL.lock().await;
+    // The default policy: admission on.
+    let r = retryctl::demo::run_schedule(&config(no_jitter()), aligned_schedule())
+        .await
+        .unwrap();
+    let row = |k: FaultKind| r.faults.iter().find(|f| f.kind == k).unwrap().clone();
+    let restart = row(FaultKind::Restart);
+    let reload = row(FaultKind::Reload);
+    assert_eq!(restart.baseline_failed, 20);
+    // Rounds alone lose 10-12 of these (see above); the gate none.
+    assert_eq!(restart.retrying_failed, 0, "{}", r.table());
+    assert_eq!(restart.absorbed, 20);
+    assert_eq!(reload.retrying_failed, 0, "{}", r.table());
+    assert_eq!(r.client_errors_retried, 0);
+    // Only the genuine 400s fail (and at most one request on noise).
+    let client = row(FaultKind::ClientError);
+    assert!(
+        r.retrying.failures <= client.retrying_failed + 1,
+        "{}",
+        r.table()
+    );
+    // While down, the restarted upstream saw probes, not retries: fewer
+    // failed attempts than half the requests the faults hit (rounds alone
+    // waste one per request the restart hit).
+    assert!(
+        r.retrying.wasted_attempts * 2 < restart.baseline_failed + reload.baseline_failed,
+        "{}",
+        r.table()
+    );
+    assert!(r.retrying.queued_requests > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_that_retries_nothing_shows_no_reduction() {
     let _serial = SERIAL.lock().await;
-    let policy = Policy {
+    // One round and no gate: nothing is ever attempted twice.
+    let mut policy = Policy {
         max_rounds: 1,
         ..no_jitter()
     };
+    policy.admission.enabled = false;
     let r = retryctl::demo::run_schedule(&config(policy), aligned_schedule())
         .await
         .unwrap();

@@ -68,7 +68,10 @@ impl Script {
     }
 }
 
-fn fixture(providers: &[(&str, Arc<Script>)], policy: Policy) -> Fixture {
+/// A pool under `policy` without the admission gate: these tests count
+/// rounds of refused attempts (the gate's own metrics: tests/prometheus).
+fn fixture(providers: &[(&str, Arc<Script>)], mut policy: Policy) -> Fixture {
+    policy.admission.enabled = false;
     let recorder = telemetry::Recorder::new();
     let handle = recorder.handle();
     let pool = metrics::with_local_recorder(&recorder, || {
