@@ -46,6 +46,12 @@ fn success(c: &mut Criterion) {
     let one = pool(1, default_policy());
     let three = pool(3, default_policy());
     let quiet = pool_without_metrics(1, default_policy());
+    // The admission gate's cost when open: the same pool without it.
+    let ungated = pool(1, {
+        let mut p = default_policy();
+        p.admission.enabled = false;
+        p
+    });
     let tower_policy = TowerPolicy::default_budget();
     let backoff = ConstantBuilder::new()
         .with_delay(Duration::ZERO)
@@ -56,7 +62,11 @@ fn success(c: &mut Criterion) {
         b.to_async(&rt)
             .iter_custom(|iters| timed(iters, || async { upstream().await.expect("ok") }));
     });
-    for (id, p) in [("pool_1p", &one), ("pool_3p", &three)] {
+    for (id, p) in [
+        ("pool_1p", &one),
+        ("pool_1p_no_admission", &ungated),
+        ("pool_3p", &three),
+    ] {
         g.bench_function(id, |b| {
             b.to_async(&rt).iter_custom(|iters| async move {
                 let d = timed(iters, || pool_call(p)).await;

@@ -8,6 +8,7 @@
 //! ```
 //!
 //! Cases: `success` (1 provider, statistics and Prometheus on),
+//! `success_no_admission` (the same without the admission gate),
 //! `success_no_metrics`, `retry` (refused once, zero delay), `tower` (tower's
 //! `Retry` with `TpsBudget`, success), `direct`, and loopback HTTP through
 //! reqwest, `http_plain` and `http_pool` (only the calling thread's
@@ -33,6 +34,8 @@ use common::{
 /// The pools of every case, built and warmed up outside the profiled region.
 struct Pools {
     one: retryctl::Pool<()>,
+    /// `one` without the admission gate: what the open gate costs.
+    ungated: retryctl::Pool<()>,
     quiet: retryctl::Pool<()>,
     retry: retryctl::Pool<()>,
     http: retryctl::Pool<HttpProvider>,
@@ -48,6 +51,11 @@ fn setup(rt: &tokio::runtime::Runtime) -> Pools {
     let http = common::loopback_pool(&client, &url);
     let pools = Pools {
         one: pool(1, default_policy()),
+        ungated: pool(1, {
+            let mut p = default_policy();
+            p.admission.enabled = false;
+            p
+        }),
         quiet: pool_without_metrics(1, default_policy()),
         retry: pool(1, zero_delay_policy()),
         http,
@@ -82,6 +90,11 @@ fn measured_calls(
             "success" => {
                 for _ in 0..calls {
                     black_box(pool_call(&pools.one).await);
+                }
+            }
+            "success_no_admission" => {
+                for _ in 0..calls {
+                    black_box(pool_call(&pools.ungated).await);
                 }
             }
             "success_no_metrics" => {

@@ -15,7 +15,6 @@
 //!   plan next round  waits, budget, deadline                (schedule.rs)
 //! ```
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
@@ -90,6 +89,50 @@ impl Step {
             Step::First(i) | Step::Deferred(i) | Step::Again(i) => i,
             Step::Timed(r) => r.index,
         }
+    }
+}
+
+/// A round's steps in order, inline (no allocation for up to 8): taken
+/// from the front, added at the back.
+#[derive(Default)]
+struct Steps {
+    items: SmallVec<[Step; 8]>,
+    next: usize,
+}
+
+impl Steps {
+    fn pop_front(&mut self) -> Option<Step> {
+        let step = self.items.get(self.next).copied()?;
+        self.next += 1;
+        Some(step)
+    }
+
+    fn push_back(&mut self, step: Step) {
+        if self.next == self.items.len() {
+            // Everything was taken: reuse the space.
+            self.items.clear();
+            self.next = 0;
+        }
+        self.items.push(step);
+    }
+
+    fn extend(&mut self, steps: impl IntoIterator<Item = Step>) {
+        for step in steps {
+            self.push_back(step);
+        }
+    }
+
+    /// The steps not taken yet.
+    fn iter(&self) -> impl Iterator<Item = &Step> {
+        self.items[self.next..].iter()
+    }
+
+    /// Keeps the steps not taken yet that `keep` accepts.
+    fn retain(&mut self, keep: impl Fn(&Step) -> bool) {
+        let mut rest: SmallVec<[Step; 8]> = self.items.drain(self.next..).collect();
+        rest.retain(|s| keep(s));
+        self.items = rest;
+        self.next = 0;
     }
 }
 
@@ -261,7 +304,8 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         self.first = order[0];
         // Round 1: every provider once, no waiting between them.
         self.report.rounds = 1;
-        let mut steps: VecDeque<Step> = order.iter().map(|&i| Step::First(i)).collect();
+        let mut steps = Steps::default();
+        steps.extend(order.iter().map(|&i| Step::First(i)));
         let mut round = 1;
         loop {
             while let Some(step) = steps.pop_front() {
@@ -286,7 +330,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         &mut self,
         step: Step,
         round: u32,
-        steps: &mut VecDeque<Step>,
+        steps: &mut Steps,
         op: &mut F,
     ) -> Next<T>
     where
@@ -391,7 +435,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
     /// The wait before a later round's retry, after checking the deadline
     /// and paying the budget. `false`: this retry is not made (and, when
     /// the reason holds for every later one, neither are they).
-    async fn timed_wait(&mut self, r: Retry, round: u32, steps: &mut VecDeque<Step>) -> bool {
+    async fn timed_wait(&mut self, r: Retry, round: u32, steps: &mut Steps) -> bool {
         let m = self.m;
         let policy = self.policy;
         // Not before now: an earlier retry of this round may have used the
