@@ -16,7 +16,6 @@
 //! ```
 
 use std::future::Future;
-use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -154,8 +153,18 @@ enum Attempted<T> {
     Failed(Verdict, Instant),
     /// The call's deadline ended the attempt.
     Expired,
-    /// The deadline had passed before the attempt could start.
-    NotStarted,
+}
+
+/// An attempt under way: what `record` needs from its start.
+struct Begun {
+    /// When it started.
+    now: Instant,
+    /// Its time limit.
+    until: Instant,
+    /// The limit is the adaptive one (from the provider's recent p99).
+    adaptive: bool,
+    /// It carries the provider's health probe.
+    was_probe: bool,
 }
 
 /// Where a step leaves the call.
@@ -232,8 +241,10 @@ impl<P> Pool<P> {
         self.note_version(&active);
         let resolved = active.for_model(m.name);
         let mut call = Call::start(m, resolved, options, &active);
-        let result = call.run(&mut op).await;
-        call.finish(result)
+        match call.run(&mut op).await {
+            Ok(served) => Ok(served),
+            Err(reason) => Err(call.fail(reason)),
+        }
     }
 
     /// The error for a model that is not configured: one counter, no
@@ -294,12 +305,20 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
     }
 
     /// Every round until the call is served or stops.
+    ///
+    /// One state machine: the steps' bookkeeping is synchronous
+    /// (`try_admit`, `begin`, `record`, `decide`) and the loop itself
+    /// awaits only what really waits (a later round's delay, a gate that
+    /// limits, the operation). Nested async steps would each be a future
+    /// moved into its caller's state on every call (a `memcpy` of its
+    /// whole size), which the success path should not pay.
     async fn run<T, F, Fut>(&mut self, op: &mut F) -> Result<Served<T>, FailReason>
     where
         F: FnMut(&P) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let (order, probe) = self.m.plan(self.start, &self.policy.adaptive);
+        let m = self.m;
+        let (order, probe) = m.plan(self.start, &self.policy.adaptive);
         self.probe = probe;
         self.first = order[0];
         // Round 1: every provider once, no waiting between them.
@@ -309,7 +328,73 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         let mut round = 1;
         loop {
             while let Some(step) = steps.pop_front() {
-                if let Next::Done(result) = self.step(step, round, &mut steps, op).await {
+                let i = step.index();
+                if let Step::Timed(retry) = step
+                    && !self.timed_wait(retry, round, &mut steps).await
+                {
+                    continue;
+                }
+                let admitted = match self.try_admit(i) {
+                    Some(admitted) => admitted,
+                    None => {
+                        let others_ready = matches!(step, Step::First(_) | Step::Again(_))
+                            && steps.iter().any(|s| {
+                                matches!(s, Step::First(_) | Step::Again(_)) && s.index() != i
+                            });
+                        self.admit(i, others_ready).await
+                    }
+                };
+                let mut permit = match admitted {
+                    Admit::Go(permit) => permit,
+                    Admit::Defer => {
+                        steps.push_back(Step::Deferred(i));
+                        continue;
+                    }
+                    Admit::Refused(reason) => {
+                        self.stopped = Some(reason);
+                        continue;
+                    }
+                };
+                let Some(begun) = self.begin(i) else {
+                    // A wait ended at the deadline (timers round up to the
+                    // millisecond). A retry it paid for stays paid: like
+                    // one cancelled during its wait, it is counted.
+                    return Err(FailReason::DeadlineExceeded { wait: None });
+                };
+                let mut fut = std::pin::pin!(op(&m.routes[usize::from(i)].provider));
+                // The timer is armed only if the first poll does not finish
+                // the operation: arming it costs a runtime-handle clone and
+                // a timer-wheel entry, which an operation that completes at
+                // once (a cached answer, a local call) should not pay. The
+                // future is polled where it was pinned, never moved: an HTTP
+                // client's request future is over a kilobyte.
+                let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+                let result = match first {
+                    Poll::Ready(output) => Ok(output),
+                    Poll::Pending => match permit.as_mut().filter(|p| p.connecting()) {
+                        // Admitted by a limiting gate: the slot is held
+                        // through the connect phase only (its end:
+                        // `timeouts.connect`, plus a tick so the client's
+                        // own connect timeout is seen first).
+                        Some(p) => {
+                            let connected = begun
+                                .now
+                                .checked_add(self.policy.timeouts.connect + CONNECT_MARGIN)
+                                .map_or(begun.until, |t| t.min(begun.until));
+                            match tokio::time::timeout_at(connected, fut.as_mut()).await {
+                                Ok(output) => Ok(output),
+                                Err(_) => {
+                                    p.connected();
+                                    tokio::time::timeout_at(begun.until, fut).await
+                                }
+                            }
+                        }
+                        None => tokio::time::timeout_at(begun.until, fut).await,
+                    },
+                };
+                let paid = matches!(step, Step::Timed(_));
+                let attempted = self.record(i, round, paid, begun, permit, result);
+                if let Next::Done(result) = self.decide(i, attempted, &mut steps) {
                     return result;
                 }
             }
@@ -325,41 +410,9 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         }
     }
 
-    /// One step: its wait, the gate, the attempt, and what follows.
-    async fn step<T, F, Fut>(
-        &mut self,
-        step: Step,
-        round: u32,
-        steps: &mut Steps,
-        op: &mut F,
-    ) -> Next<T>
-    where
-        F: FnMut(&P) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let i = step.index();
-        if let Step::Timed(retry) = step
-            && !self.timed_wait(retry, round, steps).await
-        {
-            return Next::Continue;
-        }
-        let others_ready = matches!(step, Step::First(_) | Step::Again(_))
-            && steps
-                .iter()
-                .any(|s| matches!(s, Step::First(_) | Step::Again(_)) && s.index() != i);
-        let permit = match self.admit(i, others_ready).await {
-            Admit::Go(permit) => permit,
-            Admit::Defer => {
-                steps.push_back(Step::Deferred(i));
-                return Next::Continue;
-            }
-            Admit::Refused(reason) => {
-                self.stopped = Some(reason);
-                return Next::Continue;
-            }
-        };
-        let paid = matches!(step, Step::Timed(_));
-        match self.attempt(i, round, paid, permit, op).await {
+    /// What follows an attempt of provider `i`.
+    fn decide<T>(&mut self, i: u8, attempted: Attempted<T>, steps: &mut Steps) -> Next<T> {
+        match attempted {
             Attempted::Served(value, ended, took) => {
                 // The first attempt started at `start`: its duration is
                 // the request's.
@@ -386,12 +439,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
                     _ => Next::Continue,
                 }
             }
-            Attempted::Expired | Attempted::NotStarted => {
-                // (NotStarted: a wait ended at the deadline; timers round
-                // up to the millisecond. A retry it paid for stays paid:
-                // like one cancelled during its wait, it is counted.)
-                Next::Done(Err(FailReason::DeadlineExceeded { wait: None }))
-            }
+            Attempted::Expired => Next::Done(Err(FailReason::DeadlineExceeded { wait: None })),
         }
     }
 
@@ -495,23 +543,27 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         true
     }
 
-    /// Passes provider `i`'s admission gate: at once when it is open (one
-    /// atomic add); otherwise defers to another provider that can go now,
-    /// or waits in line, within `admission.max_wait` (counted over the
-    /// whole call) and the deadline.
-    async fn admit(&mut self, i: u8, others_ready: bool) -> Admit<'a> {
-        let admission = &self.policy.admission;
+    /// Provider `i`'s admission gate when it does not limit: admission off,
+    /// or the gate open (one atomic add). `None`: the gate limits, see
+    /// [`Call::admit`].
+    fn try_admit(&self, i: u8) -> Option<Admit<'a>> {
         let gate = &self.m.routes[usize::from(i)].gate;
-        if !admission.enabled {
+        if !self.policy.admission.enabled {
             if !gate.is_open() {
                 // Switched off while the gate held requests: let them go.
                 gate.open_now();
             }
-            return Admit::Go(None);
+            return Some(Admit::Go(None));
         }
-        if let Some(permit) = gate.try_enter(self.latest) {
-            return Admit::Go(Some(permit));
-        }
+        gate.try_enter(self.latest).map(|p| Admit::Go(Some(p)))
+    }
+
+    /// Passes provider `i`'s limiting gate: defers to another provider
+    /// that can go now, or waits in line, within `admission.max_wait`
+    /// (counted over the whole call) and the deadline.
+    async fn admit(&mut self, i: u8, others_ready: bool) -> Admit<'a> {
+        let admission = &self.policy.admission;
+        let gate = &self.m.routes[usize::from(i)].gate;
         if others_ready {
             return Admit::Defer;
         }
@@ -544,29 +596,15 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         }
     }
 
-    /// Runs one attempt under the attempt's time limit, and records its
-    /// outcome in the call's accounting, the provider's health and gate,
-    /// and the hooks. `paid`: a later round's retry (the budget paid).
-    async fn attempt<T, F, Fut>(
-        &mut self,
-        i: u8,
-        round: u32,
-        paid: bool,
-        permit: Option<Permit<'a>>,
-        op: &mut F,
-    ) -> Attempted<T>
-    where
-        F: FnMut(&P) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let m = self.m;
-        let active = self.resolved;
+    /// Starts an attempt of provider `i`: its time limit and its
+    /// accounting. `None`: the deadline has passed.
+    fn begin(&mut self, i: u8) -> Option<Begun> {
         let policy = self.policy;
-        let route = &m.routes[usize::from(i)];
+        let route = &self.m.routes[usize::from(i)];
         let now = self.latest;
         let deadline = self.deadline;
         if now >= deadline {
-            return Attempted::NotStarted;
+            return None;
         }
         // Instants, not durations: an `Instant` sum is cheaper than the
         // subtraction a remaining-time `Duration` needs, and the limit as a
@@ -577,35 +615,44 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         let adaptive = adaptive_limit(route, policy, now)
             .and_then(|a| now.checked_add(a))
             .filter(|end| *end < fixed);
-        let until = adaptive.unwrap_or(fixed);
         self.report.attempts += 1;
         let bit = 1u64 << i;
         if self.tried & bit != 0 {
             self.report.retries += 1;
-            m.metrics.retry();
+            self.m.metrics.retry();
         }
         self.tried |= bit;
-        let was_probe = self.probe.as_ref().is_some_and(|g| g.index == i);
-        let mut fut = std::pin::pin!(op(&route.provider));
-        let mut permit = permit;
-        let result = match permit.as_mut().filter(|p| p.connecting()) {
-            // Admitted by a limiting gate: the slot is held through the
-            // connect phase only (its end: `timeouts.connect`, plus a
-            // tick so the client's own connect timeout is seen first).
-            Some(p) => {
-                let connected = now
-                    .checked_add(policy.timeouts.connect + CONNECT_MARGIN)
-                    .map_or(until, |t| t.min(until));
-                match tokio::time::timeout_at(connected, limited(until, fut.as_mut())).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        p.connected();
-                        limited(until, fut).await
-                    }
-                }
-            }
-            None => limited(until, fut).await,
-        };
+        Some(Begun {
+            now,
+            until: adaptive.unwrap_or(fixed),
+            adaptive: adaptive.is_some(),
+            was_probe: self.probe.as_ref().is_some_and(|g| g.index == i),
+        })
+    }
+
+    /// Records how an attempt of provider `i` ended, in the call's
+    /// accounting, the provider's health and gate, and the hooks. `paid`:
+    /// a later round's retry (the budget paid).
+    fn record<T>(
+        &mut self,
+        i: u8,
+        round: u32,
+        paid: bool,
+        begun: Begun,
+        permit: Option<Permit<'a>>,
+        result: Result<Result<T, E>, Elapsed>,
+    ) -> Attempted<T> {
+        let m = self.m;
+        let active = self.resolved;
+        let policy = self.policy;
+        let route = &m.routes[usize::from(i)];
+        let Begun {
+            now,
+            until,
+            adaptive,
+            was_probe,
+        } = begun;
+        let bit = 1u64 << i;
         let (verdict, expired) = match result {
             Ok(Ok(value)) => {
                 let ended = Instant::now();
@@ -643,7 +690,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
             Err(_) => {
                 let limit = until.saturating_duration_since(now);
                 self.last = Some(AttemptError::TimedOut(limit));
-                if adaptive.is_some() {
+                if adaptive {
                     // Far beyond this provider's usual answer time: most
                     // likely a stalled connection, worth retrying.
                     let v = Verdict::new(Classification::Transient, Cause::AdaptiveTimeout);
@@ -748,17 +795,11 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         }
     }
 
-    /// The call's result: a failure gets its accounting, metrics and log.
-    // The public `call_with` returns this very type.
-    #[allow(clippy::result_large_err)]
-    fn finish<T>(
-        mut self,
-        result: Result<Served<T>, FailReason>,
-    ) -> Result<Served<T>, PoolError<E>> {
-        let reason = match result {
-            Ok(served) => return Ok(served),
-            Err(reason) => reason,
-        };
+    /// The call failed: its accounting, metrics and log. Out of line, so
+    /// the success path neither moves the call's state nor carries this.
+    #[cold]
+    #[inline(never)]
+    fn fail(mut self, reason: FailReason) -> PoolError<E> {
         let m = self.m;
         self.report.elapsed = Instant::now().saturating_duration_since(self.start);
         let r = &self.report;
@@ -792,25 +833,11 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
                 "all providers failed"
             );
         }
-        Err(PoolError {
+        PoolError {
             reason,
             last: self.last,
             report: self.report,
-        })
-    }
-}
-
-/// Runs `fut` until `deadline`. The timer is armed only if the first poll
-/// does not finish the operation: arming it costs a runtime-handle clone
-/// and a timer-wheel entry, which an operation that completes at once (a
-/// cached answer, a local call) should not pay. The future is polled where
-/// the caller pinned it, never moved: an HTTP client's request future is
-/// over a kilobyte, and every move is a `memcpy` on every request.
-async fn limited<F: Future>(deadline: Instant, mut fut: Pin<&mut F>) -> Result<F::Output, Elapsed> {
-    let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
-    match first {
-        Poll::Ready(output) => Ok(output),
-        Poll::Pending => tokio::time::timeout_at(deadline, fut).await,
+        }
     }
 }
 
