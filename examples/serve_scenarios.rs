@@ -848,6 +848,10 @@ async fn backlog1(run: &Run, args: &Args) -> Result<bool, Error> {
         println!("{} log: {}", gw.name, gw.log.display());
         gw.stop().await;
     }
+    if absorbed.is_nan() {
+        println!("target: not applicable, the baseline failed no request (nothing to absorb)");
+        return Ok(true);
+    }
     let met = absorbed >= 0.95 && extra <= 0.10;
     println!(
         "target >= 95% absorbed, <= 10% extra attempts: {:.1}% absorbed, {} extra: {}",
