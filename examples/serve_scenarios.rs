@@ -675,7 +675,7 @@ fn print_table(sides: &[Side], outages: Option<(usize, f64)>) -> (f64, f64) {
     row(
         "absorbed: (base failed - failed) / base failed",
         &cells(&|s| {
-            if std::ptr::eq(s, base) {
+            if std::ptr::eq(s, base) || base.failed() == 0 {
                 "-".into()
             } else {
                 format!("{:.1}%", absorbed(base, s) * 100.0)
