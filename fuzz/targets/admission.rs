@@ -36,8 +36,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use retryctl::{
-    AdmissionPolicy, BudgetPolicy, Cause, Classification, Classify, FailReason, LivePolicy,
-    Policy, Pool, Report, Rules, Timeouts, Verdict,
+    AdmissionPolicy, BudgetPolicy, Cause, Classification, Classify, FailReason, LivePolicy, Policy,
+    Pool, Report, Rules, Timeouts, Verdict,
 };
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;

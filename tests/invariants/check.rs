@@ -565,7 +565,8 @@ pub fn check(run: &Run, coverage: &mut Coverage) -> Result<(), String> {
                     !atts.iter().any(|a| a.returned && a.step.kind == Kind::Ok),
                     "call {id}: failed ({reason:?}) although an attempt succeeded"
                 );
-                let last_is_400 = last.is_some_and(|l| l.returned && l.step.kind == Kind::Status400);
+                let last_is_400 =
+                    last.is_some_and(|l| l.returned && l.step.kind == Kind::Status400);
                 ensure!(
                     matches!(reason, FailReason::Permanent) == last_is_400,
                     "call {id}: reason {reason:?}, last attempt {last:?}"
@@ -631,10 +632,9 @@ pub fn check(run: &Run, coverage: &mut Coverage) -> Result<(), String> {
                         report.queued,
                         deadline - c.end
                     ),
-                    FailReason::AdmissionQueueFull => ensure!(
-                        gated,
-                        "call {id}: admission_queue_full with the gate off"
-                    ),
+                    FailReason::AdmissionQueueFull => {
+                        ensure!(gated, "call {id}: admission_queue_full with the gate off")
+                    }
                     _ => {}
                 }
             }
