@@ -483,7 +483,7 @@ async fn drive(data: &[u8]) {
 
     // Drain: answer everything with a success and let every deadline
     // pass; every call ends, and every gate is empty.
-    for _ in 0..400 {
+    for _ in 0..100 {
         {
             let mut w = world.lock().unwrap();
             for r in &mut w.running {
@@ -495,7 +495,7 @@ async fn drive(data: &[u8]) {
                 break;
             }
         }
-        tokio::time::sleep(ms(50)).await;
+        tokio::time::sleep(ms(250)).await;
         settle().await;
         check_waiting(&world, &pool, max_rounds);
     }

@@ -508,6 +508,19 @@ pub fn check(run: &Run, coverage: &mut Coverage) -> Result<(), String> {
             report.queued,
             report.waited
         );
+        // Round 1 has no wait but at gates; nor has the time before the
+        // first attempt.
+        ensure!(
+            (report.rounds > 1 || report.queued == report.waited)
+                && atts
+                    .first()
+                    .is_none_or(|a| a.start - c.start <= report.queued),
+            "call {id}: queued {:?} of {:?} waited in {} rounds, first attempt after {:?}",
+            report.queued,
+            report.waited,
+            report.rounds,
+            atts.first().map(|a| a.start - c.start)
+        );
         if gated {
             ensure!(
                 report.queued <= max_wait
