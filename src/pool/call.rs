@@ -416,7 +416,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
             Attempted::Served(value, ended, took) => {
                 // The first attempt started at `start`: its duration is
                 // the request's.
-                let elapsed = if self.report.attempts == 1 {
+                let elapsed = if self.report.attempts == 1 && self.report.queued.is_zero() {
                     took
                 } else {
                     ended.saturating_duration_since(self.start)

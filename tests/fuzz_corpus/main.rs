@@ -11,6 +11,8 @@
 //! `regressions` holds the inputs of bugs found by fuzzing, as tests that
 //! are ignored until the fix lands in `src/` (see README, "Reliability").
 
+#[path = "../../fuzz/targets/admission.rs"]
+mod admission;
 #[path = "../../fuzz/targets/classify.rs"]
 mod classify;
 #[path = "../../fuzz/targets/gateway_config.rs"]
@@ -93,4 +95,9 @@ fn gateway_config_corpus() {
 #[test]
 fn redact_corpus() {
     replay("redact", redact::run);
+}
+
+#[test]
+fn admission_corpus() {
+    replay("admission", admission::run);
 }

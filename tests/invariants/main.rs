@@ -27,7 +27,7 @@ use retryctl::{
 use tokio::time::Instant;
 
 use check::{Batch, CallRecord, Coverage, Outcome, Run};
-use provider::{Kind, Log, Provider, Step};
+use provider::{Kind, Log, Observer, Provider, Step};
 
 const MODEL: &str = "m";
 
@@ -59,6 +59,36 @@ struct PolicySpec {
     /// successes (the adaptive attempt timeout stays off: its cut cannot be
     /// told from the deadline's by the providers alone).
     deadline_aware: Option<u32>,
+    /// `[admission]` on, with these knobs; `None`: off (connection-level
+    /// failures are retried in rounds like any other).
+    admission: Option<AdmissionSpec>,
+}
+
+#[derive(Clone, Debug)]
+struct AdmissionSpec {
+    max_wait_ms: u64,
+    max_waiting: u32,
+    decrease: f64,
+    min_limit: u32,
+    probe_delay_ms: u64,
+    /// `probe_max_delay` as a multiple of `probe_delay`.
+    probe_max_factor: u32,
+    slow_start: bool,
+}
+
+impl AdmissionSpec {
+    fn policy(&self) -> AdmissionPolicy {
+        AdmissionPolicy {
+            enabled: true,
+            max_wait: ms(self.max_wait_ms),
+            max_waiting: self.max_waiting,
+            decrease: self.decrease,
+            min_limit: self.min_limit,
+            probe_delay: ms(self.probe_delay_ms),
+            probe_max_delay: ms(self.probe_delay_ms) * self.probe_max_factor,
+            slow_start: self.slow_start,
+        }
+    }
 }
 
 impl PolicySpec {
@@ -96,11 +126,12 @@ impl PolicySpec {
                 min_samples: self.deadline_aware.unwrap_or(50),
                 ..AdaptivePolicy::default()
             },
-            // The checks model the round mechanism; admission has its own
-            // invariants (tests/admission).
-            admission: AdmissionPolicy {
-                enabled: false,
-                ..AdmissionPolicy::default()
+            admission: match &self.admission {
+                Some(a) => a.policy(),
+                None => AdmissionPolicy {
+                    enabled: false,
+                    ..AdmissionPolicy::default()
+                },
             },
             ..Policy::default()
         }
@@ -136,6 +167,9 @@ struct Case {
 fn kind(outage: bool) -> BoxedStrategy<Kind> {
     let failing = prop_oneof![
         3 => Just(Kind::Refused),
+        1 => Just(Kind::Connect),
+        1 => Just(Kind::ConnectTimeout),
+        1 => Just(Kind::NotSent),
         1 => Just(Kind::Reset),
         2 => Just(Kind::Status502),
         1 => Just(Kind::Status503(None)),
@@ -161,7 +195,38 @@ fn step(outage: bool) -> impl Strategy<Value = Step> {
     (kind(outage), delay).prop_map(|(kind, delay_ms)| Step { kind, delay_ms })
 }
 
-fn policy(outage: bool) -> impl Strategy<Value = PolicySpec> {
+fn admission() -> impl Strategy<Value = AdmissionSpec> {
+    (
+        prop_oneof![1 => Just(0u64), 4 => 1u64..=3000],
+        prop_oneof![2 => Just(1u32), 1 => Just(2), 1 => Just(1024)],
+        prop_oneof![Just(0.5), 0.1f64..=0.9],
+        1u32..=2,
+        prop_oneof![1u64..=50, 50u64..=500],
+        1u32..=8,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                max_wait_ms,
+                max_waiting,
+                decrease,
+                min_limit,
+                probe_delay_ms,
+                probe_max_factor,
+                slow_start,
+            )| AdmissionSpec {
+                max_wait_ms,
+                max_waiting,
+                decrease,
+                min_limit,
+                probe_delay_ms,
+                probe_max_factor,
+                slow_start,
+            },
+        )
+}
+
+fn policy(outage: bool, gated: bool) -> impl Strategy<Value = PolicySpec> {
     let retry = (
         if outage { 2u32..=5 } else { 1u32..=5 },
         0u64..=2000,
@@ -190,12 +255,18 @@ fn policy(outage: bool) -> impl Strategy<Value = PolicySpec> {
         1000u64..=30_000,
         proptest::option::weighted(0.3, 1u32..=5),
     );
-    (retry, timeouts, budget, health).prop_map(
+    let gate = if gated {
+        admission().prop_map(Some).boxed()
+    } else {
+        Just(None).boxed()
+    };
+    (retry, timeouts, budget, health, gate).prop_map(
         |(
             (max_rounds, delay_ms, backoff, jitter, rate_limited_delay_ms, max_retry_after_ms),
             (attempt_ms, retry_response_timeout),
             (budget_enabled, ratio, min_per_second, window_ms),
             (demote_after, cooldown_ms, deadline_aware),
+            admission,
         )| PolicySpec {
             max_rounds,
             delay_ms,
@@ -212,6 +283,7 @@ fn policy(outage: bool) -> impl Strategy<Value = PolicySpec> {
             demote_after,
             cooldown_ms,
             deadline_aware,
+            admission,
         },
     )
 }
@@ -230,7 +302,7 @@ fn call_spec(outage: bool) -> impl Strategy<Value = CallSpec> {
         })
 }
 
-fn case(outage: bool) -> impl Strategy<Value = Case> {
+fn case(outage: bool, gated: bool) -> impl Strategy<Value = Case> {
     let batch = prop_oneof![
         4 => call_spec(outage).prop_map(BatchSpec::One),
         1 => proptest::collection::vec(call_spec(outage), 2..=4).prop_map(BatchSpec::Together),
@@ -238,7 +310,7 @@ fn case(outage: bool) -> impl Strategy<Value = Case> {
     let batches = if outage { 15..=40 } else { 5..=25 };
     (
         proptest::collection::vec(proptest::collection::vec(step(outage), 1..=8), 1..=5),
-        policy(outage),
+        policy(outage, gated),
         proptest::collection::vec(batch, batches),
     )
         .prop_map(|(providers, policy, batches)| Case {
@@ -254,8 +326,13 @@ async fn one_call(pool: Arc<Pool<P>>, id: u32, spec: CallSpec) -> CallRecord {
     tokio::time::sleep(ms(spec.gap_ms)).await;
     let start = Instant::now();
     let timeout = ms(spec.timeout_ms);
+    // With the gate on, each attempt's provider logs its gate.
+    let observe: Option<Observer> = pool.policy().load().policy().admission.enabled.then(|| {
+        let pool = pool.clone();
+        Arc::new(move |i: usize| pool.stats()[i].admission) as Observer
+    });
     let call = pool.call_with(MODEL, CallOptions::timeout(timeout), move |p: &P| {
-        p.attempt(id)
+        p.attempt_observed(id, observe.clone())
     });
     let result = match spec.cancel_ms {
         Some(cut) => tokio::time::timeout(ms(cut), call).await.ok(),
@@ -336,6 +413,7 @@ async fn drive(case: &Case) -> Run {
             health_after: health.clone(),
             budget_available: pool.budget_available(MODEL).expect("known model"),
             at: Instant::now(),
+            gates: pool.stats().iter().map(|s| s.admission).collect(),
         });
     }
     let stats = pool.stats();
@@ -344,6 +422,7 @@ async fn drive(case: &Case) -> Run {
         names,
         origin,
         log: log.snapshot(),
+        gates: log.gates(),
         calls,
         batches,
         demotions: stats.iter().map(|s| s.health.demotions).sum(),
@@ -395,7 +474,7 @@ fn property(name: &str, strategy: impl Strategy<Value = Case>) -> Coverage {
 /// results, accounting, health, deadline and budget hold for every call.
 #[test]
 fn every_call_keeps_the_pool_invariants() {
-    let c = property("every_call_keeps_the_pool_invariants", case(false));
+    let c = property("every_call_keeps_the_pool_invariants", case(false, false));
     // Not vacuous: with the default case count, every way a call can end
     // was exercised (a small PROPTEST_CASES may miss some).
     if c.cases >= 200 {
@@ -423,10 +502,60 @@ fn every_call_keeps_the_pool_invariants() {
 /// never overdrawn.
 #[test]
 fn an_outage_never_overdraws_the_retry_budget() {
-    let c = property("an_outage_never_overdraws_the_retry_budget", case(true));
+    let c = property(
+        "an_outage_never_overdraws_the_retry_budget",
+        case(true, false),
+    );
     if c.cases >= 200 {
         assert!(c.reason("budget_exhausted") > 0, "{c:#?}");
         assert!(c.retries > 0, "{c:#?}");
+    }
+}
+
+/// The same with every provider's admission gate on (random `[admission]`
+/// knobs): connection-level failures are waited out at the gates and
+/// attempted again in the same round, within `max_wait` and the
+/// deadline; the gates' counts match the attempts the providers saw, and
+/// every waiter and slot is gone after every batch (`check_gates`).
+#[test]
+fn every_call_keeps_the_pool_invariants_with_admission() {
+    let c = property(
+        "every_call_keeps_the_pool_invariants_with_admission",
+        case(false, true),
+    );
+    if c.cases >= 200 {
+        for reason in [
+            "permanent",
+            "rounds_exhausted",
+            "deadline_exceeded",
+            "admission_timeout",
+            "admission_queue_full",
+        ] {
+            assert!(c.reason(reason) > 0, "no call failed with {reason}: {c:#?}");
+        }
+        assert!(c.again > 0 && c.queued > 0 && c.no_attempt > 0, "{c:#?}");
+        assert!(
+            c.gate_limited > 0 && c.gate_down > 0 && c.gate_probing > 0,
+            "{c:#?}"
+        );
+        assert!(c.cancelled_in_wait > 0 && c.concurrent_calls > 0, "{c:#?}");
+    }
+}
+
+/// An outage with the gates on: many calls close together, only
+/// failures; the gates go down and probe, and the budget still holds.
+#[test]
+fn an_outage_with_admission_keeps_the_gates_and_the_budget() {
+    let c = property(
+        "an_outage_with_admission_keeps_the_gates_and_the_budget",
+        case(true, true),
+    );
+    if c.cases >= 200 {
+        // A shrink left more in flight than the limit (and nothing more
+        // was admitted: `check_gates`).
+        assert!(c.gate_down > 0 && c.gate_over_limit > 0, "{c:#?}");
+        assert!(c.again > 0, "{c:#?}");
+        assert!(c.reason("admission_timeout") > 0, "{c:#?}");
     }
 }
 
@@ -457,6 +586,7 @@ fn fixed_case() -> Case {
             demote_after: 3,
             cooldown_ms: 5000,
             deadline_aware: None,
+            admission: None,
         },
         batches: (0..6)
             .map(|i| {
@@ -528,6 +658,111 @@ fn the_checks_catch_a_pool_that_lies() {
     }
 }
 
+/// A fixed case with the gate on: refusals limit the only provider's
+/// gate, calls started together wait at it and are attempted again at it.
+fn gated_case() -> Case {
+    let step = |kind, delay_ms| Step { kind, delay_ms };
+    let mut case = fixed_case();
+    case.providers = vec![vec![step(Kind::Refused, 0), step(Kind::Ok, 30)]];
+    case.policy.admission = Some(AdmissionSpec {
+        max_wait_ms: 1000,
+        max_waiting: 1024,
+        decrease: 0.5,
+        min_limit: 1,
+        probe_delay_ms: 50,
+        probe_max_factor: 2,
+        slow_start: true,
+    });
+    case.batches.insert(
+        1,
+        BatchSpec::Together(
+            (0..3)
+                .map(|_| CallSpec {
+                    gap_ms: 0,
+                    timeout_ms: 5000,
+                    cancel_ms: None,
+                })
+                .collect(),
+        ),
+    );
+    case
+}
+
+/// The report of the first call that queued at a gate.
+fn queued(run: &mut Run) -> &mut retryctl::Report {
+    let c = run
+        .calls
+        .iter_mut()
+        .find(|c| {
+            c.outcome
+                .as_ref()
+                .is_some_and(|o| !o.report().queued.is_zero())
+        })
+        .expect("a call that queued");
+    match c.outcome.as_mut().unwrap() {
+        Outcome::Served { report, .. } | Outcome::Failed { report, .. } => report,
+    }
+}
+
+/// The gate checks catch a gate that lies, too.
+#[test]
+fn the_checks_catch_a_gate_that_lies() {
+    let case = gated_case();
+    let pristine = || execute(&case);
+    let mut coverage = Coverage::default();
+    check::check(&pristine(), &mut coverage).expect("the gated case passes");
+    assert!(
+        coverage.again > 0 && coverage.queued > 0 && coverage.gate_limited > 0,
+        "{coverage:#?}"
+    );
+
+    type Lie = fn(&mut Run);
+    let lies: [(&str, Lie); 7] =
+        [
+            ("an admission past the limit", |r| {
+                let o = r.gates.iter_mut().find(|o| o.gate.limit.is_some()).unwrap();
+                o.gate.in_flight += 100;
+            }),
+            ("a connecting attempt not counted", |r| {
+                let o = r.gates.iter_mut().find(|o| o.start_of.is_some()).unwrap();
+                o.gate.in_flight = 0;
+            }),
+            ("a waiter left behind", |r| {
+                r.batches[1].gates[0].waiting = 1
+            }),
+            ("a slot never given back", |r| {
+                r.batches[3].gates[0].in_flight = 1
+            }),
+            ("a wait past max_wait", |r| {
+                let report = queued(r);
+                report.queued += Duration::from_secs(1);
+                report.waited += Duration::from_secs(1);
+            }),
+            ("a wait not counted as queued", |r| {
+                queued(r).queued = Duration::ZERO
+            }),
+            ("an attempt again at the gate in a new round", |r| {
+                let c =
+                    r.calls
+                        .iter_mut()
+                        .find_map(|c| match c.outcome.as_mut() {
+                            Some(
+                                Outcome::Served { report, .. } | Outcome::Failed { report, .. },
+                            ) if report.retries > 0 && report.rounds == 1 => Some(report),
+                            _ => None,
+                        })
+                        .expect("a call with an attempt again at the gate");
+                c.rounds += 1;
+            }),
+        ];
+    for (what, lie) in lies {
+        let mut run = pristine();
+        lie(&mut run);
+        let caught = check::check(&run, &mut Coverage::default());
+        assert!(caught.is_err(), "not caught: {what}");
+    }
+}
+
 // ---- known defects ----------------------------------------------------------
 
 /// A retry whose turn in the round comes after the deadline must not be
@@ -586,6 +821,60 @@ fn a_retry_past_the_deadline_spends_no_budget() {
             Some(9.0),
             "one retry was made, one must have been paid for (reason: {:?})",
             err.reason
+        );
+    });
+}
+
+/// A request served by its first attempt after waiting at a gate reports
+/// the wait in `elapsed`. `a` refuses call A's first attempt (limit 1),
+/// A's attempt again holds the slot 50 ms, call B (from 10 ms) waits for
+/// it 40 ms at the gate and is served by its only attempt in 10 ms: B took
+/// 50 ms, queued 40 ms of them. The pool reported the attempt's 10 ms: for
+/// a first attempt it took the attempt's duration for the request's,
+/// which holds only when nothing came before it (`call.rs`, `step`).
+#[test]
+fn a_first_attempt_after_a_gate_wait_reports_the_wait_in_elapsed() {
+    let step = |kind, delay_ms| Step { kind, delay_ms };
+    let mut policy = fixed_case().policy.policy();
+    policy.admission = AdmissionPolicy::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let log = Log::default();
+        let a = Provider::new(
+            0,
+            vec![
+                step(Kind::Refused, 0),
+                step(Kind::Ok, 50),
+                step(Kind::Ok, 10),
+            ],
+            log.clone(),
+        );
+        let pool: Arc<Pool<P>> = Arc::new(
+            Pool::builder()
+                .policy(LivePolicy::new(policy).unwrap())
+                .provider(MODEL, "a", a)
+                .build()
+                .unwrap(),
+        );
+        let first = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.call(MODEL, |p: &P| p.attempt(0)).await }
+        });
+        tokio::time::sleep(ms(10)).await;
+        let start = Instant::now();
+        let b = pool.call(MODEL, |p: &P| p.attempt(1)).await.unwrap();
+        let took = start.elapsed();
+        assert_eq!(first.await.unwrap().unwrap().report.attempts, 2);
+        assert_eq!((b.report.attempts, b.report.queued), (1, ms(40)));
+        assert_eq!(took, ms(50));
+        assert_eq!(
+            b.report.elapsed, took,
+            "report.elapsed left out the {:?} queued at the gate",
+            b.report.queued
         );
     });
 }

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use retryctl::{Cause, Classify, Rules, Verdict};
+use retryctl::pool::GateSnapshot;
+use retryctl::{Cause, Classification, Classify, Rules, Verdict};
 use tokio::time::Instant;
 
 /// What one attempt answers (after its step's delay).
@@ -20,6 +21,13 @@ pub enum Kind {
     Ok,
     /// `io::ErrorKind::ConnectionRefused`.
     Refused,
+    /// `io::ErrorKind::HostUnreachable`: another connect failure.
+    Connect,
+    /// The connect did not complete in time (as a client's connect
+    /// timeout is classified).
+    ConnectTimeout,
+    /// The client handed the request back unsent.
+    NotSent,
     /// `io::ErrorKind::ConnectionReset`.
     Reset,
     Status502,
@@ -42,6 +50,9 @@ impl Kind {
         Some(match self {
             Kind::Ok | Kind::Hang => return None,
             Kind::Refused => Cause::ConnectRefused,
+            Kind::Connect => Cause::Connect,
+            Kind::ConnectTimeout => Cause::ConnectTimeout,
+            Kind::NotSent => Cause::NotSent,
             Kind::Reset => Cause::Reset,
             Kind::Status502 | Kind::Status503(_) => Cause::Unavailable,
             Kind::Status429(_) => Cause::RateLimited,
@@ -49,6 +60,15 @@ impl Kind {
             Kind::Status404 => Cause::NextProvider,
             Kind::Opaque => Cause::Opaque,
         })
+    }
+
+    /// A connection-level failure: the upstream certainly never received
+    /// the request (README, "Admission"; the gate's rules).
+    pub fn unreached(self) -> bool {
+        matches!(
+            self.cause(),
+            Some(Cause::ConnectRefused | Cause::Connect | Cause::ConnectTimeout | Cause::NotSent)
+        )
     }
 }
 
@@ -65,6 +85,8 @@ pub enum TestError {
     Io(io::Error),
     Status(u16, Option<Duration>),
     Text(&'static str),
+    /// A failure the client itself classifies (connect timeout, not sent).
+    Client(Cause),
 }
 
 impl fmt::Display for TestError {
@@ -73,6 +95,7 @@ impl fmt::Display for TestError {
             TestError::Io(e) => write!(f, "io: {e}"),
             TestError::Status(s, _) => write!(f, "status {s}"),
             TestError::Text(t) => f.write_str(t),
+            TestError::Client(c) => f.write_str(c.as_str()),
         }
     }
 }
@@ -83,6 +106,7 @@ impl Classify for TestError {
             TestError::Io(e) => e.classify(rules),
             TestError::Status(code, retry_after) => rules.status(*code, *retry_after, ""),
             TestError::Text(t) => rules.text(t),
+            TestError::Client(c) => Verdict::new(Classification::Transient, *c),
         }
     }
 }
@@ -98,9 +122,35 @@ pub struct Seen {
     pub end: Option<Instant>,
     /// Whether it returned its answer (false: dropped before it could).
     pub returned: bool,
-    /// The order in which attempts ended (the pool updates health in the
-    /// same poll as an attempt ends, so this is the order of its updates).
+    /// The order in which attempts started, ended and gates were
+    /// observed, on one counter (the pool updates health in the same poll
+    /// as an attempt ends, so the ends' order is the order of its
+    /// updates).
+    pub start_seq: usize,
     pub end_seq: usize,
+}
+
+/// The provider's admission gate as `Pool::stats()` showed it at an
+/// attempt's start (the attempt just admitted) or at its answer (before
+/// the pool heard it).
+#[derive(Clone, Copy, Debug)]
+pub struct GateSeen {
+    pub provider: usize,
+    pub seq: usize,
+    pub at: Instant,
+    pub gate: GateSnapshot,
+    /// At the start of the attempt in this log slot (else: its answer).
+    pub start_of: Option<usize>,
+}
+
+/// Reads a provider's gate (from `Pool::stats()`).
+pub type Observer = Arc<dyn Fn(usize) -> GateSnapshot + Send + Sync>;
+
+#[derive(Debug, Default)]
+struct Inner {
+    seen: Vec<Seen>,
+    gates: Vec<GateSeen>,
+    seq: usize,
 }
 
 impl Seen {
@@ -113,27 +163,47 @@ impl Seen {
 /// Every attempt every provider of one pool saw, in the order they
 /// started.
 #[derive(Clone, Debug, Default)]
-pub struct Log(Arc<Mutex<(Vec<Seen>, usize)>>);
+pub struct Log(Arc<Mutex<Inner>>);
 
 impl Log {
     pub fn snapshot(&self) -> Vec<Seen> {
-        self.0.lock().unwrap().0.clone()
+        self.0.lock().unwrap().seen.clone()
     }
 
-    fn start(&self, seen: Seen) -> usize {
+    /// Every gate observation, in order.
+    pub fn gates(&self) -> Vec<GateSeen> {
+        self.0.lock().unwrap().gates.clone()
+    }
+
+    fn start(&self, mut seen: Seen) -> usize {
         let mut log = self.0.lock().unwrap();
-        log.0.push(seen);
-        log.0.len() - 1
+        log.seq += 1;
+        seen.start_seq = log.seq;
+        log.seen.push(seen);
+        log.seen.len() - 1
     }
 
     fn end(&self, slot: usize, returned: bool) {
         let mut log = self.0.lock().unwrap();
-        log.1 += 1;
-        let end_seq = log.1;
-        let seen = &mut log.0[slot];
+        log.seq += 1;
+        let end_seq = log.seq;
+        let seen = &mut log.seen[slot];
         seen.end = Some(Instant::now());
         seen.returned = returned;
         seen.end_seq = end_seq;
+    }
+
+    fn gate(&self, provider: usize, gate: GateSnapshot, start_of: Option<usize>) {
+        let mut log = self.0.lock().unwrap();
+        log.seq += 1;
+        let seq = log.seq;
+        log.gates.push(GateSeen {
+            provider,
+            seq,
+            at: Instant::now(),
+            gate,
+            start_of,
+        });
     }
 }
 
@@ -177,6 +247,17 @@ impl Provider {
         &self,
         call: u32,
     ) -> impl Future<Output = Result<usize, TestError>> + Send + 'static + use<> {
+        self.attempt_observed(call, None)
+    }
+
+    /// [`Provider::attempt`], also logging the provider's gate (read with
+    /// `observe`) at the start, once the attempt is logged, and at the
+    /// answer, once its end is logged.
+    pub fn attempt_observed(
+        &self,
+        call: u32,
+        observe: Option<Observer>,
+    ) -> impl Future<Output = Result<usize, TestError>> + Send + 'static + use<> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         let step = self.steps[i % self.steps.len()];
         let slot = self.log.start(Seen {
@@ -186,8 +267,13 @@ impl Provider {
             start: Instant::now(),
             end: None,
             returned: false,
+            start_seq: 0,
             end_seq: 0,
         });
+        if let Some(o) = &observe {
+            self.log.gate(self.index, o(self.index), Some(slot));
+        }
+        let log = self.log.clone();
         let mut guard = EndGuard {
             log: self.log.clone(),
             slot,
@@ -201,6 +287,9 @@ impl Provider {
             let answer = match step.kind {
                 Kind::Ok => Ok(index),
                 Kind::Refused => Err(TestError::Io(io::ErrorKind::ConnectionRefused.into())),
+                Kind::Connect => Err(TestError::Io(io::ErrorKind::HostUnreachable.into())),
+                Kind::ConnectTimeout => Err(TestError::Client(Cause::ConnectTimeout)),
+                Kind::NotSent => Err(TestError::Client(Cause::NotSent)),
                 Kind::Reset => Err(TestError::Io(io::ErrorKind::ConnectionReset.into())),
                 Kind::Status502 => Err(TestError::Status(502, None)),
                 Kind::Status503(ra) => Err(TestError::Status(503, ra.map(Duration::from_millis))),
@@ -212,6 +301,9 @@ impl Provider {
             };
             guard.returned = true;
             drop(guard);
+            if let Some(o) = &observe {
+                log.gate(index, o(index), None);
+            }
             answer
         }
     }
