@@ -64,6 +64,9 @@ pub struct FaultRow {
     /// Requests it made fail on the baseline that the retrying side
     /// served (after failed attempts, or after waiting at the gate).
     pub absorbed: u64,
+    /// The retrying side's wasted attempts (failed retries and failed
+    /// probes) in requests sent while it was active.
+    pub wasted: u64,
 }
 
 /// Failures in one time bin.
@@ -239,6 +242,11 @@ impl DemoReport {
                         .filter(of)
                         .filter(|s| !s.ok && served.contains(&s.id))
                         .count() as u64,
+                    wasted: retrying
+                        .iter()
+                        .filter(of)
+                        .map(|s| u64::from(s.wasted))
+                        .sum(),
                 }
             })
             .collect();
@@ -376,13 +384,13 @@ impl DemoReport {
         );
         let _ = writeln!(
             t,
-            "\n{:<26}{:>8}{:>12}{:>12}{:>12}",
-            "fault", "hit", "failed", "failed", "absorbed"
+            "\n{:<26}{:>8}{:>12}{:>12}{:>12}{:>8}",
+            "fault", "hit", "failed", "failed", "absorbed", "wasted"
         );
         let _ = writeln!(
             t,
-            "{:<26}{:>8}{:>12}{:>12}{:>12}",
-            "", "", "baseline", "retryctl", ""
+            "{:<26}{:>8}{:>12}{:>12}{:>12}{:>8}",
+            "", "", "baseline", "retryctl", "", ""
         );
         for f in &self.faults {
             let absorbed = if f.hit == 0 {
@@ -396,8 +404,8 @@ impl DemoReport {
             };
             let _ = writeln!(
                 t,
-                "{:<26}{:>8}{:>12}{:>12}{:>12}",
-                f.description, f.hit, f.baseline_failed, f.retrying_failed, absorbed
+                "{:<26}{:>8}{:>12}{:>12}{:>12}{:>8}",
+                f.description, f.hit, f.baseline_failed, f.retrying_failed, absorbed, f.wasted
             );
         }
         let reasons: Vec<String> = r.reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();

@@ -32,7 +32,13 @@
 //!   limit the last shrink set; then +1 per limit's worth of successes,
 //!   not past the in-flight count of the last connect timeout for 10 s),
 //!   and the gate opens again once nobody waits and the limit is at least
-//!   twice the attempts in flight: it no longer limits anything.
+//!   twice the attempts in flight: it no longer limits anything. Growth
+//!   waits for the stragglers: while an attempt admitted before the limit
+//!   last changed is still connecting, successes do not grow it. A success
+//!   comes back in a round trip, a connect the accept queue dropped only
+//!   after `timeouts.connect`; growing on successes alone sends ever larger
+//!   bursts into a full queue for that long (in the demo, 180 connect
+//!   timeouts after each restart instead of a handful).
 //! * **down**: a connection-level failure at the floor. Only one attempt
 //!   at a time goes through, the *probe*, after `probe_delay` (doubling
 //!   after each failed probe, up to `probe_max_delay`); every other
@@ -172,6 +178,39 @@ struct Inner {
     /// refusal: recovery slow-starts only up to `threshold`, then grows
     /// additively, instead of doubling until the gate opens.
     overloaded: bool,
+    /// Growth pacing. The limit's epoch changes with every shrink,
+    /// recovery, doubling and additive step; `current` counts the attempts
+    /// admitted in this epoch still connecting, `older` those admitted
+    /// before it. The limit grows only while `older` is 0: an attempt that
+    /// is still connecting may be a connect timeout on its way, and until
+    /// it is known the gate must not admit more (see [`Gate::on_reached`]).
+    epoch: u32,
+    current: u32,
+    older: u32,
+    /// The limit when the epoch began: slow start doubles it, then waits
+    /// for the epoch's stragglers.
+    epoch_base: u32,
+}
+
+impl Inner {
+    /// The limit changed to `limit`: what was admitted so far is older.
+    fn new_epoch(&mut self, limit: u32) {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.older = self.older.saturating_add(self.current);
+        self.current = 0;
+        self.epoch_base = limit;
+    }
+
+    /// An admitted attempt stopped connecting (it left, or its connect
+    /// phase ended). `epoch`: the epoch it was admitted in (`None`:
+    /// admitted while the gate was open, never counted).
+    fn settle(&mut self, epoch: Option<u32>) {
+        match epoch {
+            Some(e) if e == self.epoch => self.current = self.current.saturating_sub(1),
+            Some(_) => self.older = self.older.saturating_sub(1),
+            None => {}
+        }
+    }
 }
 
 /// How long the limit stays below the in-flight count at which the
@@ -323,6 +362,8 @@ pub(crate) struct Permit<'g> {
     /// The attempt still holds its slot.
     holding: bool,
     done: bool,
+    /// The gate's epoch when it was admitted (limited permits only).
+    epoch: u32,
 }
 
 impl Permit<'_> {
@@ -341,14 +382,20 @@ impl Permit<'_> {
     pub(crate) fn connected(&mut self) {
         if self.holding {
             self.holding = false;
-            self.gate.release_slot();
+            self.gate.release_slot(self.epoch());
         }
+    }
+
+    /// The epoch it was admitted in, if admitted while the gate limited.
+    fn epoch(&self) -> Option<u32> {
+        self.limited.then_some(self.epoch)
     }
 
     /// Gives the slot back with the attempt's outcome.
     pub(crate) fn finish(mut self, outcome: Outcome, policy: &AdmissionPolicy) {
         self.done = true;
-        self.gate.leave(self.probe, self.holding, outcome, policy);
+        self.gate
+            .leave(self.probe, self.holding, self.epoch(), outcome, policy);
     }
 }
 
@@ -358,6 +405,7 @@ impl Drop for Permit<'_> {
             self.gate.leave(
                 self.probe,
                 self.holding,
+                self.epoch(),
                 Outcome::Abandoned,
                 &AdmissionPolicy::default(),
             );
@@ -400,6 +448,10 @@ impl Gate {
                 ceiling: OPEN,
                 hold_until: Instant::now(),
                 overloaded: false,
+                epoch: 0,
+                current: 0,
+                older: 0,
+                epoch_base: 0,
             }),
             metrics,
             model,
@@ -429,6 +481,7 @@ impl Gate {
                 limited: false,
                 holding: true,
                 done: false,
+                epoch: 0,
             });
         }
         self.state.fetch_sub(1, Ordering::AcqRel);
@@ -496,7 +549,7 @@ impl Gate {
             let wake = {
                 let mut inner = self.lock();
                 let now = Instant::now();
-                if let Some(permit) = self.take_grant(waiter) {
+                if let Some(permit) = self.take_grant(&mut inner, waiter) {
                     return Ok(permit);
                 }
                 if now >= until {
@@ -529,10 +582,10 @@ impl Gate {
     }
 
     /// A grant made to `waiter`, if any, as its permit.
-    fn take_grant(&self, waiter: &Waiter) -> Option<Permit<'_>> {
+    fn take_grant(&self, inner: &mut Inner, waiter: &Waiter) -> Option<Permit<'_>> {
         match waiter.state.swap(WAITING, Ordering::AcqRel) {
-            GRANTED => Some(self.permit(false)),
-            GRANTED_PROBE => Some(self.permit(true)),
+            GRANTED => Some(self.permit(inner, false)),
+            GRANTED_PROBE => Some(self.permit(inner, true)),
             _ => None,
         }
     }
@@ -558,21 +611,24 @@ impl Gate {
     }
 
     /// A slot taken on the slow path (the gate limited, or down).
-    fn permit(&self, probe: bool) -> Permit<'_> {
+    fn permit(&self, inner: &mut Inner, probe: bool) -> Permit<'_> {
+        inner.current = inner.current.saturating_add(1);
         Permit {
             gate: self,
             probe,
             limited: true,
             holding: true,
             done: false,
+            epoch: inner.epoch,
         }
     }
 
     /// An attempt past its connect phase frees its slot early.
-    fn release_slot(&self) {
+    fn release_slot(&self, epoch: Option<u32>) {
         let prev = self.state.fetch_sub(1, Ordering::AcqRel);
         if limit_of(prev) != OPEN {
             let mut inner = self.lock();
+            inner.settle(epoch);
             self.dispatch(&mut inner, Instant::now());
             self.publish(&inner);
         }
@@ -589,11 +645,11 @@ impl Gate {
             }
             inner.probing = true;
             self.state.fetch_add(1, Ordering::AcqRel);
-            return Some(self.permit(true));
+            return Some(self.permit(inner, true));
         }
         if limit == OPEN || in_flight_of(word) < limit {
             self.state.fetch_add(1, Ordering::AcqRel);
-            return Some(self.permit(false));
+            return Some(self.permit(inner, false));
         }
         None
     }
@@ -641,7 +697,14 @@ impl Gate {
     }
 
     /// An attempt left: its slot is free, and its outcome moves the limit.
-    fn leave(&self, probe: bool, holding: bool, outcome: Outcome, policy: &AdmissionPolicy) {
+    fn leave(
+        &self,
+        probe: bool,
+        holding: bool,
+        epoch: Option<u32>,
+        outcome: Outcome,
+        policy: &AdmissionPolicy,
+    ) {
         let prev = if holding {
             self.state.fetch_sub(1, Ordering::AcqRel)
         } else {
@@ -653,6 +716,9 @@ impl Gate {
         let in_flight = in_flight_of(prev);
         let now = Instant::now();
         let mut inner = self.lock();
+        if holding {
+            inner.settle(epoch);
+        }
         let limit = limit_of(self.state.load(Ordering::Acquire));
         if probe {
             // Whatever happened, the probe is over.
@@ -707,6 +773,7 @@ impl Gate {
         if limit != OPEN && limit <= floor {
             // At the floor and still failing: down. One probe at a time.
             self.set_limit(DOWN);
+            inner.new_epoch(DOWN);
             inner.probing = false;
             inner.probe_at = now + policy.probe_delay;
             inner.probe_backoff = (policy.probe_delay * 2).min(policy.probe_max_delay);
@@ -739,6 +806,14 @@ impl Gate {
         };
         inner.threshold = new;
         inner.credit = 0;
+        if limit == OPEN {
+            // What is in flight was admitted while the gate was open: not
+            // counted (such an attempt never ends its connect phase early,
+            // and an LLM generation would hold growth for minutes).
+            inner.current = 0;
+            inner.older = 0;
+        }
+        inner.new_epoch(new);
         if outcome == Outcome::ConnectTimeout {
             inner.ceiling = in_flight.max(1);
             inner.hold_until = now + HOLD;
@@ -777,7 +852,9 @@ impl Gate {
                     inner.ceiling = OPEN;
                 }
                 inner.credit = 0;
-                self.set_limit(policy.min_limit.max(1));
+                let limit = policy.min_limit.max(1);
+                self.set_limit(limit);
+                inner.new_epoch(limit);
             } else {
                 self.open(inner);
             }
@@ -788,22 +865,39 @@ impl Gate {
         }
         // Grow only while the limit is what holds attempts back.
         if in_flight >= limit || !inner.waiters.is_empty() {
+            if inner.older > 0 {
+                // Attempts admitted before the limit last changed are
+                // still connecting: if the accept queue overflowed, their
+                // connect timeouts are on the way. Successes come back in
+                // a round trip, a connect timeout only after
+                // `timeouts.connect`: growing on successes alone would
+                // send bursts of connects into the full queue for that
+                // long.
+                return;
+            }
             let held = now < inner.hold_until && limit.saturating_add(1) >= inner.ceiling;
-            let grown = if limit < inner.threshold {
-                limit.saturating_add(1)
+            let (grown, step) = if limit < inner.threshold {
+                // Slow start: +1 per success up to twice the epoch's
+                // start, then a new epoch (its stragglers first).
+                let grown = limit.saturating_add(1);
+                (grown, grown >= inner.epoch_base.saturating_mul(2))
             } else if held {
-                limit
+                (limit, false)
             } else {
                 inner.credit += 1;
                 if inner.credit >= limit {
                     inner.credit = 0;
-                    limit.saturating_add(1)
+                    (limit.saturating_add(1), true)
                 } else {
-                    limit
+                    (limit, false)
                 }
             };
             if grown != limit {
-                self.set_limit(grown.min(OPEN - 1));
+                let grown = grown.min(OPEN - 1);
+                self.set_limit(grown);
+                if step {
+                    inner.new_epoch(grown);
+                }
             }
             return;
         }
@@ -816,6 +910,8 @@ impl Gate {
     }
 
     fn open(&self, inner: &mut Inner) {
+        inner.new_epoch(OPEN);
+        inner.older = 0;
         inner.threshold = OPEN;
         inner.credit = 0;
         inner.ceiling = OPEN;

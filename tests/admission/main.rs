@@ -570,3 +570,135 @@ async fn an_overflowing_accept_queue_is_absorbed_and_settles() {
         "{timeouts_late} connect timeouts after the first second, {timeouts} in all, {served} served"
     );
 }
+
+// ---- an accept queue that overflows on bursts (paused time) -----------------
+
+/// How a connect to [`Backlog`] fails.
+#[derive(Debug)]
+enum ConnectFailed {
+    /// The port is closed (a restart).
+    Refused,
+    /// The accept queue dropped the connect: the client's connect timeout.
+    TimedOut,
+}
+
+impl std::fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectFailed::Refused => "connection refused",
+            ConnectFailed::TimedOut => "connect timed out",
+        })
+    }
+}
+
+impl retryctl::Classify for ConnectFailed {
+    fn classify(&self, _: &retryctl::Rules) -> retryctl::Verdict {
+        let cause = match self {
+            ConnectFailed::Refused => Cause::ConnectRefused,
+            ConnectFailed::TimedOut => Cause::ConnectTimeout,
+        };
+        retryctl::Verdict::new(retryctl::Classification::Transient, cause)
+    }
+}
+
+/// Refuses connections until `up_at`; then an accept queue of `queue`: at
+/// most that many connects started in the same millisecond complete (and
+/// answer 1 ms later), the rest are dropped and time out after
+/// `connect_timeout`. A backlog of 1 behind a quick accept loop: fine at
+/// a steady pace, overflowing on bursts.
+struct Backlog {
+    up_at: Instant,
+    queue: usize,
+    connect_timeout: Duration,
+    /// The current millisecond's first connect, and its connects so far.
+    burst: Mutex<(Instant, usize)>,
+    /// Every connect once up: (started, accepted).
+    log: Mutex<Vec<(Instant, bool)>>,
+}
+
+impl Backlog {
+    fn attempt(self: &Arc<Self>) -> impl Future<Output = Result<(), ConnectFailed>> + use<> {
+        let me = self.clone();
+        async move {
+            let now = Instant::now();
+            if now < me.up_at {
+                tokio::time::sleep(ms(1)).await;
+                return Err(ConnectFailed::Refused);
+            }
+            let accepted = {
+                let mut b = me.burst.lock().unwrap();
+                if now - b.0 >= ms(1) {
+                    *b = (now, 0);
+                }
+                b.1 += 1;
+                b.1 <= me.queue
+            };
+            me.log.lock().unwrap().push((now, accepted));
+            if accepted {
+                tokio::time::sleep(ms(1)).await;
+                Ok(())
+            } else {
+                tokio::time::sleep(me.connect_timeout).await;
+                Err(ConnectFailed::TimedOut)
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_waits_for_slow_connects_before_growing() {
+    // 300 callers wait out a 1 s restart; the upstream comes back behind
+    // an accept queue of 2 that drops bursts (250 ms connect timeout).
+    // Slow start grows on successes, which come back in 1 ms; a dropped
+    // connect is known only 250 ms later. Growing on successes alone
+    // would send bursts of 4, 8, 16 ... connects into the full queue for
+    // those 250 ms; the gate waits for the outcome of every attempt
+    // admitted before it last changed the limit.
+    let t0 = Instant::now();
+    let b = Arc::new(Backlog {
+        up_at: t0 + Duration::from_secs(1),
+        queue: 2,
+        connect_timeout: ms(250),
+        burst: Mutex::new((t0, 0)),
+        log: Mutex::new(Vec::new()),
+    });
+    let mut policy = gated();
+    policy.timeouts.connect = ms(250);
+    let mut pb = Pool::builder().policy(LivePolicy::new(policy).unwrap());
+    pb = pb.provider(MODEL, "a", b.clone());
+    let pool: Arc<Pool<Arc<Backlog>>> = Arc::new(pb.build().unwrap());
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..300u64 {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            // Arriving over the first 300 ms, as traffic does.
+            tokio::time::sleep(ms(k)).await;
+            pool.call(MODEL, |p: &Arc<Backlog>| p.attempt())
+                .await
+                .is_ok()
+        });
+    }
+    let mut served = 0;
+    while let Some(r) = tasks.join_next().await {
+        served += usize::from(r.unwrap());
+    }
+    assert_eq!(served, 300, "every caller is served");
+    let log = b.log.lock().unwrap().clone();
+    let dropped = log.iter().filter(|(_, ok)| !ok).count();
+    let accepted = log.iter().filter(|(_, ok)| *ok).count();
+    assert_eq!(accepted, 300);
+    // Slow start's first bursts overflow once (1, 2, then 4 at once: 2
+    // dropped), and growth waits for that outcome: the connects the queue
+    // dropped stay a handful, not one per caller.
+    assert!(
+        dropped <= 6,
+        "{dropped} connects dropped after the restart (accepted {accepted})"
+    );
+    let g = pool
+        .stats()
+        .into_iter()
+        .find(|s| s.provider == "a")
+        .unwrap()
+        .admission;
+    assert_eq!((g.waiting, g.in_flight), (0, 0), "{g:?}");
+}
