@@ -270,6 +270,7 @@ impl<P> Pool<P> {
 impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
     /// Reads the clock, sets the deadline, deposits into the budget and
     /// plans the order.
+    #[inline(always)]
     fn start(
         m: &'a Model<P>,
         resolved: &'a ModelPolicy,
@@ -411,6 +412,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
     }
 
     /// What follows an attempt of provider `i`.
+    #[inline(always)]
     fn decide<T>(&mut self, i: u8, attempted: Attempted<T>, steps: &mut Steps) -> Next<T> {
         match attempted {
             Attempted::Served(value, ended, took) => {
@@ -546,6 +548,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
     /// Provider `i`'s admission gate when it does not limit: admission off,
     /// or the gate open (one atomic add). `None`: the gate limits, see
     /// [`Call::admit`].
+    #[inline(always)]
     fn try_admit(&self, i: u8) -> Option<Admit<'a>> {
         let gate = &self.m.routes[usize::from(i)].gate;
         if !self.policy.admission.enabled {
@@ -598,6 +601,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
 
     /// Starts an attempt of provider `i`: its time limit and its
     /// accounting. `None`: the deadline has passed.
+    #[inline(always)]
     fn begin(&mut self, i: u8) -> Option<Begun> {
         let policy = self.policy;
         let route = &self.m.routes[usize::from(i)];
@@ -633,6 +637,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
     /// Records how an attempt of provider `i` ended, in the call's
     /// accounting, the provider's health and gate, and the hooks. `paid`:
     /// a later round's retry (the budget paid).
+    #[inline(always)]
     fn record<T>(
         &mut self,
         i: u8,
@@ -643,17 +648,10 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         result: Result<Result<T, E>, Elapsed>,
     ) -> Attempted<T> {
         let m = self.m;
-        let active = self.resolved;
         let policy = self.policy;
         let route = &m.routes[usize::from(i)];
-        let Begun {
-            now,
-            until,
-            adaptive,
-            was_probe,
-        } = begun;
-        let bit = 1u64 << i;
-        let (verdict, expired) = match result {
+        let (now, was_probe) = (begun.now, begun.was_probe);
+        let failed = match result {
             Ok(Ok(value)) => {
                 let ended = Instant::now();
                 if let Some(permit) = permit {
@@ -682,7 +680,38 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
                 }
                 return Attempted::Served(value, ended, elapsed);
             }
-            Ok(Err(e)) => {
+            Ok(Err(e)) => Ok(e),
+            Err(elapsed) => Err(elapsed),
+        };
+        self.record_failure(i, round, paid, begun, permit, failed)
+    }
+
+    /// [`Call::record`] for a failed attempt: `Err` when its time limit
+    /// ended it. Out of line: the success path, inlined into the loop,
+    /// should not carry it.
+    #[inline(never)]
+    fn record_failure<T>(
+        &mut self,
+        i: u8,
+        round: u32,
+        paid: bool,
+        begun: Begun,
+        permit: Option<Permit<'a>>,
+        failed: Result<E, Elapsed>,
+    ) -> Attempted<T> {
+        let m = self.m;
+        let active = self.resolved;
+        let policy = self.policy;
+        let route = &m.routes[usize::from(i)];
+        let Begun {
+            now,
+            until,
+            adaptive,
+            was_probe,
+        } = begun;
+        let bit = 1u64 << i;
+        let (verdict, expired) = match failed {
+            Ok(e) => {
                 let v = e.classify(active.rules());
                 self.last = Some(AttemptError::Upstream(e));
                 (v, false)
@@ -777,6 +806,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
     }
 
     /// The call was served by provider `i`.
+    #[inline(always)]
     fn served<T>(&mut self, i: u8, value: T, elapsed: Duration) -> Served<T> {
         let m = self.m;
         let fell_back = i != self.first;
