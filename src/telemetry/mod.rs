@@ -17,6 +17,12 @@
 //! costs two relaxed atomic updates) and Prometheus's recorder keeps the
 //! counters and gauges.
 //!
+//! The names below are under the default prefix, `retryctl_`;
+//! [`PoolBuilder::metrics_prefix`](crate::pool::PoolBuilder::metrics_prefix)
+//! replaces it in every one (and
+//! [`ReloadOptions::metrics_prefix`](crate::ReloadOptions::metrics_prefix)
+//! in the reload metrics, see [`prefixed`]).
+//!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `retryctl_requests_total` | counter | model, outcome, reason |
