@@ -135,7 +135,9 @@ async fn every_exported_metric_takes_the_prefix() {
         "{text}"
     );
     assert!(
-        text.contains(&format!("{PREFIX}policy_reloads_total{{result=\"applied\"}}")),
+        text.contains(&format!(
+            "{PREFIX}policy_reloads_total{{result=\"applied\"}}"
+        )),
         "{text}"
     );
     drop(watcher);

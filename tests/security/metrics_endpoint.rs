@@ -41,7 +41,8 @@ async fn scrape(addr: SocketAddr) -> Option<(u16, String)> {
 /// answer (its body by Content-Length), within 2 s. Also returns whether
 /// the connection was still open after the answer was read.
 async fn get(stream: &mut TcpStream, connection: &str) -> Option<(u16, String, bool)> {
-    let head = format!("GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: {connection}\r\n\r\n");
+    let head =
+        format!("GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: {connection}\r\n\r\n");
     stream.write_all(head.as_bytes()).await.ok()?;
     let read = async {
         let mut got = Vec::new();
@@ -122,9 +123,8 @@ async fn metrics_listener_closes_slow_loris_connections_and_keeps_answering_scra
         .bytes()
         .chain(std::iter::repeat_n(b'a', 100))
         .collect::<Vec<_>>();
-    let trickled = tokio::spawn(async move {
-        time_to_cut(trickling, &trickle, Duration::from_secs(4)).await
-    });
+    let trickled =
+        tokio::spawn(async move { time_to_cut(trickling, &trickle, Duration::from_secs(4)).await });
     let opened = started.elapsed();
 
     // During the attack, a scrape is answered at once.
