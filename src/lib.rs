@@ -60,6 +60,7 @@ pub mod classify;
 pub mod demo;
 pub mod gateway;
 mod health;
+mod listener;
 mod live;
 pub mod policy;
 pub mod pool;

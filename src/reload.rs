@@ -51,7 +51,9 @@
 //! Reported through the `metrics` facade, off the request path:
 //! [`RELOADS_TOTAL`] (`result` = `applied` | `unchanged` | `rejected`),
 //! [`LAST_RELOAD_SUCCESS_TIMESTAMP`], [`RELOAD_FAILING`] and
-//! [`POLICY_INFO`] (`hash` = the active version in 16 hex digits).
+//! [`POLICY_INFO`] (`hash` = the active version in 16 hex digits). The
+//! constants are the names under the default prefix; with
+//! [`ReloadOptions::metrics_prefix`] they take another, like the pool's.
 //!
 //! ```no_run
 //! use retryctl::LivePolicy;
@@ -266,6 +268,7 @@ pub struct ReloadOptions {
     poll_interval: Option<Duration>,
     events: bool,
     settle: Duration,
+    metrics_prefix: Arc<str>,
 }
 
 impl Default for ReloadOptions {
@@ -277,6 +280,7 @@ impl Default for ReloadOptions {
             poll_interval: Some(Duration::from_secs(30)),
             events: true,
             settle: Duration::from_millis(20),
+            metrics_prefix: crate::telemetry::DEFAULT_PREFIX.into(),
         }
     }
 }
@@ -307,6 +311,14 @@ impl ReloadOptions {
     /// it is applied (zero: apply on the first read).
     pub fn settle(mut self, settle: Duration) -> Self {
         self.settle = settle;
+        self
+    }
+
+    /// The metric name prefix (default `retryctl_`) of the reload metrics
+    /// and the policy info gauge: the one the pool following the same
+    /// policy was given ([`PoolBuilder::metrics_prefix`](crate::pool::PoolBuilder::metrics_prefix)).
+    pub fn metrics_prefix(mut self, prefix: &str) -> Self {
+        self.metrics_prefix = prefix.into();
         self
     }
 }
@@ -397,7 +409,8 @@ impl PolicyWatcher {
     ) -> Result<PolicyWatcher, StartError> {
         let path = path.into();
         let path = std::path::absolute(&path).unwrap_or(path);
-        describe_metrics();
+        let names = ReloadMetrics::new(&options.metrics_prefix);
+        names.describe();
         let status = Arc::new(ReloadStatus::default());
         let mut reloader = Reloader {
             path: path.clone(),
@@ -406,6 +419,7 @@ impl PolicyWatcher {
             settle: options.settle,
             last_read: None,
             info_hash: None,
+            names,
         };
         // A bad file at start is the caller's error; nothing is counted. A
         // file still being written when the process starts is read as it
@@ -539,24 +553,45 @@ fn touches(event: &notify::Event, name: &OsStr) -> bool {
         .any(|n| n == name || n == KUBERNETES_DATA)
 }
 
-fn describe_metrics() {
-    metrics::describe_counter!(
-        RELOADS_TOTAL,
-        "Policy file reloads, by result: applied, unchanged, rejected."
-    );
-    metrics::describe_gauge!(
-        LAST_RELOAD_SUCCESS_TIMESTAMP,
-        metrics::Unit::Seconds,
-        "When the policy file was last read and found valid (unix time)."
-    );
-    metrics::describe_gauge!(
-        RELOAD_FAILING,
-        "1 while the policy file on disk is rejected (the last good policy stays in force)."
-    );
-    metrics::describe_gauge!(
-        POLICY_INFO,
-        "1 for the policy in force, labelled with its content hash."
-    );
+/// The reload metrics' names under one prefix.
+#[derive(Debug)]
+struct ReloadMetrics {
+    prefix: Arc<str>,
+    reloads_total: String,
+    last_success: String,
+    failing: String,
+}
+
+impl ReloadMetrics {
+    fn new(prefix: &Arc<str>) -> Self {
+        use crate::telemetry::prefixed;
+        ReloadMetrics {
+            prefix: prefix.clone(),
+            reloads_total: prefixed(prefix, RELOADS_TOTAL),
+            last_success: prefixed(prefix, LAST_RELOAD_SUCCESS_TIMESTAMP),
+            failing: prefixed(prefix, RELOAD_FAILING),
+        }
+    }
+
+    fn describe(&self) {
+        metrics::describe_counter!(
+            self.reloads_total.clone(),
+            "Policy file reloads, by result: applied, unchanged, rejected."
+        );
+        metrics::describe_gauge!(
+            self.last_success.clone(),
+            metrics::Unit::Seconds,
+            "When the policy file was last read and found valid (unix time)."
+        );
+        metrics::describe_gauge!(
+            self.failing.clone(),
+            "1 while the policy file on disk is rejected (the last good policy stays in force)."
+        );
+        metrics::describe_gauge!(
+            crate::telemetry::prefixed(&self.prefix, POLICY_INFO),
+            "1 for the policy in force, labelled with its content hash."
+        );
+    }
 }
 
 /// The outcome of one reload.
@@ -580,6 +615,8 @@ struct Reloader {
     last_read: Option<Vec<u8>>,
     /// The version last reported in [`POLICY_INFO`].
     info_hash: Option<u64>,
+    /// The metric names, under the configured prefix.
+    names: ReloadMetrics,
 }
 
 impl Reloader {
@@ -680,11 +717,12 @@ impl Reloader {
         };
         counter.fetch_add(1, Ordering::AcqRel);
         let was_failing = self.status.last_error.swap(None).is_some();
-        metrics::counter!(RELOADS_TOTAL, "result" => result).increment(1);
-        metrics::gauge!(RELOAD_FAILING).set(0.0);
-        metrics::gauge!(LAST_RELOAD_SUCCESS_TIMESTAMP).set(unix_now());
+        let names = &self.names;
+        metrics::counter!(names.reloads_total.clone(), "result" => result).increment(1);
+        metrics::gauge!(names.failing.clone()).set(0.0);
+        metrics::gauge!(names.last_success.clone()).set(unix_now());
         if self.info_hash != Some(version) {
-            crate::telemetry::policy_in_force(self.info_hash, version);
+            crate::telemetry::policy_in_force(&names.prefix, self.info_hash, version);
             self.info_hash = Some(version);
         }
         if outcome == Outcome::Applied {
@@ -697,8 +735,9 @@ impl Reloader {
 
     fn reject(&mut self, error: LoadError) {
         self.status.rejected.fetch_add(1, Ordering::AcqRel);
-        metrics::counter!(RELOADS_TOTAL, "result" => "rejected").increment(1);
-        metrics::gauge!(RELOAD_FAILING).set(1.0);
+        let names = &self.names;
+        metrics::counter!(names.reloads_total.clone(), "result" => "rejected").increment(1);
+        metrics::gauge!(names.failing.clone()).set(1.0);
         // The same error again (the timer re-reading a bad file) is logged
         // once, not every poll.
         let repeated = self
@@ -823,6 +862,7 @@ mod tests {
             settle: Duration::ZERO,
             last_read: None,
             info_hash: None,
+            names: ReloadMetrics::new(&crate::telemetry::DEFAULT_PREFIX.into()),
         }
     }
 

@@ -45,14 +45,9 @@ mod stream;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use reqwest::header::HeaderValue;
 use tokio::net::TcpListener;
 
@@ -65,6 +60,7 @@ pub use self::redact::{Redactor, redact};
 
 use self::attempt::Provider;
 use self::proxy::Shared;
+use crate::listener::{Connections, serve_connections};
 use crate::live::LivePolicy;
 use crate::pool::{BuildError, Pool, ProviderStats};
 use crate::reload::{PolicyWatcher, ReloadOptions, ReloadStatus, StartError};
@@ -297,51 +293,12 @@ impl Gateway {
         let router = self.router();
         // The policy file is followed until the server stops.
         let _watcher = self.watcher;
-        let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout(self.shared.request_timeout));
-        let graceful = GracefulShutdown::new();
-        let mut shutdown = pin!(shutdown);
-        loop {
-            let stream = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) if is_connection_error(&e) => continue,
-                    Err(e) => {
-                        // E.g. out of file descriptors: wait for some to
-                        // be closed rather than spin.
-                        tracing::error!(target: "retryctl::gateway", error = %e, "accept failed");
-                        tokio::select! {
-                            () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                            () = &mut shutdown => break,
-                        }
-                    }
-                },
-                () = &mut shutdown => break,
-            };
-            let service = TowerToHyperService::new(router.clone());
-            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    // Header timeouts, resets, malformed requests: the
-                    // client's doing, and no address is named.
-                    tracing::debug!(target: "retryctl::gateway", error = %e, "connection ended");
-                }
-            });
-        }
-        drop(listener);
-        tracing::info!(target: "retryctl::gateway", "shutting down: draining in-flight requests");
-        let drain = self.shutdown_timeout;
-        if tokio::time::timeout(drain, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                target: "retryctl::gateway",
-                timeout_ms = drain.as_millis() as u64,
-                "shutdown timeout passed: dropping the requests still in flight"
-            );
-        }
+        let connections = Connections {
+            server: "gateway",
+            header_read_timeout: header_read_timeout(self.shared.request_timeout),
+            drain: self.shutdown_timeout,
+        };
+        serve_connections(listener, router, connections, shutdown).await;
         Ok(())
     }
 }
@@ -352,17 +309,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn header_read_timeout(request_timeout: Option<Duration>) -> Duration {
     request_timeout.map_or(HEADER_READ_TIMEOUT, |t| t.min(HEADER_READ_TIMEOUT))
-}
-
-/// Errors of one connection being accepted (the client left first), not
-/// of the listener.
-fn is_connection_error(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ConnectionRefused
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::ConnectionReset
-    )
 }
 
 /// Builds a [`Gateway`] from `config`, with API keys from the process

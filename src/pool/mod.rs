@@ -141,6 +141,8 @@ pub struct Pool<P> {
     index: HashMap<&'static str, usize, foldhash::fast::RandomState>,
     policy: LivePolicy,
     unknown_model: metrics::Counter,
+    /// The metric name prefix (for the policy info gauge).
+    prefix: Arc<str>,
     /// The policy version last reported as in force.
     policy_seen: AtomicU64,
 }
@@ -227,7 +229,10 @@ impl<P> PoolBuilder<P> {
         self
     }
 
-    /// The metric name prefix (default `retryctl_`).
+    /// The metric name prefix (default `retryctl_`) of every metric the
+    /// pool exports, the policy info gauge included. Give a
+    /// [`PolicyWatcher`](crate::PolicyWatcher) following the same policy
+    /// the same prefix ([`ReloadOptions::metrics_prefix`](crate::ReloadOptions::metrics_prefix)).
     pub fn metrics_prefix(mut self, prefix: &str) -> Self {
         self.prefix = Some(prefix.to_owned());
         self
@@ -304,7 +309,7 @@ impl<P> PoolBuilder<P> {
         }
         let policy = self.policy.unwrap_or_default();
         let active = policy.load();
-        telemetry::policy_in_force(None, active.version());
+        telemetry::policy_in_force(&prefix, None, active.version());
         for m in &models {
             m.metrics
                 .admission_max_wait(active.for_model(m.name).policy().admission.max_wait);
@@ -313,6 +318,7 @@ impl<P> PoolBuilder<P> {
             models,
             index,
             unknown_model: telemetry::unknown_model(&prefix),
+            prefix,
             policy_seen: AtomicU64::new(active.version()),
             policy,
         })
@@ -385,7 +391,7 @@ impl<P> Pool<P> {
         if self.policy_seen.load(Ordering::Relaxed) != version {
             let old = self.policy_seen.swap(version, Ordering::Relaxed);
             if old != version {
-                telemetry::policy_in_force(Some(old), version);
+                telemetry::policy_in_force(&self.prefix, Some(old), version);
                 for m in &self.models {
                     m.metrics
                         .admission_max_wait(active.for_model(m.name).policy().admission.max_wait);

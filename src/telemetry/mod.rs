@@ -17,6 +17,12 @@
 //! costs two relaxed atomic updates) and Prometheus's recorder keeps the
 //! counters and gauges.
 //!
+//! The names below are under the default prefix, `retryctl_`;
+//! [`PoolBuilder::metrics_prefix`](crate::pool::PoolBuilder::metrics_prefix)
+//! replaces it in every one (and
+//! [`ReloadOptions::metrics_prefix`](crate::ReloadOptions::metrics_prefix)
+//! in the reload metrics, see [`prefixed`]).
+//!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `retryctl_requests_total` | counter | model, outcome, reason |
@@ -66,6 +72,7 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 
 use crate::classify::Cause;
+use crate::listener::{Connections, serve_connections};
 use crate::stats;
 
 mod recorder;
@@ -360,20 +367,34 @@ pub(crate) fn describe(prefix: &str) {
 }
 
 /// The info gauge naming the policy in force: `hash` is its version in 16
-/// hex digits; 1 for the active one, 0 for the one it replaced.
+/// hex digits; 1 for the active one, 0 for the one it replaced. The name
+/// with the default prefix (see [`prefixed`]).
 pub const POLICY_INFO: &str = "retryctl_policy_info";
+
+/// The name a metric named `default_name` (under [`DEFAULT_PREFIX`], as
+/// the name constants are written) has under `prefix`:
+/// `prefixed("acme_", POLICY_INFO)` is `acme_policy_info`. Every metric
+/// retryctl exports takes the prefix the same way.
+pub fn prefixed(prefix: &str, default_name: &str) -> String {
+    let base = default_name
+        .strip_prefix(DEFAULT_PREFIX)
+        .unwrap_or(default_name);
+    format!("{prefix}{base}")
+}
 
 /// A policy version as the `hash` label writes it.
 pub(crate) fn policy_hash(version: u64) -> String {
     format!("{version:016x}")
 }
 
-/// Reports that `new` replaced `old` as the policy in force.
-pub(crate) fn policy_in_force(old: Option<u64>, new: u64) {
+/// Reports that `new` replaced `old` as the policy in force, in the info
+/// gauge under `prefix`.
+pub(crate) fn policy_in_force(prefix: &str, old: Option<u64>, new: u64) {
+    let name = prefixed(prefix, POLICY_INFO);
     if let Some(old) = old.filter(|&o| o != new) {
-        metrics::gauge!(POLICY_INFO, "hash" => policy_hash(old)).set(0.0);
+        metrics::gauge!(name.clone(), "hash" => policy_hash(old)).set(0.0);
     }
-    metrics::gauge!(POLICY_INFO, "hash" => policy_hash(new)).set(1.0);
+    metrics::gauge!(name, "hash" => policy_hash(new)).set(1.0);
 }
 
 /// The counter of requests for models the pool does not know (no model
@@ -425,24 +446,92 @@ impl MetricsServer {
     }
 }
 
+/// Stops accepting; open connections close gracefully (idle ones at once,
+/// a scrape in flight when it is answered).
 impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.server.abort();
     }
 }
 
+/// How the `/metrics` listener treats its connections (see
+/// [`serve_handle`]). A scrape sends a request head of a few hundred bytes
+/// at once, so the limits are far tighter than the gateway's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerOptions {
+    /// The longest a client may take to send a request head, and the
+    /// longest a keep-alive connection may stay idle between scrapes
+    /// (hyper arms one timer for both); the connection is closed after
+    /// it. [`METRICS_HEADER_READ_TIMEOUT`] by default.
+    pub header_read_timeout: Duration,
+}
+
+/// The `/metrics` listener's default header-read and idle keep-alive
+/// timeout: a third of the gateway's longest, and below a 15 s scrape
+/// interval (a scraper then connects once per scrape).
+pub const METRICS_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        ListenerOptions {
+            header_read_timeout: METRICS_HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
+impl ListenerOptions {
+    /// Sets [`ListenerOptions::header_read_timeout`].
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+}
+
 /// Installs a [`Recorder`] as the global recorder and serves `GET /metrics` on
-/// `addr` (port 0 picks a free port). Must run inside a tokio runtime.
-/// Bind loopback ([`DEFAULT_ADDR`]) unless the network is trusted.
+/// `addr` (port 0 picks a free port), with the default [`ListenerOptions`].
+/// Must run inside a tokio runtime. Bind loopback ([`DEFAULT_ADDR`]) unless
+/// the network is trusted.
 pub fn serve(addr: SocketAddr) -> Result<MetricsServer, TelemetryError> {
+    let listener = bind(addr)?;
+    let handle = Recorder::new()
+        .install()
+        .map_err(|_| TelemetryError::RecorderInstalled)?;
+    Ok(serve_on(listener, handle, ListenerOptions::default()))
+}
+
+/// Serves `GET /metrics` from `handle` (e.g. a [`Recorder`] that is not the
+/// global one) on `addr`, with `options`. Installs nothing. Must run inside
+/// a tokio runtime.
+///
+/// The listener is the gateway's: HTTP/1.1 by hyper with a timer, so a
+/// client that trickles its request head, or holds a keep-alive
+/// connection idle, is closed after `options.header_read_timeout`.
+/// Connections are not counted or capped: a cap would let whoever holds
+/// that many connections shut the scraper out, while the timeout bounds
+/// what each one costs.
+pub fn serve_handle(
+    addr: SocketAddr,
+    handle: MetricsHandle,
+    options: ListenerOptions,
+) -> Result<MetricsServer, TelemetryError> {
+    Ok(serve_on(bind(addr)?, handle, options))
+}
+
+fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), TelemetryError> {
     let bind_err = |source| TelemetryError::Bind { addr, source };
     let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
     std_listener.set_nonblocking(true).map_err(bind_err)?;
     let local = std_listener.local_addr().map_err(bind_err)?;
     let listener = tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?;
-    let handle = Recorder::new()
-        .install()
-        .map_err(|_| TelemetryError::RecorderInstalled)?;
+    Ok((listener, local))
+}
+
+fn serve_on(
+    (listener, local): (tokio::net::TcpListener, SocketAddr),
+    handle: MetricsHandle,
+    options: ListenerOptions,
+) -> MetricsServer {
     let render = handle.clone();
     let app = axum::Router::new().route(
         "/metrics",
@@ -459,14 +548,21 @@ pub fn serve(addr: SocketAddr) -> Result<MetricsServer, TelemetryError> {
             }
         }),
     );
-    let server = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(target: "retryctl", error = %e, "metrics server stopped");
-        }
-    });
-    Ok(MetricsServer {
+    let connections = Connections {
+        server: "metrics",
+        header_read_timeout: options.header_read_timeout,
+        // Never used: the server stops when its task is aborted.
+        drain: Duration::ZERO,
+    };
+    let server = tokio::spawn(serve_connections(
+        listener,
+        app,
+        connections,
+        std::future::pending(),
+    ));
+    MetricsServer {
         addr: local,
         handle,
         server,
-    })
+    }
 }

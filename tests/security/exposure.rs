@@ -230,7 +230,11 @@ async fn a_client_trickling_its_body_is_cut_off_by_the_time_limit() {
 /// Reads from `stream` while writing one byte of `trickle` every 250 ms;
 /// returns how long until the gateway ended the connection (or answered),
 /// if it did within `limit`.
-async fn time_to_cut(mut stream: TcpStream, trickle: &[u8], limit: Duration) -> Option<Duration> {
+pub(crate) async fn time_to_cut(
+    mut stream: TcpStream,
+    trickle: &[u8],
+    limit: Duration,
+) -> Option<Duration> {
     let started = Instant::now();
     let mut next = trickle.iter();
     let mut buf = [0u8; 256];

@@ -7,6 +7,8 @@
 //!   metric series; every label value comes from the configuration.
 //! * `exposure`: loopback by default; limits on bodies, headers and slow
 //!   clients.
+//! * `metrics_endpoint`: the `/metrics` listener closes slow-loris, silent
+//!   and idle keep-alive connections and keeps answering scrapes.
 //!
 //! Real sockets on loopback, real time, short durations. The client binds
 //! `127.0.0.3` so its address differs from the gateway's and the
@@ -18,6 +20,7 @@ mod support;
 
 mod cardinality;
 mod exposure;
+mod metrics_endpoint;
 mod secrets;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
