@@ -947,7 +947,7 @@ impl Gate {
         }
     }
 
-    /// The gate's state, for [`crate::Pool::admission`] and tests.
+    /// The gate's state, for [`crate::Pool::stats`] and tests.
     pub(crate) fn snapshot(&self) -> GateSnapshot {
         let inner = self.lock();
         let word = self.state.load(Ordering::Acquire);
@@ -962,7 +962,7 @@ impl Gate {
     }
 }
 
-/// One provider's admission gate, as [`crate::Pool::admission`] reports it.
+/// One provider's admission gate, as [`crate::Pool::stats`] reports it (`ProviderStats::admission`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GateSnapshot {
     /// The in-flight limit; `None` while the gate is open or down.
