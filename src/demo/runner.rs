@@ -233,8 +233,11 @@ pub struct DemoConfig {
     /// Upper bound for the policy's connect timeout: loopback connects take
     /// microseconds, and the production default (5 s) would turn a stalled
     /// accept queue into latency instead of a visible connect failure.
-    /// Applied to the HTTP clients (the only reader of `timeouts.connect`),
-    /// not to the policy in force, so a reload keeps it.
+    /// Applied to the HTTP clients, and to the embedded policy, whose
+    /// `timeouts.connect` the pool reads as the end of an attempt's
+    /// connect phase (how long an admission slot is held at most). A
+    /// `--policy` file's value is the file's: set it to the same bound
+    /// there, or slow responses hold admission slots for up to 5 s.
     pub connect_timeout: Duration,
     /// Show a progress bar.
     pub progress: bool,
@@ -485,7 +488,15 @@ pub async fn run(
             let watcher = PolicyWatcher::start(path, live.clone(), ReloadOptions::default())?;
             (live, Some(watcher))
         }
-        None => (LivePolicy::new(config.policy.clone())?, None),
+        None => {
+            // The cap applies to the policy in force too: the pool reads
+            // `timeouts.connect` as the end of an attempt's connect phase
+            // (an admission slot is held that long at most), and must
+            // agree with the client.
+            let mut policy = config.policy.clone();
+            policy.timeouts.connect = policy.timeouts.connect.min(config.connect_timeout);
+            (LivePolicy::new(policy)?, None)
+        }
     };
     // Counts first: a reload between the two reads is then reported (as
     // changing nothing), never lost.
@@ -495,8 +506,8 @@ pub async fn run(
         .unwrap_or_default();
     let initial = live.load().policy().clone();
     let baseline_live = LivePolicy::new(baseline_policy(&initial))?;
-    // One client per side, built from the policy at start: the pool never
-    // reads `timeouts.connect`, the client does, once.
+    // One client per side, built from the policy at start: a reload does
+    // not rebuild it.
     let base_client = client(&initial.timeouts, config.connect_timeout)?;
     let retry_client = client(&initial.timeouts, config.connect_timeout)?;
 
