@@ -39,6 +39,9 @@
 //!   after `timeouts.connect`; growing on successes alone sends ever larger
 //!   bursts into a full queue for that long (in the demo, 180 connect
 //!   timeouts after each restart instead of a handful).
+//!   An attempt whose connect phase passes without a connection-level
+//!   failure has its connection: it counts as reached then (growth, or for
+//!   the probe, recovery), not when its answer comes minutes later.
 //! * **down**: a connection-level failure at the floor. Only one attempt
 //!   at a time goes through, the *probe*, after `probe_delay` (doubling
 //!   after each failed probe, up to `probe_max_delay`); every other
@@ -369,9 +372,11 @@ pub(crate) struct Permit<'g> {
 impl Permit<'_> {
     /// Whether the caller should end this attempt's slot when its connect
     /// phase is over ([`Permit::connected`]): admitted while the gate
-    /// limited, and not the probe (one probe at a time, until its outcome).
+    /// limited or down. A probe past its connect phase has found the
+    /// provider back: waiting for its answer (an LLM generation) would keep
+    /// every other request waiting that long.
     pub(crate) fn connecting(&self) -> bool {
-        self.limited && self.holding && !self.probe
+        self.limited && self.holding
     }
 
     /// The attempt is past its connect phase (`timeouts.connect` has
@@ -379,10 +384,10 @@ impl Permit<'_> {
     /// connections the upstream could not accept, so the attempt stops
     /// counting against it now; otherwise an LLM generation of minutes
     /// would hold a slot and every request behind it would wait.
-    pub(crate) fn connected(&mut self) {
+    pub(crate) fn connected(&mut self, policy: &AdmissionPolicy) {
         if self.holding {
             self.holding = false;
-            self.gate.release_slot(self.epoch());
+            self.gate.release_slot(self.epoch(), self.probe, policy);
         }
     }
 
@@ -624,12 +629,26 @@ impl Gate {
     }
 
     /// An attempt past its connect phase frees its slot early.
-    fn release_slot(&self, epoch: Option<u32>) {
+    /// It connected (its connect phase passed without a connection-level
+    /// failure): the upstream took the connection, which is what the
+    /// limit is about, so it grows the limit now, not when the answer
+    /// comes (an LLM generation may take minutes).
+    fn release_slot(&self, epoch: Option<u32>, probe: bool, policy: &AdmissionPolicy) {
         let prev = self.state.fetch_sub(1, Ordering::AcqRel);
-        if limit_of(prev) != OPEN {
+        let limit = limit_of(prev);
+        if limit != OPEN || probe {
+            let now = Instant::now();
             let mut inner = self.lock();
             inner.settle(epoch);
-            self.dispatch(&mut inner, Instant::now());
+            if probe {
+                // (Also when the gate opened meanwhile: the flag must not
+                // outlive the probe.)
+                inner.probing = false;
+            }
+            if limit != OPEN {
+                self.on_reached(&mut inner, probe, limit, in_flight_of(prev), policy, now);
+            }
+            self.dispatch(&mut inner, now);
             self.publish(&inner);
         }
     }
@@ -720,6 +739,8 @@ impl Gate {
             inner.settle(epoch);
         }
         let limit = limit_of(self.state.load(Ordering::Acquire));
+        // A probe past its connect phase ended its part then.
+        let probe = probe && holding;
         if probe {
             // Whatever happened, the probe is over.
             inner.probing = false;
@@ -735,7 +756,11 @@ impl Gate {
             Outcome::Refused | Outcome::ConnectTimeout => {
                 self.on_failure(&mut inner, outcome, probe, limit, in_flight, policy, now)
             }
-            Outcome::Reached => self.on_reached(&mut inner, probe, limit, in_flight, policy, now),
+            // Past its connect phase it was counted as reached then.
+            Outcome::Reached if holding => {
+                self.on_reached(&mut inner, probe, limit, in_flight, policy, now)
+            }
+            Outcome::Reached => {}
         }
         self.dispatch(&mut inner, now);
         self.publish(&inner);

@@ -385,7 +385,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
                             match tokio::time::timeout_at(connected, fut.as_mut()).await {
                                 Ok(output) => Ok(output),
                                 Err(_) => {
-                                    p.connected();
+                                    p.connected(&self.policy.admission);
                                     tokio::time::timeout_at(begun.until, fut).await
                                 }
                             }

@@ -702,3 +702,59 @@ async fn recovery_waits_for_slow_connects_before_growing() {
         .admission;
     assert_eq!((g.waiting, g.in_flight), (0, 0), "{g:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connect_is_a_success_for_the_gate_even_before_the_answer() {
+    // An LLM answer takes 30 s, the connect phase 1 s. After a restart,
+    // the probe that reaches the upstream reopens the gate once its
+    // connect phase is over, and each attempt past its connect phase
+    // grows the limit: waiting for 30 s answers would admit one request
+    // per 30 s.
+    let t0 = Instant::now();
+    let a = Upstream::new(
+        Some(t0 + Duration::from_secs(1)),
+        ms(1),
+        Duration::from_secs(30),
+    );
+    let mut policy = gated();
+    policy.timeouts.connect = Duration::from_secs(1);
+    policy.timeouts.attempt = Duration::from_secs(120);
+    policy.timeouts.request = Duration::from_secs(300);
+    policy.admission.max_wait = Duration::from_secs(60);
+    let pool = pool_of(&[("a", a.clone())], policy);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let pool = pool.clone();
+        tasks.spawn(async move { pool.call(MODEL, |p: &P| p.attempt()).await.is_ok() });
+    }
+    let mut served = 0;
+    while let Some(r) = tasks.join_next().await {
+        served += usize::from(r.unwrap());
+    }
+    assert_eq!(served, 50);
+    let ok: Vec<u128> = a
+        .attempts()
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(t, _)| (*t - t0).as_millis())
+        .collect();
+    assert_eq!(ok.len(), 50);
+    // The probe that finds it back (1.5 s), then slow start one connect
+    // phase (1 s) at a time: 1, 2, 4, 8, 16, 32 ... all 50 under way
+    // within seconds, not one per 30 s answer.
+    // (Each wait rounds up to the millisecond and the connect phase ends
+    // 5 ms after `timeouts.connect`.)
+    assert_eq!(ok[0], 1504, "{ok:?}");
+    assert_eq!(
+        ok[1], 2509,
+        "the next one after the probe's connect phase: {ok:?}"
+    );
+    assert_eq!(&ok[2..4], &[3514, 3514], "then two: {ok:?}");
+    assert_eq!(
+        *ok.last().unwrap(),
+        7534,
+        "all 50 under way by 7.5 s: {ok:?}"
+    );
+    let g = gate(&pool, "a");
+    assert_eq!((g.waiting, g.in_flight), (0, 0), "{g:?}");
+}
