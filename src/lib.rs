@@ -69,6 +69,7 @@ pub mod reload;
 pub mod stats;
 mod stripe;
 pub mod telemetry;
+mod toml_error;
 pub mod upstream;
 
 /// The README's examples, compiled and run as doc tests.

@@ -62,6 +62,7 @@
 //! pass [`Policy::validate`], and an error names the full path
 //! (`models."openai/gpt-oss-120b".budget.ratio`) and where it is written.
 
+use crate::toml_error::{Seg, display_path, line_col, locate, path_at};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -734,7 +735,10 @@ impl Policy {
         let policy: Policy = toml::from_str(text).map_err(|e| {
             let offset = e.span().map(|s| s.start);
             PolicyError {
-                field: offset.and_then(|o| field_at(text, o)).unwrap_or_default(),
+                field: offset
+                    .and_then(|o| path_at(text, o))
+                    .map(|path| display_path(&path))
+                    .unwrap_or_default(),
                 value: String::new(),
                 allowed: e.message().trim().to_owned(),
                 location: offset.map(|o| line_col(text, o)),
@@ -1262,21 +1266,6 @@ fn check_fraction(field: &str, value: f64) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// 1-based line and column of a byte offset (shared with the gateway's
-/// configuration errors).
-pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit_once('\n')
-        .map_or(before, |(_, tail)| tail)
-        .chars()
-        .count()
-        + 1;
-    (line, col)
-}
-
 /// A validation error and the override whose resulting policy failed, if
 /// any: `scope` is the override table's path (`["models", name]`,
 /// `["shadow"]`, empty for the top level), and `error.field` is relative
@@ -1292,20 +1281,24 @@ impl Invalid<'_> {
         if self.scope.is_empty() {
             return self.error;
         }
-        let mut segments = self.scope;
-        segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
         PolicyError {
-            field: display_path(&segments),
+            field: display_path(&self.segments()),
             ..self.error
         }
+    }
+
+    /// The full path: the scope, then the field's dotted path.
+    fn segments(&self) -> Vec<Seg> {
+        let scope = self.scope.iter().copied();
+        let field = self.error.field.split('.').filter(|s| !s.is_empty());
+        scope.chain(field).map(Seg::key).collect()
     }
 
     /// The error with its full path and where the value is written. An
     /// override's value that it does not set is inherited: the error then
     /// points at the override's nearest enclosing table and says so.
     fn located(self, text: &str) -> PolicyError {
-        let mut segments = self.scope.clone();
-        segments.extend(self.error.field.split('.').filter(|s| !s.is_empty()));
+        let segments = self.segments();
         let (location, inherited) = match locate(text, &segments) {
             Some(at) => (Some(at), false),
             None if !self.scope.is_empty() => {
@@ -1324,75 +1317,6 @@ impl Invalid<'_> {
         }
         e
     }
-}
-
-/// Renders a path of keys the way TOML writes it: bare keys as they are,
-/// model names (and anything that is not a bare key) quoted.
-fn display_path<S: AsRef<str>>(segments: &[S]) -> String {
-    let mut out = String::new();
-    for (i, segment) in segments.iter().enumerate() {
-        let segment = segment.as_ref();
-        if i > 0 {
-            out.push('.');
-        }
-        let bare = !segment.is_empty()
-            && segment
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        let is_model = i == 1 && segments.first().is_some_and(|s| s.as_ref() == "models");
-        if bare && !is_model {
-            out.push_str(segment);
-        } else {
-            out.push('"');
-            for c in segment.chars() {
-                match c {
-                    '"' => out.push_str("\\\""),
-                    '\\' => out.push_str("\\\\"),
-                    c if c.is_control() => {
-                        out.push_str(&format!("\\u{:04X}", u32::from(c)));
-                    }
-                    c => out.push(c),
-                }
-            }
-            out.push('"');
-        }
-    }
-    out
-}
-
-/// Finds where the value at a path of keys is written, if it is.
-fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
-    let root = toml::de::DeTable::parse(text).ok()?;
-    let (first, rest) = path.split_first()?;
-    let mut value = root.get_ref().get(*first)?;
-    for part in rest {
-        value = value.get_ref().get(*part)?;
-    }
-    Some(line_col(text, value.span().start))
-}
-
-/// The path of the key or value written at byte `offset` (where the TOML
-/// deserializer located a wrong type or an unknown key), if the text
-/// parses as TOML.
-fn field_at(text: &str, offset: usize) -> Option<String> {
-    fn walk(table: &toml::de::DeTable<'_>, offset: usize, path: &mut Vec<String>) -> bool {
-        for (key, value) in table.iter() {
-            path.push(key.get_ref().to_string());
-            if let Some(inner) = value.get_ref().as_table() {
-                if walk(inner, offset, path) {
-                    return true;
-                }
-            }
-            if key.span().contains(&offset) || value.span().contains(&offset) {
-                return true;
-            }
-            path.pop();
-        }
-        false
-    }
-    let root = toml::de::DeTable::parse(text).ok()?;
-    let mut path = Vec::new();
-    walk(root.get_ref(), offset, &mut path).then(|| display_path(&path))
 }
 
 #[cfg(test)]
@@ -1416,6 +1340,16 @@ mod tests {
         let p = Policy::from_toml("delay = \"250ms\"\n[health]\ncooldown = \"1m\"\n").unwrap();
         assert_eq!(p.delay, RetryDelay::Fixed(Duration::from_millis(250)));
         assert_eq!(p.health.cooldown, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn parser_errors_inside_arrays_name_the_element() {
+        let e = Policy::from_toml("[classify]\nretryable_statuses = [500, \"x\"]\n").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.location),
+            ("classify.retryable_statuses[1]", Some((2, 28))),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1649,17 +1583,6 @@ mod tests {
         assert_eq!(Policy::from_bytes(b"").unwrap(), Policy::default());
         let bom = Policy::from_bytes(b"\xEF\xBB\xBFmax_rounds = 3\n").unwrap();
         assert_eq!(bom.max_rounds, 3);
-    }
-
-    #[test]
-    fn paths_quote_what_toml_would_quote() {
-        assert_eq!(display_path(&["budget", "ratio"]), "budget.ratio");
-        assert_eq!(display_path(&["models", "small"]), "models.\"small\"");
-        assert_eq!(
-            display_path(&["models", "a\"b\\c"]),
-            "models.\"a\\\"b\\\\c\""
-        );
-        assert_eq!(display_path(&["a.b", "\u{7}"]), "\"a.b\".\"\\u0007\"");
     }
 
     proptest::proptest! {
@@ -1909,12 +1832,5 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "shadow.admission.probe_max_delay");
         assert!(e.allowed.contains("model \"x\""), "{e}");
-    }
-
-    #[test]
-    fn line_col_counts_from_one() {
-        assert_eq!(line_col("ab\ncd", 0), (1, 1));
-        assert_eq!(line_col("ab\ncd", 4), (2, 2));
-        assert_eq!(line_col("ab", 99), (1, 3));
     }
 }

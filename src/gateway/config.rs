@@ -19,7 +19,7 @@
 //! dotted path of the offending field, and what would have been accepted.
 //! See `config/gateway.toml` for a documented example of every field.
 
-use crate::policy::line_col;
+use crate::toml_error::{Seg, display_path, line_col, locate, path_at};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -176,106 +176,12 @@ impl ConfigError {
     }
 }
 
-/// One step of a field path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Seg {
-    Key(String),
-    Index(usize),
-}
-
 fn key(k: &str) -> Seg {
-    Seg::Key(k.to_owned())
+    Seg::key(k)
 }
 
 fn path(segs: &[Seg]) -> Vec<Seg> {
     segs.to_vec()
-}
-
-/// `models[1].providers`, `providers."a b".base_url`.
-fn display_path(path: &[Seg]) -> String {
-    let mut out = String::new();
-    for seg in path {
-        match seg {
-            Seg::Index(i) => out.push_str(&format!("[{i}]")),
-            Seg::Key(k) => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                let bare = !k.is_empty()
-                    && k.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-                if bare {
-                    out.push_str(k);
-                } else {
-                    out.push_str(&format!("{k:?}"));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Where the value at `path` is written, if it is.
-fn locate(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
-    let root = toml::de::DeTable::parse(text).ok()?;
-    if path.is_empty() {
-        return None;
-    }
-    let mut span = None;
-    let mut table = Some(root.get_ref());
-    let mut array: Option<&[toml::Spanned<toml::de::DeValue<'_>>]> = None;
-    for seg in path {
-        let value = match seg {
-            Seg::Key(k) => table?.get(k.as_str())?,
-            Seg::Index(i) => array?.get(*i)?,
-        };
-        span = Some(value.span());
-        table = value.get_ref().as_table();
-        array = value.get_ref().as_array().map(|a| &a[..]);
-    }
-    span.map(|s| line_col(text, s.start))
-}
-
-/// The path of the innermost key or value written at byte `offset`.
-fn path_at(text: &str, offset: usize) -> Vec<Seg> {
-    fn walk_value(value: &toml::de::DeValue<'_>, offset: usize, path: &mut Vec<Seg>) -> bool {
-        if let Some(table) = value.as_table() {
-            for (k, v) in table.iter() {
-                path.push(Seg::Key(k.get_ref().to_string()));
-                if walk_value(v.get_ref(), offset, path)
-                    || k.span().contains(&offset)
-                    || v.span().contains(&offset)
-                {
-                    return true;
-                }
-                path.pop();
-            }
-        } else if let Some(array) = value.as_array() {
-            for (i, v) in array.iter().enumerate() {
-                path.push(Seg::Index(i));
-                if walk_value(v.get_ref(), offset, path) || v.span().contains(&offset) {
-                    return true;
-                }
-                path.pop();
-            }
-        }
-        false
-    }
-    let Ok(root) = toml::de::DeTable::parse(text) else {
-        return Vec::new();
-    };
-    let mut path = Vec::new();
-    for (k, v) in root.get_ref().iter() {
-        path.push(Seg::Key(k.get_ref().to_string()));
-        if walk_value(v.get_ref(), offset, &mut path)
-            || k.span().contains(&offset)
-            || v.span().contains(&offset)
-        {
-            return path;
-        }
-        path.pop();
-    }
-    path
 }
 
 /// A byte size: an integer (bytes) or a string with a unit.
@@ -468,7 +374,7 @@ impl GatewayConfig {
     pub fn from_toml(text: &str) -> Result<GatewayConfig, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let offset = e.span().map(|s| s.start);
-            let path = offset.map(|o| path_at(text, o)).unwrap_or_default();
+            let path = offset.and_then(|o| path_at(text, o)).unwrap_or_default();
             ConfigError {
                 file: None,
                 field: display_path(&path),
@@ -839,6 +745,13 @@ providers = ["a"]
         assert_eq!(e.field, "providers.b.base_url");
         assert_eq!(e.location, Some((10, 12)), "{e}");
         assert!(e.to_string().contains("http://"), "{e}");
+
+        // keys are quoted and escaped the way TOML (and the policy) writes them
+        let e = err(&format!(
+            "{MINIMAL}\n[providers.\"a\\tb\"]\nbase_url = \"no url\"\n"
+        ));
+        assert_eq!(e.field, "providers.\"a\\u0009b\".base_url", "{e}");
+        assert_eq!(e.location, Some((10, 12)), "{e}");
 
         let e = err(&MINIMAL.replace("providers = [\"a\"]", "providers = [\"a\", \"zz\"]"));
         assert_eq!(e.field, "models[0].providers[1]");
