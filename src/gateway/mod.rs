@@ -215,6 +215,12 @@ impl Gateway {
             clients.push(client);
         }
         let mut pool = Pool::builder().policy(live);
+        for p in &config.providers {
+            if let Some(t) = p.connect_timeout {
+                // The gate's connect phase ends with the client's.
+                pool = pool.connect_timeout(&p.name, t);
+            }
+        }
         for m in &config.models {
             for r in &m.routes {
                 let Some(i) = config.providers.iter().position(|p| p.name == r.provider) else {

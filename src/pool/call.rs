@@ -380,7 +380,12 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
                         Some(p) => {
                             let connected = begun
                                 .now
-                                .checked_add(self.policy.timeouts.connect + CONNECT_MARGIN)
+                                .checked_add(
+                                    m.routes[usize::from(i)]
+                                        .connect
+                                        .unwrap_or(self.policy.timeouts.connect)
+                                        + CONNECT_MARGIN,
+                                )
                                 .map_or(begun.until, |t| t.min(begun.until));
                             match tokio::time::timeout_at(connected, fut.as_mut()).await {
                                 Ok(output) => Ok(output),

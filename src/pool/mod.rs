@@ -60,6 +60,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -93,6 +94,10 @@ struct Route<P> {
     adaptive: adaptive::RouteAdaptive,
     /// The admission gate every attempt passes.
     gate: admission::Gate,
+    /// When this provider's client has its own connect timeout: the end of
+    /// its attempts' connect phase (`None`: the policy's
+    /// `timeouts.connect`).
+    connect: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -163,6 +168,7 @@ pub struct PoolBuilder<P> {
     models: Vec<(Arc<str>, Providers<P>)>,
     policy: Option<LivePolicy>,
     prefix: Option<String>,
+    connect: Vec<(Arc<str>, Duration)>,
 }
 
 impl<P> fmt::Debug for PoolBuilder<P> {
@@ -205,6 +211,7 @@ impl<P> Default for PoolBuilder<P> {
             models: Vec::new(),
             policy: None,
             prefix: None,
+            connect: Vec::new(),
         }
     }
 }
@@ -220,6 +227,18 @@ impl<P> PoolBuilder<P> {
             }
         };
         entry.push((Arc::from(name), provider));
+        self
+    }
+
+    /// The connect timeout of `provider`'s client, when it is not the
+    /// policy's `timeouts.connect` (for every model it serves). The
+    /// admission gate holds a slot for an attempt through its connect
+    /// phase only, and takes an attempt that is still running when the
+    /// phase is over as connected: the phase must end when the client's
+    /// connect timeout does.
+    pub fn connect_timeout(mut self, provider: &str, timeout: Duration) -> Self {
+        self.connect.retain(|(p, _)| &**p != provider);
+        self.connect.push((Arc::from(provider), timeout));
         self
     }
 
@@ -280,6 +299,11 @@ impl<P> PoolBuilder<P> {
             let routes = providers
                 .into_iter()
                 .map(|(provider_name, provider)| {
+                    let connect = self
+                        .connect
+                        .iter()
+                        .find(|(p, _)| *p == provider_name)
+                        .map(|(_, t)| *t);
                     let provider_name = names::intern(&provider_name);
                     Route {
                         metrics: RouteMetrics::new(&prefix, name, provider_name),
@@ -293,6 +317,7 @@ impl<P> PoolBuilder<P> {
                         provider,
                         health: ProviderHealth::new(),
                         stats: RouteStats::new(),
+                        connect,
                     }
                 })
                 .collect();

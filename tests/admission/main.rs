@@ -758,3 +758,49 @@ async fn a_connect_is_a_success_for_the_gate_even_before_the_answer() {
     let g = gate(&pool, "a");
     assert_eq!((g.waiting, g.in_flight), (0, 0), "{g:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_with_its_own_connect_timeout_has_its_own_connect_phase() {
+    // The client connects within 100 ms (the gateway's per-provider
+    // `connect_timeout`), the policy says 5 s: the gate follows the
+    // provider's, so an attempt past 100 ms counts as connected.
+    let t0 = Instant::now();
+    let a = Upstream::new(
+        Some(t0 + Duration::from_secs(1)),
+        ms(1),
+        Duration::from_secs(30),
+    );
+    let mut policy = gated();
+    policy.timeouts.connect = Duration::from_secs(5);
+    policy.timeouts.attempt = Duration::from_secs(120);
+    policy.timeouts.request = Duration::from_secs(300);
+    policy.admission.max_wait = Duration::from_secs(60);
+    let pool = Arc::new(
+        Pool::builder()
+            .policy(LivePolicy::new(policy).unwrap())
+            .provider(MODEL, "a", a.clone())
+            .connect_timeout("a", ms(100))
+            .build()
+            .unwrap(),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let pool = pool.clone();
+        tasks.spawn(async move { pool.call(MODEL, |p: &P| p.attempt()).await.is_ok() });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert!(r.unwrap());
+    }
+    let ok: Vec<u128> = a
+        .attempts()
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(t, _)| (*t - t0).as_millis())
+        .collect();
+    // The probe at 1.5 s, then 1, 2, 4 attempts 105 ms apart (not 5 s).
+    assert_eq!(
+        ok,
+        vec![1504, 1609, 1714, 1714, 1819, 1819, 1819, 1819],
+        "{ok:?}"
+    );
+}
