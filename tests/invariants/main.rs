@@ -533,7 +533,11 @@ fn every_call_keeps_the_pool_invariants_with_admission() {
         ] {
             assert!(c.reason(reason) > 0, "no call failed with {reason}: {c:#?}");
         }
-        assert!(c.again > 0 && c.queued > 0 && c.no_attempt > 0, "{c:#?}");
+        // (A call turned away at every gate without an attempt,
+        // `no_attempt`, is checked when it occurs but not required: since
+        // a probe past its connect phase reopens the gate, 256 random cases
+        // do not always produce one.)
+        assert!(c.again > 0 && c.queued > 0, "{c:#?}");
         assert!(
             c.gate_limited > 0 && c.gate_down > 0 && c.gate_probing > 0,
             "{c:#?}"
