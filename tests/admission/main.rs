@@ -117,7 +117,7 @@ fn pool_of(providers: &[(&str, P)], policy: Policy) -> Arc<Pool<P>> {
     Arc::new(b.build().unwrap())
 }
 
-fn gate(pool: &Pool<P>, provider: &str) -> retryctl::pool::GateSnapshot {
+fn gate<Q>(pool: &Pool<Q>, provider: &str) -> retryctl::pool::GateSnapshot {
     pool.stats()
         .into_iter()
         .find(|s| s.provider == provider)
@@ -694,13 +694,35 @@ async fn recovery_waits_for_slow_connects_before_growing() {
         dropped <= 6,
         "{dropped} connects dropped after the restart (accepted {accepted})"
     );
-    let g = pool
-        .stats()
-        .into_iter()
-        .find(|s| s.provider == "a")
-        .unwrap()
-        .admission;
+    let g = gate(&pool, "a");
     assert_eq!((g.waiting, g.in_flight), (0, 0), "{g:?}");
+}
+
+/// An upstream down for the first second that then answers after 30 s
+/// (an LLM generation), and a policy whose limits let it: the connect
+/// phase `connect`.
+fn llm_restart(connect: Duration) -> (Instant, P, Policy) {
+    let t0 = Instant::now();
+    let a = Upstream::new(
+        Some(t0 + Duration::from_secs(1)),
+        ms(1),
+        Duration::from_secs(30),
+    );
+    let mut policy = gated();
+    policy.timeouts.connect = connect;
+    policy.timeouts.attempt = Duration::from_secs(120);
+    policy.timeouts.request = Duration::from_secs(300);
+    policy.admission.max_wait = Duration::from_secs(60);
+    (t0, a, policy)
+}
+
+/// When each successful attempt started, in ms from `t0`.
+fn served_at(a: &Upstream, t0: Instant) -> Vec<u128> {
+    a.attempts()
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(t, _)| (*t - t0).as_millis())
+        .collect()
 }
 
 #[tokio::test(start_paused = true)]
@@ -710,17 +732,7 @@ async fn a_connect_is_a_success_for_the_gate_even_before_the_answer() {
     // connect phase is over, and each attempt past its connect phase
     // grows the limit: waiting for 30 s answers would admit one request
     // per 30 s.
-    let t0 = Instant::now();
-    let a = Upstream::new(
-        Some(t0 + Duration::from_secs(1)),
-        ms(1),
-        Duration::from_secs(30),
-    );
-    let mut policy = gated();
-    policy.timeouts.connect = Duration::from_secs(1);
-    policy.timeouts.attempt = Duration::from_secs(120);
-    policy.timeouts.request = Duration::from_secs(300);
-    policy.admission.max_wait = Duration::from_secs(60);
+    let (t0, a, policy) = llm_restart(Duration::from_secs(1));
     let pool = pool_of(&[("a", a.clone())], policy);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..50 {
@@ -732,12 +744,7 @@ async fn a_connect_is_a_success_for_the_gate_even_before_the_answer() {
         served += usize::from(r.unwrap());
     }
     assert_eq!(served, 50);
-    let ok: Vec<u128> = a
-        .attempts()
-        .iter()
-        .filter(|(_, ok)| *ok)
-        .map(|(t, _)| (*t - t0).as_millis())
-        .collect();
+    let ok = served_at(&a, t0);
     assert_eq!(ok.len(), 50);
     // The probe that finds it back (1.5 s), then slow start one connect
     // phase (1 s) at a time: 1, 2, 4, 8, 16, 32 ... all 50 under way
@@ -764,17 +771,7 @@ async fn a_provider_with_its_own_connect_timeout_has_its_own_connect_phase() {
     // The client connects within 100 ms (the gateway's per-provider
     // `connect_timeout`), the policy says 5 s: the gate follows the
     // provider's, so an attempt past 100 ms counts as connected.
-    let t0 = Instant::now();
-    let a = Upstream::new(
-        Some(t0 + Duration::from_secs(1)),
-        ms(1),
-        Duration::from_secs(30),
-    );
-    let mut policy = gated();
-    policy.timeouts.connect = Duration::from_secs(5);
-    policy.timeouts.attempt = Duration::from_secs(120);
-    policy.timeouts.request = Duration::from_secs(300);
-    policy.admission.max_wait = Duration::from_secs(60);
+    let (t0, a, policy) = llm_restart(Duration::from_secs(5));
     let pool = Arc::new(
         Pool::builder()
             .policy(LivePolicy::new(policy).unwrap())
@@ -791,12 +788,7 @@ async fn a_provider_with_its_own_connect_timeout_has_its_own_connect_phase() {
     while let Some(r) = tasks.join_next().await {
         assert!(r.unwrap());
     }
-    let ok: Vec<u128> = a
-        .attempts()
-        .iter()
-        .filter(|(_, ok)| *ok)
-        .map(|(t, _)| (*t - t0).as_millis())
-        .collect();
+    let ok = served_at(&a, t0);
     // The probe at 1.5 s, then 1, 2, 4 attempts 105 ms apart (not 5 s).
     assert_eq!(
         ok,
