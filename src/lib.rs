@@ -57,10 +57,7 @@
 
 pub mod budget;
 pub mod classify;
-pub mod demo;
-pub mod gateway;
 mod health;
-mod listener;
 mod live;
 pub mod policy;
 pub mod pool;
@@ -69,7 +66,8 @@ pub mod reload;
 pub mod stats;
 mod stripe;
 pub mod telemetry;
-mod toml_error;
+#[doc(hidden)]
+pub mod toml_error;
 pub mod upstream;
 
 /// The README's examples, compiled and run as doc tests.
@@ -91,5 +89,6 @@ pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,
     ProviderStats, Report, Served, ShadowCounts,
 };
+#[cfg(feature = "watch")]
 pub use reload::{PolicyWatcher, ReloadOptions};
 pub use stats::WindowStats;

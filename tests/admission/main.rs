@@ -3,8 +3,7 @@
 //! slow start. Paused tokio time for the timing rules; real sockets on
 //! loopback for a restart and an overflowing accept queue.
 
-#[path = "../support/mod.rs"]
-mod support;
+use retryctl_testkit as support;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};

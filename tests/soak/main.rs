@@ -34,11 +34,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use retryctl::demo::faults::FaultServer;
-use retryctl::demo::schedule::Schedule;
 use retryctl::reload::{PolicyWatcher, ReloadOptions};
 use retryctl::upstream::{self, UpstreamError};
 use retryctl::{CallOptions, LivePolicy, Pool};
+use retryctl_testkit::faults::FaultServer;
+use retryctl_testkit::schedule::Schedule;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 

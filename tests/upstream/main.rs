@@ -6,8 +6,7 @@
 //! connection-level failure is retried after the round's delay: what the
 //! gate does with the same faults is in tests/admission.
 
-#[path = "../support/mod.rs"]
-mod support;
+use retryctl_testkit as support;
 
 use std::time::Duration;
 
