@@ -1,10 +1,10 @@
-//! Hot reload: keep a [`LivePolicy`] in step with a TOML file on disk.
+//! Hot reload: keep a [`LivePolicy`](crate::policy::LivePolicy) in step with a TOML file on disk.
 //!
 //! A [`PolicyWatcher`] loads the file once (a bad file at start is an
 //! error: a gateway must not start on a policy nobody wrote), then re-reads
 //! it on a background thread whenever it may have changed, and puts it in
 //! force only after it parsed and validated. Requests never wait for any of
-//! this: they load whatever snapshot is in the [`LivePolicy`].
+//! this: they load whatever snapshot is in the [`LivePolicy`](crate::policy::LivePolicy).
 //!
 //! # Why the parent directory is watched, not the file
 //!
@@ -21,7 +21,7 @@
 //! Watching the *directory* sees every one of these as an event on the
 //! name `policy.toml` or `..data`; any such event means "maybe changed".
 //! The file is then re-read, parsed, validated and compared by content
-//! hash ([`ActivePolicy::version`](crate::ActivePolicy::version)), so a
+//! hash ([`ActivePolicy::version`](crate::policy::ActivePolicy::version)), so a
 //! spurious event costs one small read and is counted as `unchanged`.
 //!
 //! # Why debounce, settle, and a timer
@@ -56,7 +56,7 @@
 //! [`ReloadOptions::metrics_prefix`] they take another, like the pool's.
 //!
 //! ```no_run
-//! use retryctl::LivePolicy;
+//! use retryctl::policy::LivePolicy;
 //! use retryctl::reload::{PolicyWatcher, ReloadOptions};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -91,6 +91,6 @@ pub const LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
 /// Gauge: 1 while the file on disk is rejected, 0 once a good one is read.
 pub const RELOAD_FAILING: &str = "retryctl_policy_reload_failing";
 /// Gauge set to 1 for the policy in force, labelled `hash` with its
-/// [`version`](crate::ActivePolicy::version) in 16 hex digits; the series
+/// [`version`](crate::policy::ActivePolicy::version) in 16 hex digits; the series
 /// of the policy it replaced is set to 0.
 pub const POLICY_INFO: &str = crate::telemetry::POLICY_INFO;

@@ -20,7 +20,7 @@ use std::time::Duration;
 use super::reloader::{Outcome, ReloadMetrics, Reloader, hex};
 use super::watcher::ReloadStatus;
 use super::*;
-use crate::{LivePolicy, Policy};
+use crate::policy::{LivePolicy, Policy};
 
 /// Keeps the last value of every series, keyed `name{label=value,...}`.
 #[derive(Clone, Default)]

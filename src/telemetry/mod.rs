@@ -25,7 +25,7 @@
 //! The names below are under the default prefix, `retryctl_`;
 //! [`PoolBuilder::metrics_prefix`](crate::pool::PoolBuilder::metrics_prefix)
 //! replaces it in every one (and
-//! [`ReloadOptions::metrics_prefix`](crate::ReloadOptions::metrics_prefix)
+//! [`ReloadOptions::metrics_prefix`](crate::reload::ReloadOptions::metrics_prefix)
 //! in the reload metrics, see [`prefixed`]).
 //!
 //! | metric | type | labels |

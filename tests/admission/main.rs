@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use retryctl::policy::{LivePolicy, Policy};
 use retryctl::upstream::{self, UpstreamError};
-use retryctl::{CallOptions, Cause, FailReason, LivePolicy, Policy, Pool, Report};
+use retryctl::{CallOptions, Cause, FailReason, Pool, Report};
 use tokio::time::Instant;
 
 const MODEL: &str = "m";
@@ -116,7 +117,7 @@ fn pool_of(providers: &[(&str, P)], policy: Policy) -> Arc<Pool<P>> {
     Arc::new(b.build().unwrap())
 }
 
-fn gate<Q>(pool: &Pool<Q>, provider: &str) -> retryctl::pool::GateSnapshot {
+fn gate<Q>(pool: &Pool<Q>, provider: &str) -> retryctl::stats::GateSnapshot {
     pool.stats()
         .into_iter()
         .find(|s| s.provider == provider)

@@ -782,7 +782,7 @@ struct Run {
 /// probe_delay, doubling up to probe_max_delay (100 ms doubling to 1 s:
 /// 0, 0.1, 0.3, 0.7, 1.5 and 2.5 s into a 3 s outage, 6 intervals).
 fn probe_intervals(outage: Duration) -> Result<f64, Error> {
-    let policy = retryctl::Policy::from_toml(SHIPPED_POLICY)?;
+    let policy = retryctl::policy::Policy::from_toml(SHIPPED_POLICY)?;
     let (mut at, mut wait, mut n) = (Duration::ZERO, policy.admission.probe_delay, 1u32);
     loop {
         at += wait;

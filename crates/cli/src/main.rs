@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use retryctl::Policy;
+use retryctl::policy::Policy;
 
 /// retryctl: a retry layer for LLM inference gateways.
 #[derive(Debug, Parser)]

@@ -27,8 +27,8 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use super::redact::{self, Redactor};
 use super::request;
 use super::stream;
-use retryctl::classify::{Cause, Classification, Classify, Rules, Verdict};
 use retryctl::upstream::{self, BODY_SNIPPET_LIMIT, UpstreamError};
+use retryctl::{Cause, Classification, Classify, Rules, Verdict};
 
 /// The OpenAI-compatible endpoints the gateway serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -629,13 +629,13 @@ impl GatewayConfig {
                     "a model needs at least one provider",
                 ));
             }
-            if m.routes.len() > retryctl::pool::MAX_PROVIDERS_PER_MODEL {
+            if m.routes.len() > retryctl::policy::MAX_PROVIDERS_PER_MODEL {
                 return Err(ConfigError::at(
                     at("providers"),
                     format!(
                         "{} providers; at most {} are allowed",
                         m.routes.len(),
-                        retryctl::pool::MAX_PROVIDERS_PER_MODEL
+                        retryctl::policy::MAX_PROVIDERS_PER_MODEL
                     ),
                 ));
             }

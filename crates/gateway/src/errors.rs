@@ -21,8 +21,8 @@ use serde_json::{Map, Value, json};
 
 use super::attempt::AttemptFailure;
 use super::redact::Redactor;
-use retryctl::pool::{AttemptError, FailReason, PoolError, Report};
 use retryctl::upstream::UpstreamError;
+use retryctl::{AttemptError, FailReason, PoolError, Report};
 
 /// Headers reporting the pool's accounting on every proxied answer.
 pub(crate) const ATTEMPTS_HEADER: &str = "x-retryctl-attempts";

@@ -68,10 +68,11 @@ use self::attempt::Provider;
 use self::proxy::Shared;
 use crate::listener::{Connections, serve_connections};
 use crate::metrics_endpoint::MetricsError;
-use retryctl::LivePolicy;
-use retryctl::pool::{BuildError, Pool, ProviderStats};
+use retryctl::policy::LivePolicy;
 use retryctl::reload::{PolicyWatcher, ReloadOptions, ReloadStatus, StartError};
+use retryctl::stats::ProviderStats;
 use retryctl::upstream;
+use retryctl::{BuildError, Pool};
 
 /// Why the gateway cannot start or stopped.
 #[derive(Debug, thiserror::Error)]

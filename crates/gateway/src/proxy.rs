@@ -23,7 +23,7 @@ use super::errors::{self, invalid_request};
 use super::redact::Redactor;
 use super::request::{self, BodyError, RequestHead};
 use super::stream::{self, StreamContext};
-use retryctl::pool::{CallOptions, FailReason, Pool, Served};
+use retryctl::{CallOptions, FailReason, Pool, Served};
 
 /// The header naming the provider that served a request.
 pub(crate) const PROVIDER_HEADER: &str = "x-retryctl-provider";

@@ -30,9 +30,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::report::{SideReport, side};
 use super::runner::{DemoError, MODEL, Upstream, client, one};
-use retryctl::LivePolicy;
+use retryctl::Pool;
+use retryctl::policy::LivePolicy;
 use retryctl::policy::{Policy, RetryDelay};
-use retryctl::pool::{Pool, ShadowCounts};
+use retryctl::stats::ShadowCounts;
 use retryctl_testkit::faults::FaultServer;
 use retryctl_testkit::schedule::{FaultKind, NoiseRates, Schedule, Window};
 

@@ -512,7 +512,7 @@ impl DemoReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use retryctl::classify::Cause;
+    use retryctl::Cause;
     use retryctl_testkit::schedule::NoiseRates;
 
     fn quiet(windows: Vec<Window>) -> Schedule {

@@ -18,12 +18,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use retryctl::LivePolicy;
-use retryctl::classify::{Cause, Classification};
+use retryctl::policy::LivePolicy;
 use retryctl::policy::{Policy, PolicyError, Timeouts};
-use retryctl::pool::{BuildError, CallOptions, Pool, Report};
 use retryctl::reload::{PolicyWatcher, ReloadCounts, ReloadOptions, ReloadStatus, StartError};
 use retryctl::upstream::{self, UpstreamError};
+use retryctl::{BuildError, CallOptions, Pool, Report};
+use retryctl::{Cause, Classification};
 use retryctl_testkit::faults::{ATTEMPT_HEADER, FaultServer, REQUEST_HEADER};
 use retryctl_testkit::schedule::Schedule;
 
@@ -51,7 +51,7 @@ pub struct Sample {
     /// failed attempt is always the request's first attempt: attempts run
     /// one after another and only the last one can succeed).
     pub first_failure: Option<Cause>,
-    /// Why it failed, when it did (a [`FailReason`](crate::FailReason) label).
+    /// Why it failed, when it did (a [`FailReason`](retryctl::FailReason) label).
     pub reason: Option<&'static str>,
     /// Whether an attempt followed a permanent (client error) failure:
     /// must never happen.
@@ -630,8 +630,8 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use retryctl::classify::Verdict;
-    use retryctl::pool::FailedAttempt;
+    use retryctl::FailedAttempt;
+    use retryctl::Verdict;
 
     fn failed(class: Classification, cause: Cause, round: u32, probe: bool) -> FailedAttempt {
         FailedAttempt {

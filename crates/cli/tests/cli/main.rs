@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use retryctl::Policy;
+use retryctl::policy::Policy;
 
 fn retryctl(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_retryctl"))

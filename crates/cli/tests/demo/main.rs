@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use retryctl::{Cause, Classify, Policy, Rules};
+use retryctl::policy::Policy;
+use retryctl::{Cause, Classify, Rules};
 use retryctl_cli::demo::{DemoConfig, Schedule};
 use retryctl_testkit::faults::{ATTEMPT_HEADER, FaultServer, REQUEST_HEADER};
 use retryctl_testkit::schedule::{FaultKind, Noise, NoiseRates, Window};

@@ -23,7 +23,7 @@ use fixtures::{COMPLETION, MODEL, POLICY, chat_body, config_text};
 struct TestGateway {
     addr: SocketAddr,
     /// The gateway's policy handle (kept in step with `policy.toml`).
-    live: retryctl::LivePolicy,
+    live: retryctl::policy::LivePolicy,
     client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), GatewayError>>>,

@@ -25,7 +25,7 @@ mod secrets;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, Once};
 
-use retryctl::Policy;
+use retryctl::policy::Policy;
 use retryctl::telemetry::MetricsHandle;
 use retryctl_gateway::{Gateway, GatewayConfig, GatewayError};
 use tokio::sync::oneshot;
