@@ -6,6 +6,8 @@
 //! 2. `reqwest::Error` flags: a connect failure or a connect timeout is
 //!    transient (the upstream never saw the request); a timeout after the
 //!    request was accepted is a *response* timeout, not retried by default;
+//!    a request that could not be built (bad URL, scheme or header) is the
+//!    caller's bug: permanent, and never held against the provider;
 //! 3. `std::io::ErrorKind`s and hyper's flags found by walking the
 //!    `source()` chain: every send-time failure displays as "error sending
 //!    request for url (...)", the cause is only in the chain;
@@ -16,15 +18,24 @@
 //! usually by delegating to [`Rules::error_chain`] or [`Rules::status`].
 
 use std::error::Error as StdError;
+use std::fmt;
 use std::io;
 use std::time::Duration;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::policy::ClassifyPolicy;
 
 /// What the pool does after a failed attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+///
+/// `Display` gives its stable snake_case name (`transient`,
+/// `rate_limited`, `try_next`, `permanent`), with the wait when a rate
+/// limit named one: `rate_limited, retry after 7s`. Serialized, it is an
+/// object tagged by `class`, with the wait in whole milliseconds when there
+/// is one: `{"class":"rate_limited","retry_after_ms":7000}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "class", rename_all = "snake_case")]
 pub enum Classification {
     /// Try the other providers now; retry this one after the round's delay.
     Transient,
@@ -33,6 +44,12 @@ pub enum Classification {
     /// said) or the policy's rate-limited delay.
     RateLimited {
         /// The provider's Retry-After, if it sent one.
+        #[serde(
+            rename = "retry_after_ms",
+            with = "retry_after_ms",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
         retry_after: Option<Duration>,
     },
     /// This provider cannot serve this request (e.g. model not found, an
@@ -50,10 +67,57 @@ impl Classification {
             Classification::Transient | Classification::RateLimited { .. }
         )
     }
+
+    /// A stable snake_case name: `transient`, `rate_limited`, `try_next`,
+    /// `permanent` (the `class` of the serialized form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Classification::Transient => "transient",
+            Classification::RateLimited { .. } => "rate_limited",
+            Classification::TryNext => "try_next",
+            Classification::Permanent => "permanent",
+        }
+    }
+}
+
+impl fmt::Display for Classification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())?;
+        if let Classification::RateLimited {
+            retry_after: Some(wait),
+        } = self
+        {
+            write!(f, ", retry after {}", humantime::format_duration(*wait))?;
+        }
+        Ok(())
+    }
+}
+
+/// A Retry-After as whole milliseconds (saturating), for the serialized
+/// form of [`Classification`].
+mod retry_after_ms {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(
+        wait: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match wait {
+            Some(wait) => s.serialize_some(&u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
 }
 
 /// The evidence behind a [`Classification`]: a fixed set, used as the
-/// metric label and in logs.
+/// metric label and in logs. `Display` and the serialized form are its
+/// stable snake_case name ([`Cause::as_str`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Cause {
@@ -89,6 +153,10 @@ pub enum Cause {
     RateLimited,
     /// A 4xx, a 5xx the policy marks permanent, or a client-error keyword.
     ClientError,
+    /// The request could not be built (a bad URL or scheme, an invalid
+    /// header): the caller's bug, never sent and never the provider's
+    /// fault.
+    InvalidRequest,
     /// A status or keyword that means "not served here" (e.g. 404).
     NextProvider,
     /// An opaque error text that matched a transient keyword.
@@ -99,7 +167,7 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause, in declaration order (for pre-registering metrics).
-    pub const ALL: [Cause; 18] = [
+    pub const ALL: [Cause; 19] = [
         Cause::ConnectRefused,
         Cause::Connect,
         Cause::ConnectTimeout,
@@ -115,6 +183,7 @@ impl Cause {
         Cause::StatusRetryable,
         Cause::RateLimited,
         Cause::ClientError,
+        Cause::InvalidRequest,
         Cause::NextProvider,
         Cause::Keyword,
         Cause::Opaque,
@@ -138,6 +207,7 @@ impl Cause {
             Cause::StatusRetryable => "status_retryable",
             Cause::RateLimited => "rate_limited",
             Cause::ClientError => "client_error",
+            Cause::InvalidRequest => "invalid_request",
             Cause::NextProvider => "next_provider",
             Cause::Keyword => "keyword",
             Cause::Opaque => "opaque",
@@ -146,19 +216,48 @@ impl Cause {
 
     /// Whether a failure with this cause says something about the
     /// provider's health. Client errors, "not served here" and rate limits
-    /// do not: the provider answered, correctly.
+    /// do not: the provider answered, correctly. Neither does a request
+    /// that could not be built: the provider never saw it.
     pub fn is_provider_fault(self) -> bool {
         !matches!(
             self,
-            Cause::ClientError | Cause::NextProvider | Cause::RateLimited
+            Cause::ClientError | Cause::InvalidRequest | Cause::NextProvider | Cause::RateLimited
         )
     }
 }
 
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Cause {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Cause {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Cause::ALL
+            .into_iter()
+            .find(|c| c.as_str() == name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown cause {name:?}")))
+    }
+}
+
 /// A classification with its cause.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+///
+/// `Display` is the class, then the cause in parentheses:
+/// `transient (connect_refused)`, `rate_limited, retry after 7s
+/// (rate_limited)`. Serialized, it is one flat object:
+/// `{"class":"rate_limited","retry_after_ms":7000,"cause":"rate_limited"}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Verdict {
     /// What the pool does next.
+    #[serde(flatten)]
     pub class: Classification,
     /// Why.
     pub cause: Cause,
@@ -172,6 +271,12 @@ impl Verdict {
 
     const fn transient(cause: Cause) -> Self {
         Verdict::new(Classification::Transient, cause)
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.class, self.cause)
     }
 }
 
@@ -393,6 +498,11 @@ impl Rules {
         if let Some(status) = err.status() {
             return self.status(status.as_u16(), None, "");
         }
+        // A bad URL, scheme or header: the request was never sent, and no
+        // provider (nor any wait) can make it valid.
+        if err.is_builder() {
+            return Verdict::new(Classification::Permanent, Cause::InvalidRequest);
+        }
         if err.is_connect() {
             if err.is_timeout() {
                 return Verdict::transient(Cause::ConnectTimeout);
@@ -417,9 +527,6 @@ impl Rules {
         }
         if err.is_decode() {
             return Verdict::new(Classification::TryNext, Cause::Decode);
-        }
-        if err.is_builder() {
-            return Verdict::new(Classification::TryNext, Cause::Opaque);
         }
         self.text(&chain_text(err))
     }
@@ -595,6 +702,122 @@ mod tests {
             ..ClassifyPolicy::default()
         });
         assert_eq!(r.response_timeout().class, Classification::Transient);
+    }
+
+    #[test]
+    fn builder_errors_are_the_callers_and_permanent() {
+        let r = rules();
+        let client = reqwest::Client::new();
+        for request in [
+            client.get("/relative/path"),
+            client.get("http://127.0.0.1:9/").header("x-trace", "a\nb"),
+        ] {
+            let err = request.build().unwrap_err();
+            assert!(err.is_builder(), "{err:?}");
+            let v = err.classify(&r);
+            assert_eq!(
+                v,
+                Verdict::new(Classification::Permanent, Cause::InvalidRequest)
+            );
+            assert!(!v.cause.is_provider_fault());
+            // Wrapped in another error: found in the chain.
+            let wrapped = io::Error::other(err);
+            assert_eq!(wrapped.classify(&r).cause, Cause::InvalidRequest);
+        }
+    }
+
+    #[test]
+    fn display_and_serialized_names_are_stable() {
+        let secs = |s| Classification::RateLimited {
+            retry_after: Some(Duration::from_secs(s)),
+        };
+        let no_wait = Classification::RateLimited { retry_after: None };
+        let classes = [
+            (
+                Classification::Transient,
+                "transient",
+                r#"{"class":"transient"}"#,
+            ),
+            (no_wait, "rate_limited", r#"{"class":"rate_limited"}"#),
+            (
+                secs(7),
+                "rate_limited, retry after 7s",
+                r#"{"class":"rate_limited","retry_after_ms":7000}"#,
+            ),
+            (
+                Classification::TryNext,
+                "try_next",
+                r#"{"class":"try_next"}"#,
+            ),
+            (
+                Classification::Permanent,
+                "permanent",
+                r#"{"class":"permanent"}"#,
+            ),
+        ];
+        for (class, display, json) in classes {
+            assert_eq!(class.to_string(), display);
+            assert_eq!(serde_json::to_string(&class).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Classification>(json).unwrap(), class);
+        }
+        let names: Vec<String> = Cause::ALL.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "connect_refused",
+                "connect",
+                "connect_timeout",
+                "reset",
+                "not_sent",
+                "timeout",
+                "response_timeout",
+                "adaptive_timeout",
+                "body",
+                "decode",
+                "status_5xx",
+                "unavailable",
+                "status_retryable",
+                "rate_limited",
+                "client_error",
+                "invalid_request",
+                "next_provider",
+                "keyword",
+                "opaque",
+            ]
+        );
+        for cause in Cause::ALL {
+            let json = serde_json::to_string(&cause).unwrap();
+            assert_eq!(json, format!("\"{}\"", cause.as_str()));
+            assert_eq!(serde_json::from_str::<Cause>(&json).unwrap(), cause);
+        }
+        assert!(serde_json::from_str::<Cause>("\"refused\"").is_err());
+
+        let v = Verdict::new(secs(7), Cause::RateLimited);
+        assert_eq!(v.to_string(), "rate_limited, retry after 7s (rate_limited)");
+        let json = r#"{"class":"rate_limited","retry_after_ms":7000,"cause":"rate_limited"}"#;
+        assert_eq!(serde_json::to_string(&v).unwrap(), json);
+        assert_eq!(serde_json::from_str::<Verdict>(json).unwrap(), v);
+        let v = Verdict::transient(Cause::ConnectRefused);
+        assert_eq!(v.to_string(), "transient (connect_refused)");
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            r#"{"class":"transient","cause":"connect_refused"}"#
+        );
+        // Sub-millisecond waits are cut to the millisecond; the longest
+        // wait saturates instead of failing.
+        let v = Verdict::new(
+            Classification::RateLimited {
+                retry_after: Some(Duration::MAX),
+            },
+            Cause::Unavailable,
+        );
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            format!(
+                r#"{{"class":"rate_limited","retry_after_ms":{},"cause":"unavailable"}}"#,
+                u64::MAX
+            )
+        );
     }
 
     #[test]
