@@ -11,8 +11,9 @@
 //! 3. `std::io::ErrorKind`s and hyper's flags found by walking the
 //!    `source()` chain: every send-time failure displays as "error sending
 //!    request for url (...)", the cause is only in the chain;
-//! 4. for opaque errors only, the policy's keywords, matched
-//!    ASCII-case-insensitively on the raw text of the whole chain.
+//! 4. for opaque errors only ([`Rules::text`]): reqwest's own message
+//!    forms, then the policy's keywords, matched ASCII-case-insensitively
+//!    on the raw text of the whole chain.
 //!
 //! Gateways classify their own error types by implementing [`Classify`],
 //! usually by delegating to [`Rules::error_chain`] or [`Rules::status`].
@@ -159,7 +160,8 @@ pub enum Cause {
     InvalidRequest,
     /// A status or keyword that means "not served here" (e.g. 404).
     NextProvider,
-    /// An opaque error text that matched a transient keyword.
+    /// An opaque error text that matched a transient keyword, or that is
+    /// reqwest's bare "error sending request" with no cause after it.
     Keyword,
     /// An opaque error with nothing recognisable in it.
     Opaque,
@@ -368,18 +370,93 @@ impl Rules {
         best
     }
 
-    /// Classifies an opaque error text by the policy's keywords.
+    /// Classifies an opaque error text: an error's `to_string()`, or its
+    /// whole chain (`{:#}` of an `anyhow::Error`).
+    ///
+    /// In this order:
+    ///
+    /// 1. a client-error keyword anywhere: permanent;
+    /// 2. reqwest's own messages, recognised by their fixed forms
+    ///    (ASCII-case-insensitively, at a word start, anywhere in the text;
+    ///    the URL part is optional):
+    ///
+    ///    | text | verdict |
+    ///    |---|---|
+    ///    | `builder error ...` | permanent (`invalid_request`) |
+    ///    | `HTTP status client error (429 ...`, `... server error (503 ...` | that status, as [`Rules::status`] with the text as body |
+    ///    | `client error (Connect): ...` (a failed connect) | transient: `connect_refused` ("connection refused"), `connect_timeout` ("timed out", "deadline has elapsed"), else `connect` |
+    ///    | `client error (Canceled): ...` (handed back unsent) | transient (`not_sent`) |
+    ///    | `error sending request [for url (...)]: operation timed out` (reqwest's own timer) | [`Rules::response_timeout`] |
+    ///
+    ///    These are the texts of reqwest 0.13 and hyper-util 0.1, checked
+    ///    against errors from real sockets in `tests/upstream`;
+    /// 3. the next-provider keywords, then the transient keywords;
+    /// 4. reqwest's bare "error sending request" or "error decoding
+    ///    response body" with nothing after them: transient. That is all
+    ///    the `Display` of a refused, reset or timed-out connect says (the
+    ///    cause is only in the chain), and most such failures are
+    ///    connection-level; a response timeout or a malformed response
+    ///    reads the same and is retried too;
+    /// 5. anything else is opaque: the next provider is tried.
     pub fn text(&self, text: &str) -> Verdict {
-        match self.keyword(text) {
-            Some(KeywordGroup::ClientError) => {
-                Verdict::new(Classification::Permanent, Cause::ClientError)
-            }
+        let keyword = self.keyword(text);
+        if keyword == Some(KeywordGroup::ClientError) {
+            return Verdict::new(Classification::Permanent, Cause::ClientError);
+        }
+        if let Some(v) = self.reqwest_text(text) {
+            return v;
+        }
+        match keyword {
             Some(KeywordGroup::NextProvider) => {
                 Verdict::new(Classification::TryNext, Cause::NextProvider)
             }
             Some(KeywordGroup::Transient) => Verdict::transient(Cause::Keyword),
-            None => Verdict::new(Classification::TryNext, Cause::Opaque),
+            _ if reqwest_bare_failure(text) => Verdict::transient(Cause::Keyword),
+            _ => Verdict::new(Classification::TryNext, Cause::Opaque),
         }
+    }
+
+    /// The verdict reqwest's own text gives away (step 2 of
+    /// [`Rules::text`]).
+    fn reqwest_text(&self, text: &str) -> Option<Verdict> {
+        if find_form(text, "builder error").is_some() {
+            return Some(Verdict::new(
+                Classification::Permanent,
+                Cause::InvalidRequest,
+            ));
+        }
+        for form in ["http status client error (", "http status server error ("] {
+            if let Some(at) = find_form(text, form) {
+                let digits = text.get(at + form.len()..at + form.len() + 3);
+                if let Some(code) = digits
+                    .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|d| d.parse::<u16>().ok())
+                {
+                    return Some(self.status(code, None, text));
+                }
+            }
+        }
+        if let Some(at) = find_form(text, "client error (connect)") {
+            let detail = &text[at..];
+            let cause = if find_form(detail, "connection refused").is_some() {
+                Cause::ConnectRefused
+            } else if find_form(detail, "timed out").is_some()
+                || find_form(detail, "deadline has elapsed").is_some()
+            {
+                Cause::ConnectTimeout
+            } else {
+                Cause::Connect
+            };
+            return Some(Verdict::transient(cause));
+        }
+        if find_form(text, "client error (canceled)").is_some() {
+            return Some(Verdict::transient(Cause::NotSent));
+        }
+        let detail = after_form(text, "error sending request")?;
+        detail
+            .trim()
+            .eq_ignore_ascii_case("operation timed out")
+            .then(|| self.response_timeout())
     }
 
     /// Classifies an HTTP status, with the provider's Retry-After and (part
@@ -530,6 +607,49 @@ impl Rules {
         }
         self.text(&chain_text(err))
     }
+}
+
+/// Whether `text` ends with reqwest's bare message of a failed send or
+/// body read: "error sending request" or "error decoding response body"
+/// (each with or without " for url (...)"), no cause after it.
+fn reqwest_bare_failure(text: &str) -> bool {
+    ["error sending request", "error decoding response body"]
+        .into_iter()
+        .any(|form| after_form(text, form).is_some_and(|rest| rest.trim().is_empty()))
+}
+
+/// Where `form` (ASCII, lower case) first occurs in `text`, ignoring ASCII
+/// case, at the start of a word (not preceded by a letter or digit).
+fn find_form(text: &str, form: &str) -> Option<usize> {
+    let (hay, needle) = (text.as_bytes(), form.as_bytes());
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    (0..=hay.len() - needle.len()).find(|&at| {
+        (at == 0 || !hay[at - 1].is_ascii_alphanumeric())
+            && hay[at..at + needle.len()].eq_ignore_ascii_case(needle)
+    })
+}
+
+/// What follows reqwest's message `form` in `text`: the text after it and
+/// after its optional " for url (...)", with the ": " that joins the next
+/// error of a chain removed. A URL holds no whitespace, so it ends at the
+/// last ")" before the next whitespace.
+fn after_form<'t>(text: &'t str, form: &str) -> Option<&'t str> {
+    // `form` is ASCII: every offset below is a char boundary.
+    let mut rest = &text[find_form(text, form)? + form.len()..];
+    const URL: &str = " for url (";
+    if rest
+        .get(..URL.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(URL))
+    {
+        let url = &rest[URL.len()..];
+        let run = &url[..url.find(char::is_whitespace).unwrap_or(url.len())];
+        if let Some(close) = run.rfind(')') {
+            rest = &url[close + 1..];
+        }
+    }
+    Some(rest.strip_prefix(':').unwrap_or(rest))
 }
 
 /// The next error below `e`. An `io::Error` wrapping a custom error
@@ -702,6 +822,145 @@ mod tests {
             ..ClassifyPolicy::default()
         });
         assert_eq!(r.response_timeout().class, Classification::Transient);
+    }
+
+    #[test]
+    fn default_keywords_are_phrases_not_the_word_connection() {
+        let r = rules();
+        // A parameter name is not a transport failure.
+        for text in [
+            "invalid value for 'connection_id'",
+            "unknown field `connection_pool_size`",
+            "Connection: keep-alive header not allowed",
+        ] {
+            assert_eq!(r.text(text).cause, Cause::Opaque, "{text}");
+        }
+        // The transport failures the bare word used to catch still are.
+        for text in [
+            "Connection refused (os error 111)",
+            "Connection reset by peer (os error 104)",
+            "connection closed before message completed",
+            "operation was canceled: connection closed",
+            "connection error: Broken pipe (os error 32)",
+            "Connection timed out (os error 110)",
+            "tcp connect error: Network is unreachable (os error 101)",
+            "APIConnectionError: Connection error.",
+            "read ECONNRESET",
+            "upstream connect error or disconnect/reset before headers",
+        ] {
+            assert_eq!(r.text(text), Verdict::transient(Cause::Keyword), "{text}");
+        }
+    }
+
+    /// The texts of real reqwest 0.13 errors (see tests/upstream, which
+    /// produces each from a faulty socket): the Display, and the chain.
+    #[test]
+    fn reqwest_message_forms() {
+        let r = rules();
+        let url = " for url (http://127.0.0.1:4000/v1)";
+        let send = |detail: &str| format!("error sending request{url}{detail}");
+        let cases = [
+            // The bare Display of any send failure: transient.
+            (send(""), Verdict::transient(Cause::Keyword)),
+            ("error sending request".into(), Verdict::transient(Cause::Keyword)),
+            (
+                format!("error decoding response body{url}"),
+                Verdict::transient(Cause::Keyword),
+            ),
+            (
+                send(": client error (Connect): tcp connect error: Connection refused (os error 111)"),
+                Verdict::transient(Cause::ConnectRefused),
+            ),
+            (
+                send(": client error (Connect): tcp connect error: deadline has elapsed"),
+                Verdict::transient(Cause::ConnectTimeout),
+            ),
+            (
+                "error sending request: client error (Connect): tcp connect error: No route to host (os error 113)".into(),
+                Verdict::transient(Cause::Connect),
+            ),
+            (
+                send(": client error (Canceled): operation was canceled: connection error: Connection reset by peer (os error 104)"),
+                Verdict::transient(Cause::NotSent),
+            ),
+            (
+                send(": client error (SendRequest): connection closed before message completed"),
+                Verdict::transient(Cause::Keyword),
+            ),
+            // reqwest's own timer, after the request went out.
+            (send(": operation timed out"), r.response_timeout()),
+            ("error sending request: operation timed out".into(), r.response_timeout()),
+            // A malformed response, or a body that is not JSON: not a
+            // transport failure.
+            (
+                send(": client error (SendRequest): invalid content-length parsed"),
+                Verdict::new(Classification::TryNext, Cause::Opaque),
+            ),
+            (
+                format!("error decoding response body{url}: expected ident at line 1 column 2"),
+                Verdict::new(Classification::TryNext, Cause::Opaque),
+            ),
+            (
+                format!("error decoding response body{url}: request or response body error: error reading a body from connection: end of file before message length reached"),
+                Verdict::transient(Cause::Keyword),
+            ),
+            // error_for_status(): the status alone.
+            (
+                format!("HTTP status client error (429 Too Many Requests){url}"),
+                Verdict::new(
+                    Classification::RateLimited { retry_after: None },
+                    Cause::RateLimited,
+                ),
+            ),
+            (
+                "HTTP status server error (503 Service Unavailable)".into(),
+                Verdict::transient(Cause::Unavailable),
+            ),
+            (
+                "HTTP status server error (500 Internal Server Error)".into(),
+                Verdict::transient(Cause::Status5xx),
+            ),
+            (
+                "HTTP status client error (400 Bad Request)".into(),
+                Verdict::new(Classification::Permanent, Cause::ClientError),
+            ),
+            (
+                "HTTP status client error (404 Not Found)".into(),
+                Verdict::new(Classification::TryNext, Cause::NextProvider),
+            ),
+            // A request that could not be built.
+            (
+                "builder error for url (ftp://127.0.0.1:9/x): URL scheme is not allowed".into(),
+                Verdict::new(Classification::Permanent, Cause::InvalidRequest),
+            ),
+            (
+                "builder error: relative URL without a base".into(),
+                Verdict::new(Classification::Permanent, Cause::InvalidRequest),
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(r.text(&text), want, "{text}");
+            // A gateway's own prefix, and any ASCII case, change nothing.
+            assert_eq!(
+                r.text(&format!("upstream call failed: {text}")),
+                want,
+                "{text}"
+            );
+            assert_eq!(r.text(&text.to_ascii_uppercase()), want, "{text}");
+        }
+        // Only at a word start, and only with the status digits.
+        assert_eq!(r.text("rebuilder error").cause, Cause::Opaque);
+        assert_eq!(
+            r.text("HTTP status server error (5xx)").cause,
+            Cause::Opaque
+        );
+        // Something after the bare message that is no cause: not bare.
+        assert_eq!(r.text(&send(" (attempt 2)")).cause, Cause::Opaque);
+        // A client-error keyword still wins over everything.
+        assert_eq!(
+            r.text(&send(": failed to fetch image")).class,
+            Classification::Permanent
+        );
     }
 
     #[test]
