@@ -17,6 +17,9 @@
 //!
 //! Gateways classify their own error types by implementing [`Classify`],
 //! usually by delegating to [`Rules::error_chain`] or [`Rules::status`].
+//! An HTTP response is classified with its status and Retry-After through
+//! `Classify for reqwest::Response`, or with its body too through
+//! [`upstream::check`](crate::upstream::check).
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -286,7 +289,8 @@ impl fmt::Display for Verdict {
 ///
 /// Implementations exist for [`reqwest::Error`], [`std::io::Error`],
 /// [`reqwest::StatusCode`], [`str`]/[`String`] (opaque text),
-/// boxed errors, and [`crate::upstream::UpstreamError`].
+/// boxed errors, and, in [`crate::upstream`], [`reqwest::Response`]
+/// (status and headers) and [`UpstreamError`](crate::upstream::UpstreamError).
 pub trait Classify {
     /// Classifies `self` under the policy's `rules`.
     fn classify(&self, rules: &Rules) -> Verdict;
