@@ -294,6 +294,19 @@ impl fmt::Display for Verdict {
 pub trait Classify {
     /// Classifies `self` under the policy's `rules`.
     fn classify(&self, rules: &Rules) -> Verdict;
+
+    /// The error below what this one's `Display` says, if any. A
+    /// [`PoolError`](crate::PoolError)'s message quotes the last error and
+    /// then this error and every one below it (`": "`-joined), so a log
+    /// line keeps the root cause: reqwest's own text of a refused, reset or
+    /// timed-out connect is only "error sending request for url (...)".
+    ///
+    /// The default is `None` (the `Display` alone). An error type whose
+    /// `Display` does not already include its cause returns its
+    /// `source()` here.
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        None
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -682,11 +695,21 @@ impl Classify for reqwest::Error {
     fn classify(&self, rules: &Rules) -> Verdict {
         rules.reqwest(self)
     }
+
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source()
+    }
 }
 
 impl Classify for io::Error {
     fn classify(&self, rules: &Rules) -> Verdict {
         rules.error_chain(self)
+    }
+
+    // An io::Error wrapping a custom error displays that error, and
+    // reports the custom error's source as its own.
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source()
     }
 }
 
@@ -712,11 +735,19 @@ impl Classify for Box<dyn StdError + Send + Sync> {
     fn classify(&self, rules: &Rules) -> Verdict {
         rules.error_chain(self.as_ref())
     }
+
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.as_ref().source()
+    }
 }
 
 impl<T: Classify + ?Sized> Classify for &T {
     fn classify(&self, rules: &Rules) -> Verdict {
         (**self).classify(rules)
+    }
+
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        (**self).error_source()
     }
 }
 

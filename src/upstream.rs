@@ -115,6 +115,15 @@ impl Classify for UpstreamError {
             } => rules.status(status.as_u16(), *retry_after, body),
         }
     }
+
+    /// A transport error's `Display` is reqwest's ("error sending request
+    /// for url (...)"): its cause is below it.
+    fn error_source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UpstreamError::Transport(e) => e.error_source(),
+            UpstreamError::Status { .. } => None,
+        }
+    }
 }
 
 /// A response classified by its status and Retry-After header, without
