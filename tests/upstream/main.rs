@@ -9,6 +9,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod classification;
+
 use std::time::Duration;
 
 use retryctl::upstream::{self, UpstreamError};
