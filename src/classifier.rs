@@ -41,6 +41,15 @@ use crate::classify::{Classify, Rules, Verdict};
 pub trait Classifier<E: ?Sized> {
     /// The verdict on `error`.
     fn verdict(&self, error: &E, rules: &Rules) -> Verdict;
+
+    /// The error below what `error`'s `Display` says, quoted with its own
+    /// `source()` chain in the [`PoolError`](crate::PoolError)'s message
+    /// (see [`Classify::error_source`]). Asked once, when a call fails.
+    /// The default is `None`: the `Display` alone.
+    fn error_source<'e>(&self, error: &'e E) -> Option<&'e (dyn std::error::Error + 'static)> {
+        let _ = error;
+        None
+    }
 }
 
 /// The default [`Classifier`]: the error type's own [`Classify`] impl.
@@ -50,6 +59,10 @@ pub struct DefaultClassifier;
 impl<E: Classify + ?Sized> Classifier<E> for DefaultClassifier {
     fn verdict(&self, error: &E, rules: &Rules) -> Verdict {
         error.classify(rules)
+    }
+
+    fn error_source<'e>(&self, error: &'e E) -> Option<&'e (dyn std::error::Error + 'static)> {
+        error.error_source()
     }
 }
 

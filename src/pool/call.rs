@@ -265,11 +265,11 @@ impl<P, C> Pool<P, C> {
             }
             name.truncate(cut);
         }
-        PoolError {
-            reason: FailReason::UnknownModel { model: name },
-            last: None,
-            report: Report::default(),
-        }
+        PoolError::new(
+            FailReason::UnknownModel { model: name },
+            None,
+            Report::default(),
+        )
     }
 }
 
@@ -876,12 +876,30 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                 "all providers failed"
             );
         }
+        let below = match &self.last {
+            Some(AttemptError::Upstream(e)) => chain_below(self.classifier.error_source(e)),
+            _ => None,
+        };
         PoolError {
             reason,
             last: self.last,
             report: self.report,
+            below,
         }
     }
+}
+
+/// `error` and every error below it, `": "`-joined.
+fn chain_below(error: Option<&(dyn std::error::Error + 'static)>) -> Option<Box<str>> {
+    use std::fmt::Write as _;
+    let first = error?;
+    let mut text = first.to_string();
+    let mut below = first.source();
+    while let Some(cause) = below {
+        let _ = write!(text, ": {cause}");
+        below = cause.source();
+    }
+    Some(text.into_boxed_str())
 }
 
 /// With `adaptive.deadline_aware`: `Some(p50)` when a retry of provider

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::classify::{Classify, Verdict};
+use crate::classify::Verdict;
 
 /// One failed attempt, as the pool saw it.
 #[derive(Clone, Debug, PartialEq)]
@@ -212,9 +212,23 @@ pub struct PoolError<E> {
     pub last: Option<AttemptError<E>>,
     /// Attempts, rounds, failures and time.
     pub report: Report,
+    /// The errors below the last one, `": "`-joined, as the classifier
+    /// found them when the call failed (rendered then: the chain borrows
+    /// from the error, and the message needs no classifier later).
+    pub(crate) below: Option<Box<str>>,
 }
 
 impl<E> PoolError<E> {
+    /// A failure with no chain below its last error.
+    pub(crate) fn new(reason: FailReason, last: Option<AttemptError<E>>, report: Report) -> Self {
+        PoolError {
+            reason,
+            last,
+            report,
+            below: None,
+        }
+    }
+
     /// The last upstream error, if the operation returned one.
     pub fn upstream(&self) -> Option<&E> {
         match &self.last {
@@ -234,9 +248,11 @@ impl<E> PoolError<E> {
 
 /// `all providers failed after N attempts in R rounds: REASON; last error:
 /// ERROR`, where the last error is followed by every error below it
-/// ([`Classify::error_source`] and its `source()` chain, `": "`-joined):
-/// the root cause (refused, reset, timed out) stays in the log line.
-impl<E: Classify + fmt::Display> fmt::Display for PoolError<E> {
+/// ([`Classifier::error_source`](crate::Classifier::error_source), by
+/// default [`Classify::error_source`](crate::Classify::error_source), and
+/// its `source()` chain, `": "`-joined): the root cause (refused, reset,
+/// timed out) stays in the log line.
+impl<E: fmt::Display> fmt::Display for PoolError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let FailReason::UnknownModel { .. } = self.reason {
             return self.reason.fmt(f);
@@ -253,12 +269,8 @@ impl<E: Classify + fmt::Display> fmt::Display for PoolError<E> {
         if let Some(last) = &self.last {
             write!(f, "; last error: {last}")?;
         }
-        if let Some(AttemptError::Upstream(e)) = &self.last {
-            let mut below = e.error_source();
-            while let Some(cause) = below {
-                write!(f, ": {cause}")?;
-                below = cause.source();
-            }
+        if let Some(below) = &self.below {
+            write!(f, ": {below}")?;
         }
         Ok(())
     }
@@ -266,4 +278,4 @@ impl<E: Classify + fmt::Display> fmt::Display for PoolError<E> {
 
 /// The message already quotes the last error's chain, so `source()` is
 /// `None`: a chain-printing reporter does not repeat it.
-impl<E: Classify + fmt::Debug + fmt::Display> std::error::Error for PoolError<E> {}
+impl<E: fmt::Debug + fmt::Display> std::error::Error for PoolError<E> {}

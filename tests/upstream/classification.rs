@@ -34,8 +34,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use retryctl::policy::{LivePolicy, Policy};
 use retryctl::upstream::{self, UpstreamError};
-use retryctl::{Cause, Classification, Classify, LivePolicy, Policy, Pool, Rules, Verdict};
+use retryctl::{Cause, Classification, Classify, Pool, Rules, Verdict};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 

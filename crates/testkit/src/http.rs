@@ -129,14 +129,14 @@ impl RecordedRequest {
 /// Incremental HTTP/1.1 request parser over one connection; keeps bytes that
 /// arrived past the end of one request for the next.
 #[derive(Default)]
-pub(crate) struct RequestReader {
+pub struct RequestReader {
     buf: Vec<u8>,
 }
 
 impl RequestReader {
     /// Reads one full request (head and body). `Ok(None)` on a clean EOF
     /// before any byte of a new request.
-    pub(crate) async fn next(
+    pub async fn next(
         &mut self,
         stream: &mut TcpStream,
     ) -> std::io::Result<Option<RecordedRequest>> {
@@ -250,7 +250,7 @@ fn invalid(msg: &str) -> std::io::Error {
 }
 
 /// Resets `stream`: `SO_LINGER(0)` then drop makes the kernel send RST.
-pub(crate) fn reset(stream: TcpStream) {
+pub fn reset(stream: TcpStream) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }

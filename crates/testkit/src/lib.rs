@@ -52,11 +52,11 @@ pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
 
 /// Aborts the wrapped task when dropped; the common core of every server handle.
 #[derive(Debug)]
-pub(crate) struct TaskGuard(tokio::task::JoinHandle<()>);
+pub struct TaskGuard(tokio::task::JoinHandle<()>);
 
 impl TaskGuard {
     /// Spawns `fut` on the current Tokio runtime.
-    pub(crate) fn spawn<F>(fut: F) -> Self
+    pub fn spawn<F>(fut: F) -> Self
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
@@ -65,7 +65,7 @@ impl TaskGuard {
 
     /// Aborts the task and waits until it has been dropped, so its listener
     /// and connections are closed when this returns.
-    pub(crate) async fn stop(&mut self) {
+    pub async fn stop(&mut self) {
         self.0.abort();
         let _ = (&mut self.0).await;
     }
