@@ -769,6 +769,6 @@ fn the_objects_fit_together() {
     assert!(
         budget["spec"]["minAvailable"]
             .as_u64()
-            .is_some_and(|m| m >= 1 && m < 3)
+            .is_some_and(|m| (1..3).contains(&m))
     );
 }
