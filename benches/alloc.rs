@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use backon::{ConstantBuilder, Retryable};
-use retryctl::Policy;
+use retryctl::policy::Policy;
 use tower::retry::Retry;
 use tower::{ServiceExt, service_fn};
 

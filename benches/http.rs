@@ -15,7 +15,7 @@ mod common;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use reqwest_middleware::ClientWithMiddleware;
 use reqwest_retry::{RetryTransientMiddleware, policies::ExponentialBackoff};
-use retryctl::Policy;
+use retryctl::policy::Policy;
 use retryctl::upstream;
 
 use common::{

@@ -16,7 +16,8 @@ use std::time::Instant;
 
 use reqwest_middleware::ClientWithMiddleware;
 use reqwest_retry::{RetryTransientMiddleware, policies::ExponentialBackoff};
-use retryctl::{Policy, upstream};
+use retryctl::policy::Policy;
+use retryctl::upstream;
 
 use common::{REQUEST, http_plain, http_pool, runtime, start_server, upkeep};
 

@@ -31,7 +31,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use criterion::{Criterion, criterion_group, criterion_main};
-use retryctl::{BudgetPolicy, Classify, LivePolicy, Policy, RetryBudget, Rules};
+use retryctl::policy::{BudgetPolicy, LivePolicy, Policy};
+use retryctl::{Classify, RetryBudget, Rules};
 use tokio::runtime::Runtime;
 use tower::retry::budget::{Budget, TpsBudget};
 

@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use retryctl::LivePolicy;
+use retryctl::policy::LivePolicy;
 use retryctl::reload::{PolicyWatcher, ReloadOptions};
 
 const WRITES: u32 = 50;

@@ -21,7 +21,8 @@
 //! the stripes and serialise on one ledger, which keeps the budget exact.
 //!
 //! ```
-//! use retryctl::{BudgetPolicy, RetryBudget};
+//! use retryctl::RetryBudget;
+//! use retryctl::policy::BudgetPolicy;
 //! use tokio::time::Instant;
 //!
 //! let policy = BudgetPolicy { min_per_second: 0, ..BudgetPolicy::default() };

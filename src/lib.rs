@@ -9,18 +9,19 @@
 //! * a [`Pool`] routes each request for a model across its providers in
 //!   rounds, with no wait between *different* providers and a jittered
 //!   wait before retrying the *same* one;
-//! * every failed attempt is [classified](classify) from error kinds first
+//! * every failed attempt is [classified](Classify) from error kinds first
 //!   (HTTP status, reqwest flags, io kinds in the `source()` chain) and from
 //!   keywords only for opaque text;
 //! * retries are paid from a lock-free [`RetryBudget`] and never wait past
 //!   the request's deadline;
 //! * provider health is counted once per request, and a demoted provider
 //!   comes back through a probe instead of being dropped;
-//! * the [`Policy`] is plain TOML-friendly data, swapped atomically in a
-//!   [`LivePolicy`] while requests run; each request uses one snapshot.
+//! * the [`Policy`](policy::Policy) is plain TOML-friendly data, swapped atomically in a
+//!   [`LivePolicy`](policy::LivePolicy) while requests run; each request uses one snapshot.
 //!
 //! ```
-//! use retryctl::{Classification, LivePolicy, Pool};
+//! use retryctl::policy::LivePolicy;
+//! use retryctl::{Classification, Pool};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let pool = Pool::builder()
@@ -55,21 +56,19 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
-pub mod budget;
-pub mod classify;
-pub mod demo;
-pub mod gateway;
+mod budget;
+mod classify;
 mod health;
-mod listener;
 mod live;
 pub mod policy;
-pub mod pool;
-pub mod recovery;
+mod pool;
+mod recovery;
 pub mod reload;
 pub mod stats;
 mod stripe;
 pub mod telemetry;
-mod toml_error;
+#[doc(hidden)]
+pub mod toml_error;
 pub mod upstream;
 
 /// The README's examples, compiled and run as doc tests.
@@ -79,17 +78,7 @@ pub struct ReadmeDoctests;
 
 pub use budget::RetryBudget;
 pub use classify::{Cause, Classification, Classify, Rules, Verdict};
-pub use health::HealthSnapshot;
-pub use live::ModelPolicy;
-pub use live::{ActivePolicy, LivePolicy};
-pub use policy::PolicyOverride;
-pub use policy::{
-    AdaptivePolicy, AdmissionPolicy, BudgetPolicy, ClassifyPolicy, HealthPolicy, Policy,
-    PolicyError, RetryDelay, Timeouts,
-};
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,
-    ProviderStats, Report, Served, ShadowCounts,
+    Report, Served,
 };
-pub use reload::{PolicyWatcher, ReloadOptions};
-pub use stats::WindowStats;

@@ -8,7 +8,7 @@
 //! last, so a request never mixes two policy versions.
 //!
 //! ```
-//! use retryctl::{LivePolicy, Policy};
+//! use retryctl::policy::{LivePolicy, Policy};
 //!
 //! let live = LivePolicy::new(Policy::default()).unwrap();
 //! let before = live.load();
@@ -28,7 +28,7 @@
 //! override shares the top-level [`ModelPolicy`].
 //!
 //! ```
-//! use retryctl::{LivePolicy, Policy};
+//! use retryctl::policy::{LivePolicy, Policy};
 //!
 //! let live = LivePolicy::new(Policy::from_toml(r#"
 //!     [models."openai/gpt-oss-120b"]

@@ -41,7 +41,7 @@
 //! name is inherited.
 //!
 //! ```
-//! use retryctl::Policy;
+//! use retryctl::policy::Policy;
 //!
 //! let policy = Policy::from_toml(r#"
 //!     max_rounds = 2
@@ -62,6 +62,8 @@
 //! pass [`Policy::validate`], and an error names the full path
 //! (`models."openai/gpt-oss-120b".budget.ratio`) and where it is written.
 
+pub use crate::live::{ActivePolicy, LivePolicy, ModelPolicy};
+pub use crate::pool::MAX_PROVIDERS_PER_MODEL;
 use crate::toml_error::{Seg, display_path, line_col, locate, path_at};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -122,7 +124,7 @@ pub struct Policy {
     /// A candidate policy evaluated on every live outcome without acting
     /// (`[shadow]`): the same keys as a model override, applied on top of
     /// each model's resolved policy. The pool counts what it would have
-    /// done differently (see [`crate::pool`]'s shadow metrics).
+    /// done differently (see the shadow metrics in [`crate::telemetry`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow: Option<PolicyOverride>,
     /// Per-model overrides, by model name as requests name it. A model

@@ -40,7 +40,8 @@ const SLOT: Duration = Duration::from_secs(60);
 const MAX_MILLIS: u64 = 600_000;
 
 /// The window of recoveries a learned delay is computed from.
-pub const WINDOW: Duration = Duration::from_secs(SLOTS as u64 * SLOT.as_secs());
+#[cfg(test)]
+const WINDOW: Duration = Duration::from_secs(SLOTS as u64 * SLOT.as_secs());
 
 #[derive(Debug)]
 struct Slot {

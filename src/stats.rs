@@ -30,6 +30,9 @@
 //! recording for the same provider at once never wait for each other. A
 //! snapshot merges the shards.
 
+pub use crate::health::HealthSnapshot;
+pub use crate::pool::{GateSnapshot, ProviderStats, ShadowCounts};
+
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -14,20 +14,20 @@ use toml::de::{DeTable, DeValue};
 
 /// One step of a key path: a table's key or an array's index.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Seg {
+pub enum Seg {
     Key(String),
     Index(usize),
 }
 
 impl Seg {
-    pub(crate) fn key(k: &str) -> Seg {
+    pub fn key(k: &str) -> Seg {
         Seg::Key(k.to_owned())
     }
 }
 
 /// 1-based line and column of a byte offset; the column counts characters,
 /// not bytes. An offset past the end is the end.
-pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
@@ -42,7 +42,7 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// The byte span of the value written at `path`, if the text parses as
 /// TOML and sets it.
-pub(crate) fn span_of(text: &str, path: &[Seg]) -> Option<Range<usize>> {
+pub fn span_of(text: &str, path: &[Seg]) -> Option<Range<usize>> {
     let root = DeTable::parse(text).ok()?;
     let (Seg::Key(first), rest) = path.split_first()? else {
         return None;
@@ -58,14 +58,14 @@ pub(crate) fn span_of(text: &str, path: &[Seg]) -> Option<Range<usize>> {
 }
 
 /// Line and column of the value written at `path`, if it is.
-pub(crate) fn locate(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
+pub fn locate(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
     span_of(text, path).map(|span| line_col(text, span.start))
 }
 
 /// The path of the innermost key or value written at byte `offset` (where
 /// the TOML deserializer located a wrong type or an unknown key), if the
 /// text parses as TOML and something is written there.
-pub(crate) fn path_at(text: &str, offset: usize) -> Option<Vec<Seg>> {
+pub fn path_at(text: &str, offset: usize) -> Option<Vec<Seg>> {
     fn walk_table(table: &DeTable<'_>, offset: usize, path: &mut Vec<Seg>) -> bool {
         for (k, v) in table.iter() {
             path.push(Seg::Key(k.get_ref().to_string()));
@@ -103,7 +103,7 @@ pub(crate) fn path_at(text: &str, offset: usize) -> Option<Vec<Seg>> {
 /// (`models[1].providers`, `providers."a b".base_url`). A model name (the
 /// key right under a top-level `models` table) is always quoted: model
 /// names are full of dots and slashes, and one form is easier to read.
-pub(crate) fn display_path(path: &[Seg]) -> String {
+pub fn display_path(path: &[Seg]) -> String {
     let mut out = String::new();
     for (i, seg) in path.iter().enumerate() {
         let k = match seg {

@@ -17,9 +17,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::Duration;
 
+use retryctl::Pool;
+use retryctl::policy::{BudgetPolicy, LivePolicy, Policy};
 use retryctl::telemetry::MetricsHandle;
 use retryctl::upstream;
-use retryctl::{BudgetPolicy, LivePolicy, Policy, Pool};
 use tokio::runtime::Runtime;
 use tower::retry::budget::{Budget, TpsBudget};
 

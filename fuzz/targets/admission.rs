@@ -35,10 +35,8 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use retryctl::{
-    AdmissionPolicy, BudgetPolicy, Cause, Classification, Classify, FailReason, LivePolicy, Policy,
-    Pool, Report, Rules, Timeouts, Verdict,
-};
+use retryctl::policy::{AdmissionPolicy, BudgetPolicy, LivePolicy, Policy, Timeouts};
+use retryctl::{Cause, Classification, Classify, FailReason, Pool, Report, Rules, Verdict};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;

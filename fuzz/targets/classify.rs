@@ -15,7 +15,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use retryctl::{Cause, Classification, ClassifyPolicy, Rules, Verdict};
+use retryctl::policy::ClassifyPolicy;
+use retryctl::{Cause, Classification, Rules, Verdict};
 
 /// One fuzz input.
 pub fn run(data: &[u8]) {
@@ -64,13 +65,13 @@ pub fn run(data: &[u8]) {
         let rules = Rules::new(&policy);
         check(&rules, error, code, retry_after);
         // The same lists through a policy file, as an operator writes them.
-        let whole = retryctl::Policy {
+        let whole = retryctl::policy::Policy {
             classify: policy,
-            ..retryctl::Policy::default()
+            ..retryctl::policy::Policy::default()
         };
         if whole.validate().is_ok() {
             let text = whole.to_toml();
-            let parsed = retryctl::Policy::from_toml(&text)
+            let parsed = retryctl::policy::Policy::from_toml(&text)
                 .unwrap_or_else(|e| panic!("valid keywords do not round-trip: {e}\n{text}"));
             assert_eq!(parsed.classify, whole.classify);
         }

@@ -6,7 +6,7 @@
 //! names only declared providers; a refused one renders its error, and
 //! its location points inside the text.
 
-use retryctl::gateway::GatewayConfig;
+use retryctl_gateway::GatewayConfig;
 
 /// One fuzz input.
 pub fn run(data: &[u8]) {

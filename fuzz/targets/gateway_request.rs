@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use axum::body::{Body, Bytes};
 use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use retryctl::gateway::{Gateway, GatewayConfig};
+use retryctl_gateway::{Gateway, GatewayConfig};
 use serde::Deserialize;
 use tower::ServiceExt;
 

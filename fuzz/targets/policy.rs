@@ -10,7 +10,7 @@
 //! overrides to a valid policy; a refused one renders its error and
 //! points inside the text.
 
-use retryctl::{ActivePolicy, Policy};
+use retryctl::policy::{ActivePolicy, Policy};
 
 /// One fuzz input.
 pub fn run(data: &[u8]) {

@@ -1,5 +1,5 @@
 //! Fuzz target `redact`: what the gateway removes from every
-//! client-facing message and log line (`retryctl::gateway::Redactor`).
+//! client-facing message and log line (`retryctl_gateway::Redactor`).
 //!
 //! Input: text (lossily decoded); an optional tail after 0x1F is a list
 //! of known secrets separated by 0x1E, as the gateway's API keys.
@@ -19,7 +19,7 @@
 //! the output grew geometrically. Secrets are now replaced in one pass;
 //! [`ONE_PASS_SECRETS`] keeps such secrets in the inputs.
 
-use retryctl::gateway::{Redactor, redact};
+use retryctl_gateway::{Redactor, redact};
 
 /// Whether `Redactor::redact` replaces all secrets in one pass.
 const ONE_PASS_SECRETS: bool = true;

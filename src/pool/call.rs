@@ -211,7 +211,7 @@ struct Call<'a, P, E> {
 
 impl<P> Pool<P> {
     /// Calls `op` with a provider of `model` until it succeeds or the policy
-    /// says stop. See the [module docs](crate::pool) for the exact rules.
+    /// says stop. See the [`Pool`](crate::Pool) docs for the exact rules.
     pub async fn call<T, E, F, Fut>(&self, model: &str, op: F) -> Result<Served<T>, PoolError<E>>
     where
         F: FnMut(&P) -> Fut,

@@ -120,7 +120,8 @@ struct Model<P> {
 /// a base URL, say); the pool hands the operation a `&P` per attempt.
 ///
 /// ```
-/// use retryctl::{Pool, LivePolicy};
+/// use retryctl::Pool;
+/// use retryctl::policy::LivePolicy;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let pool = Pool::builder()
@@ -250,8 +251,8 @@ impl<P> PoolBuilder<P> {
 
     /// The metric name prefix (default `retryctl_`) of every metric the
     /// pool exports, the policy info gauge included. Give a
-    /// [`PolicyWatcher`](crate::PolicyWatcher) following the same policy
-    /// the same prefix ([`ReloadOptions::metrics_prefix`](crate::ReloadOptions::metrics_prefix)).
+    /// [`PolicyWatcher`](crate::reload::PolicyWatcher) following the same policy
+    /// the same prefix ([`ReloadOptions::metrics_prefix`](crate::reload::ReloadOptions::metrics_prefix)).
     pub fn metrics_prefix(mut self, prefix: &str) -> Self {
         self.prefix = Some(prefix.to_owned());
         self

@@ -40,9 +40,10 @@ pub struct Report {
     pub queued: Duration,
     /// From the call's start to its end.
     pub elapsed: Duration,
-    /// Out of line: a success carries an empty `Vec` (no allocation), and
-    /// the `Report` moved through every await of the call stays small.
-    pub(crate) failures: Vec<FailedAttempt>,
+    /// Every failed attempt, in order. Out of line: a success carries an
+    /// empty `Vec` (no allocation), and the `Report` moved through every
+    /// await of the call stays small.
+    pub failures: Vec<FailedAttempt>,
 }
 
 impl Report {

@@ -3,16 +3,16 @@
 //! slow start. Paused tokio time for the timing rules; real sockets on
 //! loopback for a restart and an overflowing accept queue.
 
-#[path = "../support/mod.rs"]
-mod support;
+use retryctl_testkit as support;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use retryctl::policy::{LivePolicy, Policy};
 use retryctl::upstream::{self, UpstreamError};
-use retryctl::{CallOptions, Cause, FailReason, LivePolicy, Policy, Pool, Report};
+use retryctl::{CallOptions, Cause, FailReason, Pool, Report};
 use tokio::time::Instant;
 
 const MODEL: &str = "m";
@@ -117,7 +117,7 @@ fn pool_of(providers: &[(&str, P)], policy: Policy) -> Arc<Pool<P>> {
     Arc::new(b.build().unwrap())
 }
 
-fn gate<Q>(pool: &Pool<Q>, provider: &str) -> retryctl::pool::GateSnapshot {
+fn gate<Q>(pool: &Pool<Q>, provider: &str) -> retryctl::stats::GateSnapshot {
     pool.stats()
         .into_iter()
         .find(|s| s.provider == provider)

@@ -1,9 +1,8 @@
-//! Proves that each loopback fault server in `tests/support` produces the
+//! Proves that each loopback fault server in `retryctl-testkit` produces the
 //! client-side failure it claims, as seen by a plain `reqwest::Client`
 //! (reqwest 0.13 / hyper 1 / hyper-util legacy client, Linux loopback).
 
-#[path = "../support/mod.rs"]
-mod support;
+use retryctl_testkit as support;
 
 use std::io::ErrorKind;
 use std::time::{Duration, Instant};

@@ -3,13 +3,13 @@
 //! until the fix lands (`cargo test --test fuzz_corpus -- --ignored`
 //! shows any that are open).
 
-use retryctl::gateway::{Redactor, redact};
+use retryctl_gateway::{Redactor, redact};
 
 /// Found by the `redact` target: an IPv4 address followed by more than
 /// one dot (an ellipsis, or a sentence ending in "..") is not redacted,
 /// so the upstream's address reaches the client and the logs.
 ///
-/// `ipv4()` in `src/gateway/redact.rs` trims one trailing dot from the
+/// `ipv4()` in `crates/gateway/src/redact.rs` trims one trailing dot from the
 /// candidate (`if candidate.ends_with('.') { ... }`); it must trim them
 /// all, as `ipv6()` does: `let candidate = text[i..end].trim_end_matches('.');`.
 #[test]
@@ -43,7 +43,7 @@ fn ipv4_before_one_dot_is_redacted() {
 /// did not finish in 10 s). Keys come from the operator's
 /// environment, so this takes odd keys, but a redactor must be linear.
 ///
-/// Fixed in `src/gateway/redact.rs`: all secrets are replaced in one
+/// Fixed in `crates/gateway/src/redact.rs`: all secrets are replaced in one
 /// leftmost-longest pass (aho-corasick) over the original text, built
 /// once in `Redactor::new`; each input byte yields at most one marker.
 #[test]

@@ -17,8 +17,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use retryctl::pool::GateSnapshot;
-use retryctl::{Cause, FailReason, Policy, Report, RetryBudget};
+use retryctl::policy::Policy;
+use retryctl::stats::GateSnapshot;
+use retryctl::{Cause, FailReason, Report, RetryBudget};
 use tokio::time::Instant;
 
 use crate::provider::{GateSeen, Kind, Seen};

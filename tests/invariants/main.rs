@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use retryctl::{
-    AdaptivePolicy, AdmissionPolicy, BudgetPolicy, CallOptions, ClassifyPolicy, HealthPolicy,
-    LivePolicy, Policy, Pool, Timeouts,
+use retryctl::policy::{
+    AdaptivePolicy, AdmissionPolicy, BudgetPolicy, ClassifyPolicy, HealthPolicy, LivePolicy,
+    Policy, Timeouts,
 };
+use retryctl::{CallOptions, Pool};
 use tokio::time::Instant;
 
 use check::{Batch, CallRecord, Coverage, Outcome, Run};

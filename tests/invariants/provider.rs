@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use retryctl::pool::GateSnapshot;
+use retryctl::stats::GateSnapshot;
 use retryctl::{Cause, Classification, Classify, Rules, Verdict};
 use tokio::time::Instant;
 

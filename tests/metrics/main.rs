@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use retryctl::policy::{LivePolicy, Policy};
 use retryctl::telemetry::MetricsHandle;
-use retryctl::{LivePolicy, Policy, Pool, telemetry};
+use retryctl::{Pool, telemetry};
 
 /// Parses the exposition text into `series -> value` (series as written).
 fn parse(text: &str) -> HashMap<String, f64> {
@@ -195,7 +196,7 @@ async fn outcomes_baseline_and_attempts_add_up() {
 #[tokio::test(start_paused = true)]
 async fn budget_refusals_and_first_try_successes_are_counted() {
     let policy = Policy {
-        budget: retryctl::BudgetPolicy {
+        budget: retryctl::policy::BudgetPolicy {
             ratio: 0.0,
             min_per_second: 1,
             ..Default::default()
@@ -253,7 +254,7 @@ async fn budget_refusals_and_first_try_successes_are_counted() {
 #[tokio::test(start_paused = true)]
 async fn demotion_and_recovery_show_in_gauge_and_counters() {
     let policy = Policy {
-        health: retryctl::HealthPolicy {
+        health: retryctl::policy::HealthPolicy {
             demote_after: 2,
             ..Default::default()
         },
@@ -420,7 +421,7 @@ async fn order_decisions_are_counted_by_label() {
 #[tokio::test(start_paused = true)]
 async fn retry_delay_sources_and_the_learned_delay_are_exported() {
     let mut policy = Policy {
-        delay: retryctl::RetryDelay::Auto,
+        delay: retryctl::policy::RetryDelay::Auto,
         jitter: 0.0,
         ..Policy::default()
     };

@@ -12,10 +12,8 @@ mod script;
 use std::sync::Arc;
 use std::time::Duration;
 
-use retryctl::{
-    BudgetPolicy, CallOptions, Cause, Classification, FailReason, HealthPolicy, LivePolicy, Policy,
-    Pool, PoolError, Served,
-};
+use retryctl::policy::{BudgetPolicy, HealthPolicy, LivePolicy, Policy};
+use retryctl::{CallOptions, Cause, Classification, FailReason, Pool, PoolError, Served};
 use script::{Scripted, Step, TestError, refused};
 use tokio::time::Instant;
 
@@ -1063,7 +1061,7 @@ impl Outage {
     }
 }
 
-fn outage_pool(delay: retryctl::RetryDelay) -> (Arc<Outage>, Arc<Pool<Arc<Outage>>>) {
+fn outage_pool(delay: retryctl::policy::RetryDelay) -> (Arc<Outage>, Arc<Pool<Arc<Outage>>>) {
     let mut policy = Policy {
         delay,
         jitter: 0.0,
@@ -1098,7 +1096,7 @@ async fn outage_under_load(o: &Arc<Outage>, pool: &Arc<Pool<Arc<Outage>>>) {
 
 #[tokio::test(start_paused = true)]
 async fn learned_delay_waits_out_a_recovery_the_fixed_delay_retries_into() {
-    use retryctl::RetryDelay;
+    use retryctl::policy::RetryDelay;
     for auto in [true, false] {
         let delay = if auto {
             RetryDelay::Auto
@@ -1128,7 +1126,7 @@ async fn learned_delay_waits_out_a_recovery_the_fixed_delay_retries_into() {
 
 #[tokio::test(start_paused = true)]
 async fn learned_delay_without_recoveries_uses_the_fallback() {
-    let (o, pool) = outage_pool(retryctl::RetryDelay::Auto);
+    let (o, pool) = outage_pool(retryctl::policy::RetryDelay::Auto);
     o.down_for(Duration::from_millis(700));
     let err = pool
         .call(MODEL, |p: &Arc<Outage>| p.attempt())
@@ -1141,7 +1139,7 @@ async fn learned_delay_without_recoveries_uses_the_fallback() {
 
 #[tokio::test(start_paused = true)]
 async fn learned_delay_is_clamped_to_its_bounds() {
-    use retryctl::RetryDelay;
+    use retryctl::policy::RetryDelay;
     let mut policy = Policy {
         delay: RetryDelay::Auto,
         jitter: 0.0,
@@ -1275,7 +1273,7 @@ async fn without_a_shadow_nothing_is_counted() {
     call(&pool).await.unwrap();
     assert_eq!(
         pool.shadow_counts(MODEL),
-        Some(retryctl::ShadowCounts::default())
+        Some(retryctl::stats::ShadowCounts::default())
     );
     assert_eq!(pool.shadow_counts("nope"), None);
 }

@@ -7,8 +7,9 @@ use std::collections::BTreeSet;
 use std::io;
 use std::time::{Duration, Instant};
 
+use retryctl::policy::LivePolicy;
 use retryctl::reload::{PolicyWatcher, ReloadOptions};
-use retryctl::{LivePolicy, Pool, telemetry};
+use retryctl::{Pool, telemetry};
 
 const PREFIX: &str = "acme_gw_";
 

@@ -7,9 +7,9 @@
 //!   data sources, and every metric name it uses is one the library
 //!   exports.
 //! * End to end: this process installs the library's Prometheus exporter
-//!   (`retryctl::telemetry::serve`) on an ephemeral loopback port, drives
+//!   (`retryctl_gateway::metrics_endpoint::serve`) on an ephemeral loopback port, drives
 //!   faulty traffic through real `retryctl::Pool`s (fault servers from
-//!   `tests/support`), and a real `prometheus` scrapes it every second with
+//!   `retryctl-testkit`), and a real `prometheus` scrapes it every second with
 //!   `dashboards/alerts.yml` loaded. Then every PromQL expression of the
 //!   dashboard (variables substituted as for "All", 1-minute intervals) and
 //!   of the alert rules (as Prometheus loaded them, from `/api/v1/rules`)
@@ -28,8 +28,7 @@
 //! stderr) when it is not installed, unless `RETRYCTL_REQUIRE_TOOLS=1`
 //! (`.ci/run` sets it), in which case they fail.
 
-#[path = "../support/mod.rs"]
-mod support;
+use retryctl_testkit as support;
 
 mod promql;
 mod server;
@@ -361,7 +360,7 @@ async fn dashboard_and_alerts_against_a_real_prometheus() {
     let started = Instant::now();
 
     // The exporter first: the pools resolve their metric handles when built.
-    let exporter = retryctl::telemetry::serve("127.0.0.1:0".parse().unwrap())
+    let exporter = retryctl_gateway::metrics_endpoint::serve("127.0.0.1:0".parse().unwrap())
         .expect("install the Prometheus exporter");
     let mut driver = Driver::new().await;
     let prom = Prometheus::start(

@@ -29,10 +29,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use retryctl::policy::{AdmissionOverride, BudgetPolicy};
+use retryctl::policy::{LivePolicy, Policy, PolicyOverride};
 use retryctl::reload::ReloadCounts;
+use retryctl::reload::{PolicyWatcher, ReloadOptions};
 use retryctl::upstream::{self, UpstreamError};
-use retryctl::{CallOptions, LivePolicy, Policy, PolicyOverride, Pool, PoolError, Served};
-use retryctl::{PolicyWatcher, ReloadOptions};
+use retryctl::{CallOptions, Pool, PoolError, Served};
 
 use crate::support::{HttpServer, ReopeningServer, Reply, closed_port};
 

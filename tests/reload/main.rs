@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use retryctl::Pool;
+use retryctl::policy::{LivePolicy, Policy};
 use retryctl::reload::{LoadError, PolicyWatcher, ReloadCounts, ReloadOptions, StartError};
-use retryctl::{LivePolicy, Policy, Pool};
 
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -34,11 +34,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use retryctl::demo::faults::FaultServer;
-use retryctl::demo::schedule::Schedule;
+use retryctl::policy::LivePolicy;
 use retryctl::reload::{PolicyWatcher, ReloadOptions};
 use retryctl::upstream::{self, UpstreamError};
-use retryctl::{CallOptions, LivePolicy, Pool};
+use retryctl::{CallOptions, Pool};
+use retryctl_testkit::faults::FaultServer;
+use retryctl_testkit::schedule::Schedule;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -368,9 +369,9 @@ async fn drive(settings: &Settings, live: LivePolicy) -> Report {
         let server = FaultServer::start(schedule, epoch)
             .await
             .expect("fault server");
-        let client = upstream::client_builder(&retryctl::Timeouts {
+        let client = upstream::client_builder(&retryctl::policy::Timeouts {
             connect: Duration::from_millis(250),
-            ..retryctl::Timeouts::default()
+            ..retryctl::policy::Timeouts::default()
         })
         .pool_max_idle_per_host(0)
         .build()

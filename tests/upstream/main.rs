@@ -6,13 +6,13 @@
 //! connection-level failure is retried after the round's delay: what the
 //! gate does with the same faults is in tests/admission.
 
-#[path = "../support/mod.rs"]
-mod support;
+use retryctl_testkit as support;
 
 use std::time::Duration;
 
+use retryctl::policy::{LivePolicy, Policy};
 use retryctl::upstream::{self, UpstreamError};
-use retryctl::{Cause, Classification, FailReason, LivePolicy, Policy, Pool, PoolError, Served};
+use retryctl::{Cause, Classification, FailReason, Pool, PoolError, Served};
 use support::{HttpServer, Reply, ResetMode, ResetServer, StalledServer, closed_port};
 
 const MODEL: &str = "openai/gpt-oss-120b";

@@ -1,0 +1,363 @@
+//! One attempt against one provider: everything the pool may retry.
+//!
+//! The pool retries until the operation returns, so the operation is
+//! drawn exactly where a retry stops being safe: **before the first byte
+//! reaches the client**. A non-streaming attempt therefore reads the
+//! whole upstream body (bounded): a connection reset halfway through it is
+//! retried like a refused connect, because the client has seen nothing.
+//! A streaming attempt reads up to the first SSE event: an upstream that
+//! answers `200` and then reports its failure in the first event
+//! (`data: {"error": ...}`) is classified and retried like any other
+//! upstream error. What comes after belongs to the client's stream and is
+//! never replayed (see [`stream`](super::stream)).
+//!
+//! For non-streaming completions this makes `timeouts.attempt` cover the
+//! whole response, not just its headers. OpenAI-compatible servers send
+//! the headers of a non-streaming completion when the completion is done,
+//! so the two are the same moment in practice.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+
+use super::redact::{self, Redactor};
+use super::request;
+use super::stream;
+use retryctl::upstream::{self, BODY_SNIPPET_LIMIT, UpstreamError};
+use retryctl::{Cause, Classification, Classify, Rules, Verdict};
+
+/// The OpenAI-compatible endpoints the gateway serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The path below the provider's base URL (which ends in `/v1`).
+    fn suffix(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+
+    /// Whether the endpoint can stream (embeddings never do).
+    pub(crate) fn streams(self) -> bool {
+        !matches!(self, Endpoint::Embeddings)
+    }
+}
+
+/// One provider of one model, as the pool hands it to an attempt.
+#[derive(Debug)]
+pub(crate) struct Provider {
+    pub(crate) client: reqwest::Client,
+    /// The base URL without a trailing slash.
+    pub(crate) base: String,
+    /// `Bearer <key>`, marked sensitive.
+    pub(crate) auth: Option<HeaderValue>,
+    /// The model name this provider expects, when it differs.
+    pub(crate) upstream_model: Option<Arc<str>>,
+    pub(crate) attempt_timeout: Option<Duration>,
+    pub(crate) redactor: Arc<Redactor>,
+}
+
+/// What one client request asks of every attempt.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) body: Bytes,
+    pub(crate) stream: bool,
+    pub(crate) max_response_body: usize,
+}
+
+/// A successful attempt: what the client will get.
+#[derive(Debug)]
+pub(crate) enum Upstreamed {
+    /// A complete body.
+    Full {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+    /// An event stream whose first event has arrived and is not an error.
+    Stream {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        /// Every byte read so far: the first event and whatever followed
+        /// it in the same reads.
+        head: Bytes,
+        /// The rest of the stream.
+        rest: reqwest::Response,
+    },
+}
+
+/// Why an attempt failed. Its `Display` is redacted, so the pool's own
+/// log lines never carry an upstream URL, address or key either.
+#[derive(Debug)]
+pub(crate) enum AttemptFailure {
+    /// Transport failure (URL stripped) or a failing status (body
+    /// redacted).
+    Upstream(UpstreamError),
+    /// The stream's first event reported an error.
+    ErrorEvent {
+        /// The HTTP-like status the error carried, if any.
+        status: Option<StatusCode>,
+        /// The event's data, redacted and truncated.
+        data: String,
+    },
+    /// The stream ended before its first event.
+    StreamEnded,
+    /// The response (or the stream's first event) exceeded its limit.
+    TooLarge { limit: usize },
+    /// The provider's own `attempt_timeout` passed.
+    TimedOut(Duration),
+}
+
+impl AttemptFailure {
+    fn transport(e: reqwest::Error) -> Self {
+        AttemptFailure::Upstream(UpstreamError::Transport(e.without_url()))
+    }
+
+    fn upstream(e: UpstreamError, redactor: &Redactor) -> Self {
+        AttemptFailure::Upstream(match e {
+            UpstreamError::Transport(e) => UpstreamError::Transport(e.without_url()),
+            UpstreamError::Status {
+                status,
+                retry_after,
+                body,
+            } => UpstreamError::Status {
+                status,
+                retry_after,
+                body: redactor.redact(&body),
+            },
+        })
+    }
+
+    pub(crate) fn error_event(status: Option<StatusCode>, data: &str, redactor: &Redactor) -> Self {
+        let mut data = redactor.redact(data);
+        if data.len() > BODY_SNIPPET_LIMIT {
+            let mut cut = BODY_SNIPPET_LIMIT;
+            while !data.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            data.truncate(cut);
+        }
+        AttemptFailure::ErrorEvent { status, data }
+    }
+
+    pub(crate) fn body_error(e: reqwest::Error) -> Self {
+        AttemptFailure::transport(e)
+    }
+
+    /// Whether this is a timeout of any kind.
+    pub(crate) fn is_timeout(&self) -> bool {
+        match self {
+            AttemptFailure::TimedOut(_) => true,
+            AttemptFailure::Upstream(UpstreamError::Transport(e)) => e.is_timeout(),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for AttemptFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttemptFailure::Upstream(UpstreamError::Transport(e)) => {
+                // The whole chain: the top level alone says only "error
+                // sending request".
+                let mut text = e.to_string();
+                let mut cur = std::error::Error::source(e);
+                while let Some(inner) = cur {
+                    text.push_str(": ");
+                    text.push_str(&inner.to_string());
+                    cur = inner.source();
+                }
+                f.write_str(&redact::redact(&text))
+            }
+            AttemptFailure::Upstream(e) => f.write_str(&redact::redact(&e.to_string())),
+            AttemptFailure::ErrorEvent { status, data } => {
+                f.write_str("the stream's first event is an error")?;
+                if let Some(s) = status {
+                    write!(f, " (status {})", s.as_u16())?;
+                }
+                let short: String = data.chars().take(200).collect();
+                write!(f, ": {short}")
+            }
+            AttemptFailure::StreamEnded => {
+                f.write_str("the upstream ended the stream before its first event")
+            }
+            AttemptFailure::TooLarge { limit } => {
+                write!(f, "the upstream response exceeds the {limit}-byte limit")
+            }
+            AttemptFailure::TimedOut(d) => write!(
+                f,
+                "no response within the provider's attempt_timeout of {}",
+                humantime::format_duration(*d)
+            ),
+        }
+    }
+}
+
+impl Classify for AttemptFailure {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        match self {
+            AttemptFailure::Upstream(e) => e.classify(rules),
+            AttemptFailure::ErrorEvent {
+                status: Some(s),
+                data,
+            } => rules.status(s.as_u16(), None, data),
+            AttemptFailure::ErrorEvent { status: None, data } => rules.text(data),
+            // Like a connection closed mid-message: nothing reached the
+            // client, the upstream is at fault, waiting may help.
+            AttemptFailure::StreamEnded => rules
+                .io_kind(std::io::ErrorKind::UnexpectedEof)
+                .unwrap_or(Verdict::new(Classification::Transient, Cause::Reset)),
+            AttemptFailure::TooLarge { .. } => Verdict::new(Classification::TryNext, Cause::Decode),
+            AttemptFailure::TimedOut(_) => rules.response_timeout(),
+        }
+    }
+}
+
+impl Provider {
+    /// The attempt's future for this provider. It owns everything it uses,
+    /// so the pool can drop it (cancel) at any point.
+    pub(crate) fn attempt(
+        &self,
+        job: &Job,
+        model_span: Option<std::ops::Range<usize>>,
+    ) -> impl Future<Output = Result<Upstreamed, AttemptFailure>> + Send + use<> {
+        let body = match (&self.upstream_model, model_span) {
+            (Some(name), Some(span)) => request::rewrite_model(&job.body, span, name),
+            _ => job.body.clone(),
+        };
+        let accept = if job.stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        let mut builder = self
+            .client
+            .post(format!("{}{}", self.base, job.endpoint.suffix()))
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, accept)
+            .body(body);
+        if let Some(auth) = &self.auth {
+            builder = builder.header(AUTHORIZATION, auth.clone());
+        }
+        let redactor = self.redactor.clone();
+        let stream = job.stream;
+        let max = job.max_response_body;
+        let limit = self.attempt_timeout;
+        async move {
+            let work = async move {
+                let response = builder.send().await.map_err(AttemptFailure::transport)?;
+                let response = upstream::check(response)
+                    .await
+                    .map_err(|e| AttemptFailure::upstream(e, &redactor))?;
+                if stream && stream::is_event_stream(&response) {
+                    stream::first_event(response, &redactor).await
+                } else {
+                    read_full(response, max).await
+                }
+            };
+            match limit {
+                Some(t) => tokio::time::timeout(t, work)
+                    .await
+                    .unwrap_or(Err(AttemptFailure::TimedOut(t))),
+                None => work.await,
+            }
+        }
+    }
+}
+
+/// Reads a complete response body of at most `limit` bytes.
+async fn read_full(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Upstreamed, AttemptFailure> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(AttemptFailure::TooLarge { limit });
+    }
+    let status = response.status();
+    let content_type = response.headers().get(CONTENT_TYPE).cloned();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = response.chunk().await.map_err(AttemptFailure::body_error)? {
+        total += chunk.len();
+        if total > limit {
+            return Err(AttemptFailure::TooLarge { limit });
+        }
+        chunks.push(chunk);
+    }
+    let body = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => Bytes::from(chunks.concat()),
+    };
+    Ok(Upstreamed::Full {
+        status,
+        content_type,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_event_errors_classify_like_statuses_or_text() {
+        let rules = Rules::default();
+        let r = Redactor::default();
+        let e = AttemptFailure::error_event(Some(StatusCode::BAD_GATEWAY), "{}", &r);
+        assert_eq!(e.classify(&rules).class, Classification::Transient);
+        let e = AttemptFailure::error_event(
+            Some(StatusCode::BAD_REQUEST),
+            r#"{"error":{"message":"maximum context length is 8192"}}"#,
+            &r,
+        );
+        assert_eq!(e.classify(&rules).class, Classification::Permanent);
+        let e = AttemptFailure::error_event(None, "upstream connection reset", &r);
+        assert_eq!(e.classify(&rules).class, Classification::Transient);
+        let e = AttemptFailure::error_event(None, "something odd", &r);
+        assert_eq!(e.classify(&rules).class, Classification::TryNext);
+        assert_eq!(
+            AttemptFailure::StreamEnded.classify(&rules).class,
+            Classification::Transient
+        );
+    }
+
+    #[test]
+    fn display_is_redacted() {
+        let r = Redactor::new(["k3y-value".to_owned()]);
+        let e = AttemptFailure::error_event(
+            None,
+            "failed at http://10.0.0.9:8000/v1 with k3y-value from 10.0.0.9",
+            &r,
+        );
+        let shown = e.to_string();
+        assert!(
+            !shown.contains("10.0.0.9") && !shown.contains("k3y-value"),
+            "{shown}"
+        );
+        let e = AttemptFailure::upstream(
+            UpstreamError::Status {
+                status: StatusCode::BAD_GATEWAY,
+                retry_after: None,
+                body: "proxy 192.168.3.4 down".into(),
+            },
+            &r,
+        );
+        assert_eq!(
+            e.to_string(),
+            "upstream returned 502 Bad Gateway: proxy [ip] down"
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! The HTTP surface: routes, the request path, and the success responses.
+//!
+//! One request: read the body (size and time limits), parse `model` and
+//! `stream`, then one [`Pool::call_with`] under the request's deadline
+//! whose operation is an [attempt](super::attempt). A success is relayed
+//! (a complete body, or the first event and then the rest of the stream);
+//! a failure becomes an OpenAI-style [error](super::errors).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::time::Instant;
+
+use super::attempt::{Endpoint, Job, Provider, Upstreamed};
+use super::errors::{self, invalid_request};
+use super::redact::Redactor;
+use super::request::{self, BodyError, RequestHead};
+use super::stream::{self, StreamContext};
+use retryctl::{CallOptions, FailReason, Pool, Served};
+
+/// The header naming the provider that served a request.
+pub(crate) const PROVIDER_HEADER: &str = "x-retryctl-provider";
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) pool: Pool<Provider>,
+    pub(crate) redactor: Arc<Redactor>,
+    pub(crate) body_limit: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) max_headers: usize,
+    pub(crate) request_timeout: Option<Duration>,
+}
+
+/// The gateway's routes.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let proxied = |endpoint: Endpoint| {
+        post(move |State(s): State<Arc<Shared>>, req: Request| handle(s, endpoint, req))
+            .fallback(method_not_allowed)
+    };
+    Router::new()
+        .route("/v1/chat/completions", proxied(Endpoint::ChatCompletions))
+        .route("/v1/completions", proxied(Endpoint::Completions))
+        .route("/v1/embeddings", proxied(Endpoint::Embeddings))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    let path = uri.path().chars().take(200).collect::<String>();
+    invalid_request(
+        StatusCode::NOT_FOUND,
+        "unknown_url",
+        &format!("Invalid URL ({method} {path})"),
+    )
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    let mut response = invalid_request(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("{method} is not allowed here: use POST"),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response
+}
+
+async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Response {
+    let start = Instant::now();
+    let limit = shared
+        .request_timeout
+        .unwrap_or_else(|| shared.pool.policy().load().policy().timeouts.request);
+    let deadline = start
+        .checked_add(limit)
+        .unwrap_or(start + Duration::from_secs(86_400));
+    if req.headers().len() > shared.max_headers {
+        return invalid_request(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too_many_headers",
+            &format!("more than {} request headers", shared.max_headers),
+        );
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body =
+        match request::read_body(req.into_body(), declared, shared.body_limit, deadline).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge { limit }) => {
+                return invalid_request(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    &format!("the request body exceeds the gateway's limit of {limit} bytes"),
+                );
+            }
+            Err(BodyError::TimedOut) => {
+                return invalid_request(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request body did not arrive within the request's time limit",
+                );
+            }
+            Err(BodyError::Read) => {
+                return invalid_request(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    "the request body could not be read",
+                );
+            }
+        };
+    let (model, stream) = match RequestHead::parse(&body) {
+        Ok(RequestHead {
+            model: Some(model),
+            stream,
+        }) => (
+            model.into_owned(),
+            endpoint.streams() && stream == Some(true),
+        ),
+        Ok(RequestHead { model: None, .. }) => {
+            return invalid_request(
+                StatusCode::BAD_REQUEST,
+                "missing_model",
+                "you must provide a model parameter",
+            );
+        }
+        Err(e) => {
+            let message = format!("the request body is not a valid JSON request: {e}");
+            return invalid_request(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                &shared.redactor.redact(&message),
+            );
+        }
+    };
+    let job = Job {
+        endpoint,
+        body,
+        stream,
+        max_response_body: shared.max_response_body,
+    };
+    // Found on the first attempt at a provider that renames the model.
+    let mut span: Option<Option<Range<usize>>> = None;
+    let result = shared
+        .pool
+        .call_with(&model, CallOptions::deadline(deadline), |p: &Provider| {
+            let model_span = match &p.upstream_model {
+                Some(_) => span
+                    .get_or_insert_with(|| request::model_span(&job.body))
+                    .clone(),
+                None => None,
+            };
+            p.attempt(&job, model_span)
+        })
+        .await;
+    match result {
+        Ok(served) => {
+            tracing::debug!(
+                target: "retryctl::gateway",
+                model = %model,
+                provider = served.provider,
+                attempts = served.attempts(),
+                rounds = served.rounds(),
+                stream,
+                "served"
+            );
+            respond(served, deadline, model, &shared.redactor)
+        }
+        Err(e) => {
+            let response = errors::pool_failure(&e, &shared.redactor);
+            let client_fault = matches!(
+                e.reason,
+                FailReason::UnknownModel { .. } | FailReason::Permanent
+            );
+            if client_fault {
+                tracing::debug!(
+                    target: "retryctl::gateway",
+                    status = response.status().as_u16(),
+                    reason = e.reason.as_str(),
+                    "request refused"
+                );
+            } else {
+                // The pool has logged the failure with its last error (at
+                // warn); this line adds what the client was told.
+                tracing::info!(
+                    target: "retryctl::gateway",
+                    model = %model,
+                    status = response.status().as_u16(),
+                    reason = e.reason.as_str(),
+                    attempts = e.report.attempts,
+                    rounds = e.report.rounds,
+                    "request failed"
+                );
+            }
+            response
+        }
+    }
+}
+
+/// The client's response for a served call.
+fn respond(
+    served: Served<Upstreamed>,
+    deadline: Instant,
+    model: String,
+    redactor: &Arc<Redactor>,
+) -> Response {
+    let report = served.report;
+    let provider = served.provider;
+    let mut response = match served.value {
+        Upstreamed::Full {
+            status,
+            content_type,
+            body,
+        } => {
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = status;
+            let content_type =
+                content_type.unwrap_or_else(|| HeaderValue::from_static("application/json"));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, content_type);
+            response
+        }
+        Upstreamed::Stream {
+            status,
+            content_type,
+            head,
+            rest,
+        } => {
+            let context = StreamContext {
+                model,
+                provider,
+                redactor: redactor.clone(),
+            };
+            let body = stream::relay(head, rest, deadline, context);
+            let content_type =
+                content_type.unwrap_or_else(|| HeaderValue::from_static("text/event-stream"));
+            let mut response = (
+                status,
+                [
+                    (header::CONTENT_TYPE, content_type),
+                    (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+                ],
+                body,
+            )
+                .into_response();
+            // Tell a buffering reverse proxy in front (nginx) to pass
+            // events on as they come.
+            response
+                .headers_mut()
+                .insert("x-accel-buffering", HeaderValue::from_static("no"));
+            response
+        }
+    };
+    if let Ok(name) = HeaderValue::from_str(provider) {
+        response.headers_mut().insert(PROVIDER_HEADER, name);
+    }
+    errors::with_report(response, &report)
+}

@@ -1,0 +1,237 @@
+//! What the reference gateway exposes, and to whom.
+//!
+//! * `secrets`: API keys, upstream addresses, credentials in URLs and the
+//!   client's IP never appear in a client-facing answer, a metric or a log
+//!   line, whichever way a request fails.
+//! * `cardinality`: outside input (10,000 unknown model names) creates no
+//!   metric series; every label value comes from the configuration.
+//! * `exposure`: loopback by default; limits on bodies, headers and slow
+//!   clients.
+//! * `metrics_endpoint`: the `/metrics` listener closes slow-loris, silent
+//!   and idle keep-alive connections and keeps answering scrapes.
+//!
+//! Real sockets on loopback, real time, short durations. The client binds
+//! `127.0.0.3` so its address differs from the gateway's and the
+//! upstreams' (`127.0.0.1`): any `127.0.0.3` in the output is the client's
+//! IP, any `127.0.0.1` an upstream's (or the gateway's own) address.
+
+use retryctl_testkit as support;
+
+mod cardinality;
+mod exposure;
+mod metrics_endpoint;
+mod secrets;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, Once};
+
+use retryctl::policy::Policy;
+use retryctl::telemetry::MetricsHandle;
+use retryctl_gateway::{Gateway, GatewayConfig, GatewayError};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing_subscriber::layer::SubscriberExt;
+
+/// The providers' API key, as the environment holds it.
+pub const KEY: &str = "sk-test-SECRET123456";
+/// The environment variable the configuration names for it.
+pub const KEY_ENV: &str = "RETRYCTL_SECURITY_TEST_KEY";
+/// A second provider's key, of no recognisable shape: only the
+/// redactor's known-secret layer can catch it.
+pub const PLAIN_KEY: &str = "k3y-0123456789-plain-ZZ";
+/// The environment variable holding [`PLAIN_KEY`].
+pub const PLAIN_KEY_ENV: &str = "RETRYCTL_SECURITY_TEST_PLAIN_KEY";
+/// The address the test client connects from.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+
+/// A fast policy for real sockets.
+pub fn fast_policy() -> Policy {
+    Policy::from_toml(
+        r#"
+        max_rounds = 2
+        delay = "20ms"
+        jitter = 0.0
+        [timeouts]
+        connect = "200ms"
+        attempt = "5s"
+        request = "30s"
+        # What leaks is checked per failure as rounds report it; a refused
+        # upstream would otherwise be waited for at its gate.
+        [admission]
+        enabled = false
+        "#,
+    )
+    .expect("valid policy")
+}
+
+/// A buffer a `fmt` layer writes into.
+#[derive(Clone, Default)]
+pub struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Buffer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Log lines written while it lives, on this thread (a current-thread
+/// tokio test runs the gateway's tasks here too).
+pub struct Logs {
+    /// What the binary logs by default (`info`, every crate) plus
+    /// everything retryctl itself logs, at every level.
+    pub ours: Buffer,
+    /// Everything, every crate, every level (third-party debug and trace
+    /// included, and `log` records from reqwest).
+    pub all: Buffer,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+/// Starts capturing log lines.
+pub fn capture_logs() -> Logs {
+    // `log` records (reqwest's) become tracing events, as they do in the
+    // binary (`fmt().init()` installs the same bridge); they are then
+    // dispatched to the thread's default subscriber below.
+    static BRIDGE: Once = Once::new();
+    BRIDGE.call_once(|| {
+        // A bare registry: every level enabled, nothing formatted.
+        use tracing_subscriber::util::SubscriberInitExt;
+        let _ = tracing_subscriber::registry().try_init();
+    });
+    let ours = Buffer::default();
+    let all = Buffer::default();
+    let (to_ours, to_all) = (ours.clone(), all.clone());
+    use tracing_subscriber::Layer;
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .without_time()
+                .with_writer(move || to_ours.clone())
+                .with_filter(tracing_subscriber::EnvFilter::new("info,retryctl=trace")),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .without_time()
+                .with_writer(move || to_all.clone())
+                .with_filter(tracing_subscriber::filter::LevelFilter::TRACE),
+        );
+    Logs {
+        ours,
+        all,
+        _guard: tracing::subscriber::set_default(subscriber),
+    }
+}
+
+/// A gateway on `127.0.0.1:<ephemeral>` with its own metrics recorder and
+/// the providers' key set, until dropped.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub metrics: MetricsHandle,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), GatewayError>>>,
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        let _ = self.shutdown.take().map(|tx| tx.send(()));
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A client that connects from [`CLIENT_IP`].
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(IpAddr::V4(CLIENT_IP))
+        .build()
+        .expect("client")
+}
+
+/// Starts a gateway for `config` (TOML, without `metrics_listen` and
+/// `policy`) under `policy`.
+pub async fn start(config: &str, policy: Policy) -> TestGateway {
+    let text = format!("metrics_listen = \"off\"\n{config}");
+    let config = GatewayConfig::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let recorder = retryctl::telemetry::Recorder::new();
+    let metrics = recorder.handle();
+    // The pool resolves its metric handles when it is built.
+    let gateway = metrics::with_local_recorder(&recorder, || {
+        Gateway::with_env(config, |name| match name {
+            KEY_ENV => Some(KEY.to_owned()),
+            PLAIN_KEY_ENV => Some(PLAIN_KEY.to_owned()),
+            _ => None,
+        })
+    })
+    .expect("gateway");
+    gateway.policy().store(policy).expect("valid policy");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(gateway.serve(listener, async {
+        let _ = rx.await;
+    }));
+    TestGateway {
+        addr,
+        metrics,
+        client: client(),
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// One answer as the client received it: status, every header, the body.
+pub struct Answer {
+    pub status: u16,
+    pub text: String,
+    pub body: String,
+}
+
+impl TestGateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs `body` to `path` and reads the whole answer.
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> Answer {
+        let response = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("the gateway answers");
+        answer(response).await
+    }
+}
+
+/// Renders a response as the client saw it.
+pub async fn answer(response: reqwest::Response) -> Answer {
+    let status = response.status().as_u16();
+    let mut text = format!("HTTP {status}\n");
+    for (name, value) in response.headers() {
+        text.push_str(&format!(
+            "{name}: {}\n",
+            String::from_utf8_lossy(value.as_bytes())
+        ));
+    }
+    let body = response.text().await.expect("a body");
+    text.push('\n');
+    text.push_str(&body);
+    Answer { status, text, body }
+}
