@@ -39,7 +39,7 @@
 //! tool and expects it to be refused, so a check that no longer checks
 //! fails.
 
-#[path = "../prometheus/tools.rs"]
+#[path = "../../../../tests/prometheus/tools.rs"]
 #[allow(dead_code)]
 mod tools;
 
@@ -51,12 +51,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use retryctl::gateway::{Gateway, GatewayConfig};
-use retryctl::{LivePolicy, Policy};
+use retryctl::policy::{LivePolicy, Policy};
+use retryctl_gateway::{Gateway, GatewayConfig};
 use serde_json::Value;
 
 use manifest::{documents, find, literal_block, mapping_block};
-use tools::{REQUIRE_TOOLS, describe, root, run};
+use tools::{REQUIRE_TOOLS, describe, run};
 use volume::ConfigMapVolume;
 
 /// What `.ci/run` installs for these tests (and what a missing module
@@ -82,6 +82,11 @@ const MANIFESTS: &[&str] = &[
     "prometheusrule.yaml",
     "dashboard.yaml",
 ];
+
+/// The repository's root.
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
 
 /// Writes past the test harness's capture: a skip must be seen.
 fn note(text: &str) {
@@ -407,7 +412,7 @@ fn the_prometheus_operator_resources_validate_against_the_crds() {
     ) else {
         return;
     };
-    let script = root().join("tests/kubernetes/crds.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kubernetes/crds.py");
     let script = script.to_str().expect("a UTF-8 path");
     let args = [script, "servicemonitor.yaml", "prometheusrule.yaml"];
     let out = run(&python, &args, &manifest::dir(), None);

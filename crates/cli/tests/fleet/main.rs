@@ -33,16 +33,13 @@
 //!
 //! Needs `prometheus` (skipped without it unless `RETRYCTL_REQUIRE_TOOLS=1`).
 
-#[path = "../support/mod.rs"]
-mod support;
-
-#[path = "../prometheus/promql.rs"]
+#[path = "../../../../tests/prometheus/promql.rs"]
 #[allow(dead_code)]
 mod promql;
-#[path = "../prometheus/server.rs"]
+#[path = "../../../../tests/prometheus/server.rs"]
 #[allow(dead_code)]
 mod server;
-#[path = "../prometheus/tools.rs"]
+#[path = "../../../../tests/prometheus/tools.rs"]
 #[allow(dead_code)]
 mod tools;
 
@@ -63,9 +60,9 @@ use serde_json::Value;
 use exposition::{Combine, Series};
 use panels::Aggregation;
 use replica::Replica;
-use retryctl::{LivePolicy, Policy};
+use retryctl::policy::{LivePolicy, Policy};
+use retryctl_testkit::{HttpServer, Reply, closed_port};
 use server::Prometheus;
-use support::{HttpServer, Reply, TaskGuard, closed_port};
 
 /// Writes past the test harness's capture: the report is meant to be read.
 fn note(text: &str) {
@@ -189,32 +186,57 @@ struct Combined {
     addr: SocketAddr,
     how: Combine,
     text: Arc<Mutex<String>>,
-    _task: TaskGuard,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Combined {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Combined {
     async fn start(how: Combine) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let text = Arc::new(Mutex::new(String::new()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         let shared = text.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let body = shared.lock().unwrap().clone();
-                async move { body }
-            }),
-        );
-        let task = TaskGuard::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let shared = shared.clone();
+                // One scrape per connection: read the request head, answer
+                // with the current text, close.
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let body = shared.lock().unwrap().clone();
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
         });
         Combined {
             addr,
             how,
             text,
-            _task: task,
+            task,
         }
     }
 
@@ -420,7 +442,11 @@ async fn the_dashboard_shows_the_fleet_as_the_sum_of_its_replicas() {
 
     // ---- the dashboard's queries, as Grafana sends them for "All"
     let dashboard: Value = serde_json::from_str(
-        &std::fs::read_to_string(tools::dashboards().join("retryctl.json")).expect("the dashboard"),
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../dashboards/retryctl.json"
+        ))
+        .expect("the dashboard"),
     )
     .expect("the dashboard is JSON");
     let vars = promql::variable_values(&dashboard);

@@ -17,7 +17,11 @@ use serde_json::Value;
 
 /// `deploy/kubernetes/`.
 pub(crate) fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes")
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/kubernetes"
+    ))
+    .to_owned()
 }
 
 /// A manifest's text.

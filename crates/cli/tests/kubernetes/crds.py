@@ -10,7 +10,7 @@ through its model unchanged: a field the CRD does not define, or a value
 the model rewrites, is an error here.
 
 Usage: python3 crds.py FILE...   (prints OK/ERROR per document; exit 1 on
-any error). Run by tests/kubernetes (cargo test --test kubernetes).
+any error). Run by crates/cli/tests/kubernetes (cargo test --test kubernetes).
 """
 
 import sys
