@@ -105,7 +105,12 @@ fn python(modules: &[&str], test: &str) -> Option<PathBuf> {
         .output();
     let why = match probe {
         Ok(out) if out.status.success() => return Some(python),
-        Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        // The exception's last line: "ModuleNotFoundError: No module named ...".
+        Ok(out) => String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned(),
         Err(e) => format!("python3: {e}"),
     };
     let required = std::env::var(REQUIRE_TOOLS).is_ok_and(|v| v == "1");
