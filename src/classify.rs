@@ -6,25 +6,40 @@
 //! 2. `reqwest::Error` flags: a connect failure or a connect timeout is
 //!    transient (the upstream never saw the request); a timeout after the
 //!    request was accepted is a *response* timeout, not retried by default;
+//!    a request that could not be built (bad URL, scheme or header) is the
+//!    caller's bug: permanent, and never held against the provider;
 //! 3. `std::io::ErrorKind`s and hyper's flags found by walking the
 //!    `source()` chain: every send-time failure displays as "error sending
 //!    request for url (...)", the cause is only in the chain;
-//! 4. for opaque errors only, the policy's keywords, matched
-//!    ASCII-case-insensitively on the raw text of the whole chain.
+//! 4. for opaque errors only ([`Rules::text`]): reqwest's own message
+//!    forms, then the policy's keywords, matched ASCII-case-insensitively
+//!    on the raw text of the whole chain.
 //!
 //! Gateways classify their own error types by implementing [`Classify`],
 //! usually by delegating to [`Rules::error_chain`] or [`Rules::status`].
+//! An HTTP response is classified with its status and Retry-After through
+//! `Classify for reqwest::Response`, or with its body too through
+//! [`upstream::check`](crate::upstream::check).
 
 use std::error::Error as StdError;
+use std::fmt;
 use std::io;
 use std::time::Duration;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::policy::ClassifyPolicy;
 
 /// What the pool does after a failed attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+///
+/// `Display` gives its stable snake_case name (`transient`,
+/// `rate_limited`, `try_next`, `permanent`), with the wait when a rate
+/// limit named one: `rate_limited, retry after 7s`. Serialized, it is an
+/// object tagged by `class`, with the wait in whole milliseconds when there
+/// is one: `{"class":"rate_limited","retry_after_ms":7000}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "class", rename_all = "snake_case")]
 pub enum Classification {
     /// Try the other providers now; retry this one after the round's delay.
     Transient,
@@ -33,6 +48,12 @@ pub enum Classification {
     /// said) or the policy's rate-limited delay.
     RateLimited {
         /// The provider's Retry-After, if it sent one.
+        #[serde(
+            rename = "retry_after_ms",
+            with = "retry_after_ms",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
         retry_after: Option<Duration>,
     },
     /// This provider cannot serve this request (e.g. model not found, an
@@ -50,10 +71,57 @@ impl Classification {
             Classification::Transient | Classification::RateLimited { .. }
         )
     }
+
+    /// A stable snake_case name: `transient`, `rate_limited`, `try_next`,
+    /// `permanent` (the `class` of the serialized form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Classification::Transient => "transient",
+            Classification::RateLimited { .. } => "rate_limited",
+            Classification::TryNext => "try_next",
+            Classification::Permanent => "permanent",
+        }
+    }
+}
+
+impl fmt::Display for Classification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())?;
+        if let Classification::RateLimited {
+            retry_after: Some(wait),
+        } = self
+        {
+            write!(f, ", retry after {}", humantime::format_duration(*wait))?;
+        }
+        Ok(())
+    }
+}
+
+/// A Retry-After as whole milliseconds (saturating), for the serialized
+/// form of [`Classification`].
+mod retry_after_ms {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(
+        wait: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match wait {
+            Some(wait) => s.serialize_some(&u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
 }
 
 /// The evidence behind a [`Classification`]: a fixed set, used as the
-/// metric label and in logs.
+/// metric label and in logs. `Display` and the serialized form are its
+/// stable snake_case name ([`Cause::as_str`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Cause {
@@ -89,9 +157,14 @@ pub enum Cause {
     RateLimited,
     /// A 4xx, a 5xx the policy marks permanent, or a client-error keyword.
     ClientError,
+    /// The request could not be built (a bad URL or scheme, an invalid
+    /// header): the caller's bug, never sent and never the provider's
+    /// fault.
+    InvalidRequest,
     /// A status or keyword that means "not served here" (e.g. 404).
     NextProvider,
-    /// An opaque error text that matched a transient keyword.
+    /// An opaque error text that matched a transient keyword, or that is
+    /// reqwest's bare "error sending request" with no cause after it.
     Keyword,
     /// An opaque error with nothing recognisable in it.
     Opaque,
@@ -99,7 +172,7 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause, in declaration order (for pre-registering metrics).
-    pub const ALL: [Cause; 18] = [
+    pub const ALL: [Cause; 19] = [
         Cause::ConnectRefused,
         Cause::Connect,
         Cause::ConnectTimeout,
@@ -115,6 +188,7 @@ impl Cause {
         Cause::StatusRetryable,
         Cause::RateLimited,
         Cause::ClientError,
+        Cause::InvalidRequest,
         Cause::NextProvider,
         Cause::Keyword,
         Cause::Opaque,
@@ -138,6 +212,7 @@ impl Cause {
             Cause::StatusRetryable => "status_retryable",
             Cause::RateLimited => "rate_limited",
             Cause::ClientError => "client_error",
+            Cause::InvalidRequest => "invalid_request",
             Cause::NextProvider => "next_provider",
             Cause::Keyword => "keyword",
             Cause::Opaque => "opaque",
@@ -146,19 +221,48 @@ impl Cause {
 
     /// Whether a failure with this cause says something about the
     /// provider's health. Client errors, "not served here" and rate limits
-    /// do not: the provider answered, correctly.
+    /// do not: the provider answered, correctly. Neither does a request
+    /// that could not be built: the provider never saw it.
     pub fn is_provider_fault(self) -> bool {
         !matches!(
             self,
-            Cause::ClientError | Cause::NextProvider | Cause::RateLimited
+            Cause::ClientError | Cause::InvalidRequest | Cause::NextProvider | Cause::RateLimited
         )
     }
 }
 
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Cause {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Cause {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Cause::ALL
+            .into_iter()
+            .find(|c| c.as_str() == name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown cause {name:?}")))
+    }
+}
+
 /// A classification with its cause.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+///
+/// `Display` is the class, then the cause in parentheses:
+/// `transient (connect_refused)`, `rate_limited, retry after 7s
+/// (rate_limited)`. Serialized, it is one flat object:
+/// `{"class":"rate_limited","retry_after_ms":7000,"cause":"rate_limited"}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Verdict {
     /// What the pool does next.
+    #[serde(flatten)]
     pub class: Classification,
     /// Why.
     pub cause: Cause,
@@ -175,14 +279,34 @@ impl Verdict {
     }
 }
 
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.class, self.cause)
+    }
+}
+
 /// Implemented by error types the pool can classify.
 ///
 /// Implementations exist for [`reqwest::Error`], [`std::io::Error`],
 /// [`reqwest::StatusCode`], [`str`]/[`String`] (opaque text),
-/// boxed errors, and [`crate::upstream::UpstreamError`].
+/// boxed errors, and, in [`crate::upstream`], [`reqwest::Response`]
+/// (status and headers) and [`UpstreamError`](crate::upstream::UpstreamError).
 pub trait Classify {
     /// Classifies `self` under the policy's `rules`.
     fn classify(&self, rules: &Rules) -> Verdict;
+
+    /// The error below what this one's `Display` says, if any. A
+    /// [`PoolError`](crate::PoolError)'s message quotes the last error and
+    /// then this error and every one below it (`": "`-joined), so a log
+    /// line keeps the root cause: reqwest's own text of a refused, reset or
+    /// timed-out connect is only "error sending request for url (...)".
+    ///
+    /// The default is `None` (the `Display` alone). An error type whose
+    /// `Display` does not already include its cause returns its
+    /// `source()` here.
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        None
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,18 +387,93 @@ impl Rules {
         best
     }
 
-    /// Classifies an opaque error text by the policy's keywords.
+    /// Classifies an opaque error text: an error's `to_string()`, or its
+    /// whole chain (`{:#}` of an `anyhow::Error`).
+    ///
+    /// In this order:
+    ///
+    /// 1. a client-error keyword anywhere: permanent;
+    /// 2. reqwest's own messages, recognised by their fixed forms
+    ///    (ASCII-case-insensitively, at a word start, anywhere in the text;
+    ///    the URL part is optional):
+    ///
+    ///    | text | verdict |
+    ///    |---|---|
+    ///    | `builder error ...` | permanent (`invalid_request`) |
+    ///    | `HTTP status client error (429 ...`, `... server error (503 ...` | that status, as [`Rules::status`] with the text as body |
+    ///    | `client error (Connect): ...` (a failed connect) | transient: `connect_refused` ("connection refused"), `connect_timeout` ("timed out", "deadline has elapsed"), else `connect` |
+    ///    | `client error (Canceled): ...` (handed back unsent) | transient (`not_sent`) |
+    ///    | `error sending request [for url (...)]: operation timed out` (reqwest's own timer) | [`Rules::response_timeout`] |
+    ///
+    ///    These are the texts of reqwest 0.13 and hyper-util 0.1, checked
+    ///    against errors from real sockets in `tests/upstream`;
+    /// 3. the next-provider keywords, then the transient keywords;
+    /// 4. reqwest's bare "error sending request" or "error decoding
+    ///    response body" with nothing after them: transient. That is all
+    ///    the `Display` of a refused, reset or timed-out connect says (the
+    ///    cause is only in the chain), and most such failures are
+    ///    connection-level; a response timeout or a malformed response
+    ///    reads the same and is retried too;
+    /// 5. anything else is opaque: the next provider is tried.
     pub fn text(&self, text: &str) -> Verdict {
-        match self.keyword(text) {
-            Some(KeywordGroup::ClientError) => {
-                Verdict::new(Classification::Permanent, Cause::ClientError)
-            }
+        let keyword = self.keyword(text);
+        if keyword == Some(KeywordGroup::ClientError) {
+            return Verdict::new(Classification::Permanent, Cause::ClientError);
+        }
+        if let Some(v) = self.reqwest_text(text) {
+            return v;
+        }
+        match keyword {
             Some(KeywordGroup::NextProvider) => {
                 Verdict::new(Classification::TryNext, Cause::NextProvider)
             }
             Some(KeywordGroup::Transient) => Verdict::transient(Cause::Keyword),
-            None => Verdict::new(Classification::TryNext, Cause::Opaque),
+            _ if reqwest_bare_failure(text) => Verdict::transient(Cause::Keyword),
+            _ => Verdict::new(Classification::TryNext, Cause::Opaque),
         }
+    }
+
+    /// The verdict reqwest's own text gives away (step 2 of
+    /// [`Rules::text`]).
+    fn reqwest_text(&self, text: &str) -> Option<Verdict> {
+        if find_form(text, "builder error").is_some() {
+            return Some(Verdict::new(
+                Classification::Permanent,
+                Cause::InvalidRequest,
+            ));
+        }
+        for form in ["http status client error (", "http status server error ("] {
+            if let Some(at) = find_form(text, form) {
+                let digits = text.get(at + form.len()..at + form.len() + 3);
+                if let Some(code) = digits
+                    .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|d| d.parse::<u16>().ok())
+                {
+                    return Some(self.status(code, None, text));
+                }
+            }
+        }
+        if let Some(at) = find_form(text, "client error (connect)") {
+            let detail = &text[at..];
+            let cause = if find_form(detail, "connection refused").is_some() {
+                Cause::ConnectRefused
+            } else if find_form(detail, "timed out").is_some()
+                || find_form(detail, "deadline has elapsed").is_some()
+            {
+                Cause::ConnectTimeout
+            } else {
+                Cause::Connect
+            };
+            return Some(Verdict::transient(cause));
+        }
+        if find_form(text, "client error (canceled)").is_some() {
+            return Some(Verdict::transient(Cause::NotSent));
+        }
+        let detail = after_form(text, "error sending request")?;
+        detail
+            .trim()
+            .eq_ignore_ascii_case("operation timed out")
+            .then(|| self.response_timeout())
     }
 
     /// Classifies an HTTP status, with the provider's Retry-After and (part
@@ -393,6 +592,11 @@ impl Rules {
         if let Some(status) = err.status() {
             return self.status(status.as_u16(), None, "");
         }
+        // A bad URL, scheme or header: the request was never sent, and no
+        // provider (nor any wait) can make it valid.
+        if err.is_builder() {
+            return Verdict::new(Classification::Permanent, Cause::InvalidRequest);
+        }
         if err.is_connect() {
             if err.is_timeout() {
                 return Verdict::transient(Cause::ConnectTimeout);
@@ -418,11 +622,51 @@ impl Rules {
         if err.is_decode() {
             return Verdict::new(Classification::TryNext, Cause::Decode);
         }
-        if err.is_builder() {
-            return Verdict::new(Classification::TryNext, Cause::Opaque);
-        }
         self.text(&chain_text(err))
     }
+}
+
+/// Whether `text` ends with reqwest's bare message of a failed send or
+/// body read: "error sending request" or "error decoding response body"
+/// (each with or without " for url (...)"), no cause after it.
+fn reqwest_bare_failure(text: &str) -> bool {
+    ["error sending request", "error decoding response body"]
+        .into_iter()
+        .any(|form| after_form(text, form).is_some_and(|rest| rest.trim().is_empty()))
+}
+
+/// Where `form` (ASCII, lower case) first occurs in `text`, ignoring ASCII
+/// case, at the start of a word (not preceded by a letter or digit).
+fn find_form(text: &str, form: &str) -> Option<usize> {
+    let (hay, needle) = (text.as_bytes(), form.as_bytes());
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    (0..=hay.len() - needle.len()).find(|&at| {
+        (at == 0 || !hay[at - 1].is_ascii_alphanumeric())
+            && hay[at..at + needle.len()].eq_ignore_ascii_case(needle)
+    })
+}
+
+/// What follows reqwest's message `form` in `text`: the text after it and
+/// after its optional " for url (...)", with the ": " that joins the next
+/// error of a chain removed. A URL holds no whitespace, so it ends at the
+/// last ")" before the next whitespace.
+fn after_form<'t>(text: &'t str, form: &str) -> Option<&'t str> {
+    // `form` is ASCII: every offset below is a char boundary.
+    let mut rest = &text[find_form(text, form)? + form.len()..];
+    const URL: &str = " for url (";
+    if rest
+        .get(..URL.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(URL))
+    {
+        let url = &rest[URL.len()..];
+        let run = &url[..url.find(char::is_whitespace).unwrap_or(url.len())];
+        if let Some(close) = run.rfind(')') {
+            rest = &url[close + 1..];
+        }
+    }
+    Some(rest.strip_prefix(':').unwrap_or(rest))
 }
 
 /// The next error below `e`. An `io::Error` wrapping a custom error
@@ -451,11 +695,21 @@ impl Classify for reqwest::Error {
     fn classify(&self, rules: &Rules) -> Verdict {
         rules.reqwest(self)
     }
+
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source()
+    }
 }
 
 impl Classify for io::Error {
     fn classify(&self, rules: &Rules) -> Verdict {
         rules.error_chain(self)
+    }
+
+    // An io::Error wrapping a custom error displays that error, and
+    // reports the custom error's source as its own.
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source()
     }
 }
 
@@ -481,11 +735,19 @@ impl Classify for Box<dyn StdError + Send + Sync> {
     fn classify(&self, rules: &Rules) -> Verdict {
         rules.error_chain(self.as_ref())
     }
+
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.as_ref().source()
+    }
 }
 
 impl<T: Classify + ?Sized> Classify for &T {
     fn classify(&self, rules: &Rules) -> Verdict {
         (**self).classify(rules)
+    }
+
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        (**self).error_source()
     }
 }
 
@@ -595,6 +857,261 @@ mod tests {
             ..ClassifyPolicy::default()
         });
         assert_eq!(r.response_timeout().class, Classification::Transient);
+    }
+
+    #[test]
+    fn default_keywords_are_phrases_not_the_word_connection() {
+        let r = rules();
+        // A parameter name is not a transport failure.
+        for text in [
+            "invalid value for 'connection_id'",
+            "unknown field `connection_pool_size`",
+            "Connection: keep-alive header not allowed",
+        ] {
+            assert_eq!(r.text(text).cause, Cause::Opaque, "{text}");
+        }
+        // The transport failures the bare word used to catch still are.
+        for text in [
+            "Connection refused (os error 111)",
+            "Connection reset by peer (os error 104)",
+            "connection closed before message completed",
+            "operation was canceled: connection closed",
+            "connection error: Broken pipe (os error 32)",
+            "Connection timed out (os error 110)",
+            "tcp connect error: Network is unreachable (os error 101)",
+            "APIConnectionError: Connection error.",
+            "read ECONNRESET",
+            "upstream connect error or disconnect/reset before headers",
+        ] {
+            assert_eq!(r.text(text), Verdict::transient(Cause::Keyword), "{text}");
+        }
+    }
+
+    /// The texts of real reqwest 0.13 errors (see tests/upstream, which
+    /// produces each from a faulty socket): the Display, and the chain.
+    #[test]
+    fn reqwest_message_forms() {
+        let r = rules();
+        let url = " for url (http://127.0.0.1:4000/v1)";
+        let send = |detail: &str| format!("error sending request{url}{detail}");
+        let cases = [
+            // The bare Display of any send failure: transient.
+            (send(""), Verdict::transient(Cause::Keyword)),
+            ("error sending request".into(), Verdict::transient(Cause::Keyword)),
+            (
+                format!("error decoding response body{url}"),
+                Verdict::transient(Cause::Keyword),
+            ),
+            (
+                send(": client error (Connect): tcp connect error: Connection refused (os error 111)"),
+                Verdict::transient(Cause::ConnectRefused),
+            ),
+            (
+                send(": client error (Connect): tcp connect error: deadline has elapsed"),
+                Verdict::transient(Cause::ConnectTimeout),
+            ),
+            (
+                "error sending request: client error (Connect): tcp connect error: No route to host (os error 113)".into(),
+                Verdict::transient(Cause::Connect),
+            ),
+            (
+                send(": client error (Canceled): operation was canceled: connection error: Connection reset by peer (os error 104)"),
+                Verdict::transient(Cause::NotSent),
+            ),
+            (
+                send(": client error (SendRequest): connection closed before message completed"),
+                Verdict::transient(Cause::Keyword),
+            ),
+            // reqwest's own timer, after the request went out.
+            (send(": operation timed out"), r.response_timeout()),
+            ("error sending request: operation timed out".into(), r.response_timeout()),
+            // A malformed response, or a body that is not JSON: not a
+            // transport failure.
+            (
+                send(": client error (SendRequest): invalid content-length parsed"),
+                Verdict::new(Classification::TryNext, Cause::Opaque),
+            ),
+            (
+                format!("error decoding response body{url}: expected ident at line 1 column 2"),
+                Verdict::new(Classification::TryNext, Cause::Opaque),
+            ),
+            (
+                format!("error decoding response body{url}: request or response body error: error reading a body from connection: end of file before message length reached"),
+                Verdict::transient(Cause::Keyword),
+            ),
+            // error_for_status(): the status alone.
+            (
+                format!("HTTP status client error (429 Too Many Requests){url}"),
+                Verdict::new(
+                    Classification::RateLimited { retry_after: None },
+                    Cause::RateLimited,
+                ),
+            ),
+            (
+                "HTTP status server error (503 Service Unavailable)".into(),
+                Verdict::transient(Cause::Unavailable),
+            ),
+            (
+                "HTTP status server error (500 Internal Server Error)".into(),
+                Verdict::transient(Cause::Status5xx),
+            ),
+            (
+                "HTTP status client error (400 Bad Request)".into(),
+                Verdict::new(Classification::Permanent, Cause::ClientError),
+            ),
+            (
+                "HTTP status client error (404 Not Found)".into(),
+                Verdict::new(Classification::TryNext, Cause::NextProvider),
+            ),
+            // A request that could not be built.
+            (
+                "builder error for url (ftp://127.0.0.1:9/x): URL scheme is not allowed".into(),
+                Verdict::new(Classification::Permanent, Cause::InvalidRequest),
+            ),
+            (
+                "builder error: relative URL without a base".into(),
+                Verdict::new(Classification::Permanent, Cause::InvalidRequest),
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(r.text(&text), want, "{text}");
+            // A gateway's own prefix, and any ASCII case, change nothing.
+            assert_eq!(
+                r.text(&format!("upstream call failed: {text}")),
+                want,
+                "{text}"
+            );
+            assert_eq!(r.text(&text.to_ascii_uppercase()), want, "{text}");
+        }
+        // Only at a word start, and only with the status digits.
+        assert_eq!(r.text("rebuilder error").cause, Cause::Opaque);
+        assert_eq!(
+            r.text("HTTP status server error (5xx)").cause,
+            Cause::Opaque
+        );
+        // Something after the bare message that is no cause: not bare.
+        assert_eq!(r.text(&send(" (attempt 2)")).cause, Cause::Opaque);
+        // A client-error keyword still wins over everything.
+        assert_eq!(
+            r.text(&send(": failed to fetch image")).class,
+            Classification::Permanent
+        );
+    }
+
+    #[test]
+    fn builder_errors_are_the_callers_and_permanent() {
+        let r = rules();
+        let client = reqwest::Client::new();
+        for request in [
+            client.get("/relative/path"),
+            client.get("http://127.0.0.1:9/").header("x-trace", "a\nb"),
+        ] {
+            let err = request.build().unwrap_err();
+            assert!(err.is_builder(), "{err:?}");
+            let v = err.classify(&r);
+            assert_eq!(
+                v,
+                Verdict::new(Classification::Permanent, Cause::InvalidRequest)
+            );
+            assert!(!v.cause.is_provider_fault());
+            // Wrapped in another error: found in the chain.
+            let wrapped = io::Error::other(err);
+            assert_eq!(wrapped.classify(&r).cause, Cause::InvalidRequest);
+        }
+    }
+
+    #[test]
+    fn display_and_serialized_names_are_stable() {
+        let secs = |s| Classification::RateLimited {
+            retry_after: Some(Duration::from_secs(s)),
+        };
+        let no_wait = Classification::RateLimited { retry_after: None };
+        let classes = [
+            (
+                Classification::Transient,
+                "transient",
+                r#"{"class":"transient"}"#,
+            ),
+            (no_wait, "rate_limited", r#"{"class":"rate_limited"}"#),
+            (
+                secs(7),
+                "rate_limited, retry after 7s",
+                r#"{"class":"rate_limited","retry_after_ms":7000}"#,
+            ),
+            (
+                Classification::TryNext,
+                "try_next",
+                r#"{"class":"try_next"}"#,
+            ),
+            (
+                Classification::Permanent,
+                "permanent",
+                r#"{"class":"permanent"}"#,
+            ),
+        ];
+        for (class, display, json) in classes {
+            assert_eq!(class.to_string(), display);
+            assert_eq!(serde_json::to_string(&class).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Classification>(json).unwrap(), class);
+        }
+        let names: Vec<String> = Cause::ALL.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "connect_refused",
+                "connect",
+                "connect_timeout",
+                "reset",
+                "not_sent",
+                "timeout",
+                "response_timeout",
+                "adaptive_timeout",
+                "body",
+                "decode",
+                "status_5xx",
+                "unavailable",
+                "status_retryable",
+                "rate_limited",
+                "client_error",
+                "invalid_request",
+                "next_provider",
+                "keyword",
+                "opaque",
+            ]
+        );
+        for cause in Cause::ALL {
+            let json = serde_json::to_string(&cause).unwrap();
+            assert_eq!(json, format!("\"{}\"", cause.as_str()));
+            assert_eq!(serde_json::from_str::<Cause>(&json).unwrap(), cause);
+        }
+        assert!(serde_json::from_str::<Cause>("\"refused\"").is_err());
+
+        let v = Verdict::new(secs(7), Cause::RateLimited);
+        assert_eq!(v.to_string(), "rate_limited, retry after 7s (rate_limited)");
+        let json = r#"{"class":"rate_limited","retry_after_ms":7000,"cause":"rate_limited"}"#;
+        assert_eq!(serde_json::to_string(&v).unwrap(), json);
+        assert_eq!(serde_json::from_str::<Verdict>(json).unwrap(), v);
+        let v = Verdict::transient(Cause::ConnectRefused);
+        assert_eq!(v.to_string(), "transient (connect_refused)");
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            r#"{"class":"transient","cause":"connect_refused"}"#
+        );
+        // Sub-millisecond waits are cut to the millisecond; the longest
+        // wait saturates instead of failing.
+        let v = Verdict::new(
+            Classification::RateLimited {
+                retry_after: Some(Duration::MAX),
+            },
+            Cause::Unavailable,
+        );
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            format!(
+                r#"{{"class":"rate_limited","retry_after_ms":{},"cause":"unavailable"}}"#,
+                u64::MAX
+            )
+        );
     }
 
     #[test]

@@ -57,6 +57,7 @@
 #![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
 mod budget;
+mod classifier;
 mod classify;
 mod health;
 mod live;
@@ -77,6 +78,7 @@ pub mod upstream;
 pub struct ReadmeDoctests;
 
 pub use budget::RetryBudget;
+pub use classifier::{Classifier, DefaultClassifier};
 pub use classify::{Cause, Classification, Classify, Rules, Verdict};
 pub use pool::{
     AttemptError, BuildError, CallOptions, FailReason, FailedAttempt, Pool, PoolBuilder, PoolError,

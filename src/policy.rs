@@ -310,7 +310,9 @@ impl<'de> Deserialize<'de> for RetryDelay {
 pub struct ClassifyPolicy {
     /// Substrings that mark an *opaque* error text as transient, matched
     /// ASCII-case-insensitively on the raw error chain. Only consulted when
-    /// the error carries no kind (io kind, reqwest flag, HTTP status).
+    /// the error carries no kind (io kind, reqwest flag, HTTP status), and
+    /// after reqwest's own message forms
+    /// ([`Rules::text`](crate::Rules::text)).
     pub transient_keywords: Vec<String>,
     /// Substrings that mean "this provider does not serve this model": the
     /// next provider is tried, this one is not retried.
@@ -577,13 +579,22 @@ fn strings(items: &[&str]) -> Vec<String> {
 impl Default for ClassifyPolicy {
     fn default() -> Self {
         ClassifyPolicy {
+            // Phrases, not the bare word "connection": it is in parameter
+            // names ("invalid value for 'connection_id'") as often as in
+            // transport failures.
             transient_keywords: strings(&[
-                "connection",
+                "connection refused",
+                "connection reset",
+                "connection aborted",
+                "connection closed",
+                "connection error",
+                "connection failed",
+                "tcp connect error",
                 "timeout",
                 "timed out",
+                "deadline has elapsed",
                 "reset",
                 "broken pipe",
-                "error decoding response body",
                 "body error",
                 "unexpected eof",
                 "temporarily unavailable",

@@ -6,6 +6,43 @@
 //! `source()` chain) or the upstream answered with a failing status (kept
 //! with its Retry-After and the start of the body, so a 5xx caused by the
 //! client's own input can be told apart from an upstream fault).
+//!
+//! # Classifying a response
+//!
+//! A failing status can reach the classifier three ways, and they do not
+//! know the same things:
+//!
+//! | path | status | Retry-After | body |
+//! |---|---|---|---|
+//! | [`check`] (then [`UpstreamError`]'s [`Classify`]) | yes | yes | first [`BODY_SNIPPET_LIMIT`] bytes |
+//! | `Classify for reqwest::Response` (borrowed, body untouched) | yes | yes | no |
+//! | `response.error_for_status()` (then `Classify for reqwest::Error`) | yes | **no** | **no** |
+//!
+//! `error_for_status()` keeps the status alone: a 429 with `Retry-After: 7`
+//! becomes rate-limited with no wait (the policy's `rate_limited_delay`
+//! applies instead), a 503 with a Retry-After is retried after the
+//! round's delay, a 500 whose body says "model not found" is retried on
+//! the same provider instead of moving on, and a 500 caused by the
+//! client's input ("failed to fetch image") is retried instead of returned.
+//! Use [`check`] when the body may be read; classify the `&Response` when
+//! the body must stay untouched (e.g. to stream it to the client anyway).
+//!
+//! ```no_run
+//! use retryctl::{Classify, Rules};
+//! use retryctl::upstream::{self, UpstreamError};
+//!
+//! # async fn f(client: reqwest::Client) -> Result<(), UpstreamError> {
+//! let rules = Rules::default();
+//! let response = client.post("http://10.0.0.1:8000/v1/chat/completions").send().await?;
+//! if !response.status().is_success() {
+//!     // Status and Retry-After; the body is still there to forward.
+//!     println!("{}", response.classify(&rules));
+//! }
+//! // Status, Retry-After and the start of the body: a failing response
+//! // becomes an UpstreamError, a success passes through.
+//! let served = upstream::check(response).await?;
+//! # drop(served); Ok(()) }
+//! ```
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -77,6 +114,26 @@ impl Classify for UpstreamError {
                 body,
             } => rules.status(status.as_u16(), *retry_after, body),
         }
+    }
+
+    /// A transport error's `Display` is reqwest's ("error sending request
+    /// for url (...)"): its cause is below it.
+    fn error_source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UpstreamError::Transport(e) => e.error_source(),
+            UpstreamError::Status { .. } => None,
+        }
+    }
+}
+
+/// A response classified by its status and Retry-After header, without
+/// reading its body (see the [module docs](self#classifying-a-response)
+/// for what the body adds). A success status is not a failure: it is
+/// classified like any status the rules do not know (try the next
+/// provider, cause `opaque`).
+impl Classify for Response {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        rules.status(self.status().as_u16(), retry_after(self.headers()), "")
     }
 }
 

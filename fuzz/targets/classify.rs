@@ -9,8 +9,10 @@
 //! code, the third an optional Retry-After.
 //!
 //! Checks, besides "no panic, no hang": a verdict's class matches its
-//! cause; matching ignores ASCII case; 429 is always rate-limited with
-//! the Retry-After given; a client-error keyword in a body always wins.
+//! cause (text gives keyword causes, or the kind reqwest's own message
+//! forms name); matching ignores ASCII case; 429 is always rate-limited
+//! with the Retry-After given; a client-error keyword in a body or a text
+//! always wins.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -81,10 +83,21 @@ pub fn run(data: &[u8]) {
 fn check(rules: &Rules, error: &str, code: u16, retry_after: Option<Duration>) {
     let v = rules.text(error);
     consistent(v);
-    assert!(matches!(
+    // Text has no kind of its own: keyword causes, or what reqwest's
+    // message forms name (a status, a connect failure, a request that
+    // could not be built, reqwest's own timer).
+    assert!(!matches!(
         v.cause,
-        Cause::Keyword | Cause::ClientError | Cause::NextProvider | Cause::Opaque
+        Cause::Reset | Cause::Timeout | Cause::AdaptiveTimeout | Cause::Body | Cause::Decode
     ));
+    // Only a client-error keyword makes a 200 permanent.
+    let client_keyword = rules.status(200, None, error).class == Classification::Permanent;
+    if client_keyword {
+        assert_eq!(
+            v,
+            Verdict::new(Classification::Permanent, Cause::ClientError)
+        );
+    }
     // ASCII-case-insensitive: changing the case of ASCII letters changes
     // nothing.
     assert_eq!(
@@ -125,10 +138,8 @@ fn check(rules: &Rules, error: &str, code: u16, retry_after: Option<Duration>) {
                         Cause::RateLimited
                     )
                 );
-            } else if v.cause == Cause::ClientError && !error.is_empty() {
-                // A body naming a client error is never retried. (An empty
-                // body is not scanned: only an empty keyword, which a
-                // policy refuses, matches the empty text.)
+            } else if client_keyword {
+                // A body naming a client error is never retried.
                 assert_eq!(s.class, Classification::Permanent, "{code} {error:?}");
             }
             if retry_after.is_none() {
@@ -148,8 +159,15 @@ fn consistent(v: Verdict) {
                 Classification::Transient | Classification::RateLimited { .. }
             )
         }
+        Cause::ConnectRefused | Cause::Connect | Cause::ConnectTimeout | Cause::NotSent => {
+            v.class == Classification::Transient
+        }
+        // Retried only when the policy says so.
+        Cause::ResponseTimeout => {
+            matches!(v.class, Classification::TryNext | Classification::Transient)
+        }
         Cause::RateLimited => matches!(v.class, Classification::RateLimited { .. }),
-        Cause::ClientError => v.class == Classification::Permanent,
+        Cause::ClientError | Cause::InvalidRequest => v.class == Classification::Permanent,
         Cause::NextProvider | Cause::Opaque => v.class == Classification::TryNext,
         _ => false,
     };

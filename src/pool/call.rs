@@ -29,7 +29,8 @@ use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report,
 use super::schedule::{Retry, schedule};
 use super::shadow::{Ended, ShadowCall};
 use super::{Model, Pool};
-use crate::classify::{Cause, Classification, Classify, Verdict};
+use crate::classifier::Classifier;
+use crate::classify::{Cause, Classification, Verdict};
 use crate::health::HealthEvent;
 use crate::live::ModelPolicy;
 use crate::policy::Policy;
@@ -179,6 +180,9 @@ enum Next<T> {
 /// accounting.
 struct Call<'a, P, E> {
     m: &'a Model<P>,
+    /// Runs on failed attempts only (a dynamic call there costs nothing
+    /// that matters, and keeps one `Call` per provider and error type).
+    classifier: &'a (dyn Classifier<E> + Sync),
     resolved: &'a ModelPolicy,
     policy: &'a Policy,
     start: Instant,
@@ -209,14 +213,15 @@ struct Call<'a, P, E> {
     round_end: Instant,
 }
 
-impl<P> Pool<P> {
+impl<P, C> Pool<P, C> {
     /// Calls `op` with a provider of `model` until it succeeds or the policy
     /// says stop. See the [`Pool`](crate::Pool) docs for the exact rules.
     pub async fn call<T, E, F, Fut>(&self, model: &str, op: F) -> Result<Served<T>, PoolError<E>>
     where
         F: FnMut(&P) -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        E: Classify + std::fmt::Display,
+        E: std::fmt::Display,
+        C: Classifier<E> + Sync,
     {
         self.call_with(model, CallOptions::default(), op).await
     }
@@ -231,7 +236,8 @@ impl<P> Pool<P> {
     where
         F: FnMut(&P) -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        E: Classify + std::fmt::Display,
+        E: std::fmt::Display,
+        C: Classifier<E> + Sync,
     {
         let Some(m) = self.model(model) else {
             return Err(self.unknown(model));
@@ -240,7 +246,7 @@ impl<P> Pool<P> {
         let active = self.policy.snapshot();
         self.note_version(&active);
         let resolved = active.for_model(m.name);
-        let mut call = Call::start(m, resolved, options, &active);
+        let mut call = Call::start(m, resolved, options, &active, &self.classifier);
         match call.run(&mut op).await {
             Ok(served) => Ok(served),
             Err(reason) => Err(call.fail(reason)),
@@ -267,7 +273,7 @@ impl<P> Pool<P> {
     }
 }
 
-impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
+impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     /// Reads the clock, sets the deadline, deposits into the budget and
     /// plans the order.
     #[inline(always)]
@@ -276,6 +282,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         resolved: &'a ModelPolicy,
         options: CallOptions,
         active: &std::sync::Arc<crate::live::ActivePolicy>,
+        classifier: &'a (dyn Classifier<E> + Sync),
     ) -> Self {
         let policy = resolved.policy();
         let start = Instant::now();
@@ -287,6 +294,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         m.deposit(start, policy);
         Call {
             m,
+            classifier,
             resolved,
             policy,
             start,
@@ -486,7 +494,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
     }
 }
 
-impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
+impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     /// The wait before a later round's retry, after checking the deadline
     /// and paying the budget. `false`: this retry is not made (and, when
     /// the reason holds for every later one, neither are they).
@@ -717,7 +725,7 @@ impl<'a, P, E: Classify + std::fmt::Display> Call<'a, P, E> {
         let bit = 1u64 << i;
         let (verdict, expired) = match failed {
             Ok(e) => {
-                let v = e.classify(active.rules());
+                let v = self.classifier.verdict(&e, active.rules());
                 self.last = Some(AttemptError::Upstream(e));
                 (v, false)
             }

@@ -65,6 +65,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::budget::RetryBudget;
+use crate::classifier::DefaultClassifier;
 use crate::health::{HealthSnapshot, ProviderHealth};
 use crate::live::{ActivePolicy, LivePolicy};
 use crate::stats::{RouteStats, WindowStats};
@@ -139,8 +140,10 @@ struct Model<P> {
 /// assert_eq!((served.attempts(), served.rounds(), served.fell_back), (1, 1, false));
 /// # Ok(()) }
 /// ```
-pub struct Pool<P> {
+pub struct Pool<P, C = DefaultClassifier> {
     models: Vec<Model<P>>,
+    /// How failed attempts are classified.
+    pub(super) classifier: C,
     /// Model name to index, looked up on every request. foldhash rather
     /// than SipHash: about 5x fewer instructions per lookup, and still
     /// seeded per map, so request-chosen names cannot aim collisions.
@@ -153,7 +156,7 @@ pub struct Pool<P> {
     policy_seen: AtomicU64,
 }
 
-impl<P> fmt::Debug for Pool<P> {
+impl<P, C> fmt::Debug for Pool<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool")
             .field("models", &self.index.keys().collect::<Vec<_>>())
@@ -165,14 +168,15 @@ impl<P> fmt::Debug for Pool<P> {
 type Providers<P> = Vec<(Arc<str>, P)>;
 
 /// Builds a [`Pool`].
-pub struct PoolBuilder<P> {
+pub struct PoolBuilder<P, C = DefaultClassifier> {
     models: Vec<(Arc<str>, Providers<P>)>,
+    classifier: C,
     policy: Option<LivePolicy>,
     prefix: Option<String>,
     connect: Vec<(Arc<str>, Duration)>,
 }
 
-impl<P> fmt::Debug for PoolBuilder<P> {
+impl<P, C> fmt::Debug for PoolBuilder<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolBuilder").finish_non_exhaustive()
     }
@@ -210,6 +214,7 @@ impl<P> Default for PoolBuilder<P> {
     fn default() -> Self {
         PoolBuilder {
             models: Vec::new(),
+            classifier: DefaultClassifier,
             policy: None,
             prefix: None,
             connect: Vec::new(),
@@ -217,7 +222,7 @@ impl<P> Default for PoolBuilder<P> {
     }
 }
 
-impl<P> PoolBuilder<P> {
+impl<P, C> PoolBuilder<P, C> {
     /// Adds `provider`, named `name`, to the end of `model`'s order.
     pub fn provider(mut self, model: &str, name: &str, provider: P) -> Self {
         let entry = match self.models.iter_mut().position(|(m, _)| &**m == model) {
@@ -258,9 +263,23 @@ impl<P> PoolBuilder<P> {
         self
     }
 
+    /// How the pool classifies failed attempts (default: the error type's
+    /// own [`Classify`](crate::Classify) impl). A function
+    /// `Fn(&E, &Rules) -> Verdict` will do, so an error type from another
+    /// crate needs no newtype; see [`Classifier`](crate::Classifier).
+    pub fn classifier<C2>(self, classifier: C2) -> PoolBuilder<P, C2> {
+        PoolBuilder {
+            models: self.models,
+            classifier,
+            policy: self.policy,
+            prefix: self.prefix,
+            connect: self.connect,
+        }
+    }
+
     /// Checks the routes and builds the pool, resolving every metric handle
     /// (install the metrics recorder before this).
-    pub fn build(self) -> Result<Pool<P>, BuildError> {
+    pub fn build(self) -> Result<Pool<P, C>, BuildError> {
         let prefix: Arc<str> = self
             .prefix
             .as_deref()
@@ -341,6 +360,7 @@ impl<P> PoolBuilder<P> {
                 .admission_max_wait(active.for_model(m.name).policy().admission.max_wait);
         }
         Ok(Pool {
+            classifier: self.classifier,
             models,
             index,
             unknown_model: telemetry::unknown_model(&prefix),
@@ -371,7 +391,9 @@ impl<P> Pool<P> {
     pub fn builder() -> PoolBuilder<P> {
         PoolBuilder::default()
     }
+}
 
+impl<P, C> Pool<P, C> {
     /// The policy handle: store a new policy here to change behaviour live.
     pub fn policy(&self) -> &LivePolicy {
         &self.policy

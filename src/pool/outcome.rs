@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::classify::Verdict;
+use crate::classify::{Classify, Verdict};
 
 /// One failed attempt, as the pool saw it.
 #[derive(Clone, Debug, PartialEq)]
@@ -232,7 +232,11 @@ impl<E> PoolError<E> {
     }
 }
 
-impl<E: fmt::Display> fmt::Display for PoolError<E> {
+/// `all providers failed after N attempts in R rounds: REASON; last error:
+/// ERROR`, where the last error is followed by every error below it
+/// ([`Classify::error_source`] and its `source()` chain, `": "`-joined):
+/// the root cause (refused, reset, timed out) stays in the log line.
+impl<E: Classify + fmt::Display> fmt::Display for PoolError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let FailReason::UnknownModel { .. } = self.reason {
             return self.reason.fmt(f);
@@ -249,8 +253,17 @@ impl<E: fmt::Display> fmt::Display for PoolError<E> {
         if let Some(last) = &self.last {
             write!(f, "; last error: {last}")?;
         }
+        if let Some(AttemptError::Upstream(e)) = &self.last {
+            let mut below = e.error_source();
+            while let Some(cause) = below {
+                write!(f, ": {cause}")?;
+                below = cause.source();
+            }
+        }
         Ok(())
     }
 }
 
-impl<E: fmt::Debug + fmt::Display> std::error::Error for PoolError<E> {}
+/// The message already quotes the last error's chain, so `source()` is
+/// `None`: a chain-printing reporter does not repeat it.
+impl<E: Classify + fmt::Debug + fmt::Display> std::error::Error for PoolError<E> {}

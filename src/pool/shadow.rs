@@ -375,7 +375,7 @@ impl ShadowCall {
     }
 }
 
-impl<P> Pool<P> {
+impl<P, C> Pool<P, C> {
     /// What the `[shadow]` candidate would have done for `model` so far
     /// (all zero without a candidate); `None` for an unknown model.
     pub fn shadow_counts(&self, model: &str) -> Option<ShadowCounts> {

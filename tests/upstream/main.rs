@@ -8,6 +8,8 @@
 
 use retryctl_testkit as support;
 
+mod classification;
+
 use std::time::Duration;
 
 use retryctl::policy::{LivePolicy, Policy};
