@@ -64,9 +64,20 @@ impl Prometheus {
     /// `rule_files` loaded, and waits until it is ready. Retries on another
     /// port if the one picked was taken in between.
     pub(crate) async fn start(binary: &Path, target: SocketAddr, rule_files: &[PathBuf]) -> Self {
+        Self::start_scraping(binary, &[target], rule_files).await
+    }
+
+    /// Like [`Prometheus::start`], scraping every one of `targets` (one
+    /// job, `retryctl`; each target its own `instance` label), as
+    /// Prometheus scrapes a fleet of replicas.
+    pub(crate) async fn start_scraping(
+        binary: &Path,
+        targets: &[SocketAddr],
+        rule_files: &[PathBuf],
+    ) -> Self {
         let mut last_log = String::new();
         for _ in 0..3 {
-            let mut prom = Self::spawn(binary, target, rule_files);
+            let mut prom = Self::spawn(binary, targets, rule_files);
             match prom.wait_ready().await {
                 Ok(()) => return prom,
                 Err(log) if log.contains("address already in use") => last_log = log,
@@ -76,16 +87,18 @@ impl Prometheus {
         panic!("prometheus could not bind a port in 3 tries:\n{last_log}");
     }
 
-    fn spawn(binary: &Path, target: SocketAddr, rule_files: &[PathBuf]) -> Self {
+    fn spawn(binary: &Path, targets: &[SocketAddr], rule_files: &[PathBuf]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let rules: String = rule_files
             .iter()
             .map(|p| format!("  - {:?}\n", p.display().to_string()))
             .collect();
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let targets = targets.join(", ");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n{rules}\
-             scrape_configs:\n  - job_name: retryctl\n    static_configs:\n      - targets: ['{target}']\n"
+             scrape_configs:\n  - job_name: retryctl\n    static_configs:\n      - targets: [{targets}]\n"
         );
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config).expect("write prometheus.yml");
