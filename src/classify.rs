@@ -545,6 +545,7 @@ impl Rules {
     pub fn error_chain(&self, err: &(dyn StdError + 'static)) -> Verdict {
         let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
         while let Some(e) = cur {
+            #[cfg(feature = "reqwest")]
             if let Some(r) = e.downcast_ref::<reqwest::Error>() {
                 return self.reqwest(r);
             }
@@ -561,6 +562,7 @@ impl Rules {
         if let Some(io) = e.downcast_ref::<io::Error>() {
             return self.io_kind(io.kind());
         }
+        #[cfg(feature = "reqwest")]
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_canceled() {
                 return Some(Verdict::transient(Cause::NotSent));
@@ -576,6 +578,7 @@ impl Rules {
     }
 
     /// The first io kind or hyper flag below `err` that means something.
+    #[cfg(feature = "reqwest")]
     fn cause_below(&self, err: &(dyn StdError + 'static)) -> Option<Verdict> {
         let mut cur = next_in_chain(err);
         while let Some(e) = cur {
@@ -588,6 +591,7 @@ impl Rules {
     }
 
     /// Classifies a reqwest error (see the module docs for the order).
+    #[cfg(feature = "reqwest")]
     pub fn reqwest(&self, err: &reqwest::Error) -> Verdict {
         if let Some(status) = err.status() {
             return self.status(status.as_u16(), None, "");
@@ -691,6 +695,7 @@ pub(crate) fn chain_text(err: &(dyn StdError + 'static)) -> String {
     text
 }
 
+#[cfg(feature = "reqwest")]
 impl Classify for reqwest::Error {
     fn classify(&self, rules: &Rules) -> Verdict {
         rules.reqwest(self)
@@ -713,6 +718,7 @@ impl Classify for io::Error {
     }
 }
 
+#[cfg(feature = "reqwest")]
 impl Classify for reqwest::StatusCode {
     fn classify(&self, rules: &Rules) -> Verdict {
         rules.status(self.as_u16(), None, "")
@@ -999,6 +1005,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "reqwest")]
     fn builder_errors_are_the_callers_and_permanent() {
         let r = rules();
         let client = reqwest::Client::new();

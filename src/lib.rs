@@ -70,6 +70,7 @@ mod stripe;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod toml_error;
+#[cfg(feature = "reqwest")]
 pub mod upstream;
 
 /// The README's examples, compiled and run as doc tests.
