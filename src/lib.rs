@@ -70,6 +70,8 @@ mod stripe;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod toml_error;
+#[cfg(feature = "tower")]
+pub mod tower;
 #[cfg(feature = "reqwest")]
 pub mod upstream;
 
