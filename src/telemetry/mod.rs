@@ -82,28 +82,45 @@ use crate::stats;
 mod recorder;
 
 #[cfg(feature = "prometheus")]
-pub use self::recorder::{MetricsHandle, Recorder, buckets_for};
+pub use self::recorder::{MetricsHandle, Recorder};
 
 /// The default metric name prefix.
 pub const DEFAULT_PREFIX: &str = "retryctl_";
 
 /// Buckets of the `_seconds` histograms: 1 ms (a loopback attempt) to
 /// 10 min (a long generation).
-pub const SECONDS_BUCKETS: &[f64] = &[
+pub(crate) const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0, 600.0,
 ];
 
 /// Buckets of `attempts_per_request` (gRPC's 1..5, and one for more).
-pub const ATTEMPTS_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 10.0];
+pub(crate) const ATTEMPTS_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 10.0];
 
 /// Buckets of `retry_delay_seconds`.
-pub const DELAY_BUCKETS: &[f64] = &[
+pub(crate) const DELAY_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0,
 ];
 
+/// The bucket bounds retryctl uses for a histogram named `name`, if any:
+/// `*retry_delay_seconds` and `*attempts_per_request` have their own,
+/// every other `*_seconds` the latency buckets. An application that
+/// installs its own recorder sets these to keep the dashboards' bucket
+/// queries right (this crate's [`Recorder`] does).
+pub fn buckets_for(name: &str) -> Option<&'static [f64]> {
+    if name.ends_with("retry_delay_seconds") {
+        Some(DELAY_BUCKETS)
+    } else if name.ends_with("attempts_per_request") {
+        Some(ATTEMPTS_BUCKETS)
+    } else if name.ends_with("_seconds") {
+        Some(SECONDS_BUCKETS)
+    } else {
+        None
+    }
+}
+
 /// Request outcome label values.
-pub const OUTCOMES: [&str; 4] = [
+pub(crate) const OUTCOMES: [&str; 4] = [
     "success_first_try",
     "success_after_retry",
     "failed_after_retry",

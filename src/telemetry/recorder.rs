@@ -33,23 +33,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use super::{ATTEMPTS_BUCKETS, DELAY_BUCKETS, SECONDS_BUCKETS};
+use super::buckets_for;
 use crate::stripe::{self, Padded, STRIPES};
-
-/// The bucket bounds retryctl uses for a histogram named `name`, if any:
-/// `*retry_delay_seconds` and `*attempts_per_request` have their own,
-/// every other `*_seconds` the latency buckets.
-pub fn buckets_for(name: &str) -> Option<&'static [f64]> {
-    if name.ends_with("retry_delay_seconds") {
-        Some(DELAY_BUCKETS)
-    } else if name.ends_with("attempts_per_request") {
-        Some(ATTEMPTS_BUCKETS)
-    } else if name.ends_with("_seconds") {
-        Some(SECONDS_BUCKETS)
-    } else {
-        None
-    }
-}
 
 /// A monotonic counter striped over [`STRIPES`] cache lines.
 #[derive(Debug, Default)]
