@@ -5,7 +5,7 @@
 //! not), which covers everything a current-thread runtime runs for the
 //! call, the HTTP connection task included.
 //!
-//! `cargo bench --bench alloc` prints one line per case.
+//! `cargo bench -p retryctl-bench --bench alloc` prints one line per case.
 
 mod common;
 

@@ -8,7 +8,7 @@
 //! `retryctl::upstream::client_builder` (keep-alive, no Nagle), so they
 //! differ only in the layer around `send()`.
 //!
-//! `cargo bench --bench http`
+//! `cargo bench -p retryctl-bench --bench http`
 
 mod common;
 

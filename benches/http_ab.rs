@@ -8,7 +8,7 @@
 //! order) back to back, and the ratio is taken per round: drift hits both
 //! sides of a ratio alike. The median over the rounds is the answer.
 //!
-//! `cargo bench --bench http_ab` prints the table.
+//! `cargo bench -p retryctl-bench --bench http_ab` prints the table.
 
 mod common;
 

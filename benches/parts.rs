@@ -19,7 +19,7 @@
 //!   lookup of a model name (std's SipHash). `Pool::stats` (public) is
 //!   measured as is.
 //!
-//! `cargo bench --bench parts`
+//! `cargo bench -p retryctl-bench --bench parts`
 
 mod common;
 

@@ -8,7 +8,7 @@
 //! * `contended`: the success path from 2 threads at once against one
 //!   shared pool; the time is per call as each thread sees it.
 //!
-//! `cargo bench --bench pool` (add `-- success` for one group).
+//! `cargo bench -p retryctl-bench --bench pool` (add `-- success` for one group).
 
 mod common;
 

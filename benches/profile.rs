@@ -1,7 +1,7 @@
 //! A small driver for profilers: runs one pool path in a loop, nothing else.
 //!
 //! ```sh
-//! cargo bench --no-run --bench profile          # prints the binary's path
+//! cargo bench -p retryctl-bench --no-run --bench profile          # prints the binary's path
 //! valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*measured_calls*' \
 //!     target/release/deps/profile-HASH success 20000
 //! callgrind_annotate --inclusive=yes callgrind.out.PID | head -60
