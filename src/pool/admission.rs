@@ -57,7 +57,11 @@
 //!   start from `min_limit`, so a restarted upstream is not hit by every
 //!   waiting request at once: after refusals (an outage) doubling until
 //!   the gate opens, after connect timeouts (overload) doubling only up to
-//!   the last limit, then additively.
+//!   the last limit, then additively. Only the probe does: an attempt
+//!   admitted before the provider went down may be on a connection older
+//!   than the outage (keep-alive), and its answer, or a reset of it after
+//!   the request was sent, says nothing about whether the upstream takes
+//!   connections now.
 //!
 //! A 502/503 is not a connection-level outcome here: the upstream (or its
 //! proxy) answered, so it is reachable. On the demo's mix, random 502/503
@@ -866,11 +870,17 @@ impl Gate {
         now: Instant,
     ) {
         if limit == DOWN {
-            // A probe, or an attempt admitted before the provider went
-            // down, reached it: it is back.
-            if probe {
-                self.metrics.event(Event::ProbeSucceeded);
+            if !probe {
+                // Admitted before the provider went down: its connection
+                // may be older than the outage (a keep-alive one, cut by
+                // the restart after the request was sent, or still
+                // answering while the upstream drains), so its answer says
+                // nothing about whether the upstream takes connections now.
+                // The probe finds out.
+                return;
             }
+            // The probe reached it: it is back.
+            self.metrics.event(Event::ProbeSucceeded);
             self.metrics.transitions[Transition::Recovered as usize].increment(1);
             tracing::info!(
                 target: "retryctl",

@@ -798,19 +798,26 @@ async fn a_provider_with_its_own_connect_timeout_has_its_own_connect_phase() {
 // ---- a restart under steady load (paused time, real sockets) ------------
 
 /// An HTTP/1.1 upstream on 127.0.0.1 that answers every request after
-/// `service` on keep-alive connections, and can be closed (connects
-/// refused, its connections closed, as when the process exits) and
-/// reopened on the same port.
+/// `service` on keep-alive connections, and can be closed and reopened on
+/// the same port: killed (its connections cut) or shut down gracefully
+/// (the requests in flight answered first).
 struct RestartingUpstream {
     addr: std::net::SocketAddr,
     service: Duration,
     /// The accept loop while open; it owns the listener and the
-    /// connections.
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// connections, and says when it has closed the listener.
+    task: Option<(
+        tokio::task::JoinHandle<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    )>,
+    /// Tells the accept loop and the connections to shut down.
+    stop: tokio::sync::watch::Sender<bool>,
     /// The port while closed: bound, not listening (a connect is refused).
     parked: Option<socket2::Socket>,
 }
 
+/// A socket bound to `addr` (with `SO_REUSEADDR`, so the server's own
+/// connections in `TIME_WAIT` do not block the rebind), not listening.
 fn bound_socket(addr: std::net::SocketAddr) -> socket2::Socket {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
@@ -827,6 +834,7 @@ impl RestartingUpstream {
             addr,
             service,
             task: None,
+            stop: tokio::sync::watch::Sender::new(false),
             parked: Some(parked),
         };
         upstream.open();
@@ -841,37 +849,77 @@ impl RestartingUpstream {
         socket.set_nonblocking(true).unwrap();
         let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
         let service = self.service;
-        self.task = Some(tokio::spawn(async move {
+        self.stop = tokio::sync::watch::Sender::new(false);
+        let mut stop = self.stop.subscribe();
+        let (closed, listener_closed) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 while conns.try_join_next().is_some() {}
-                let Ok((stream, _)) = listener.accept().await else {
-                    // e.g. EMFILE: back off instead of spinning.
-                    tokio::time::sleep(ms(10)).await;
-                    continue;
-                };
-                conns.spawn(Self::serve(stream, service));
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            conns.spawn(Self::serve(stream, service, stop.clone()));
+                        }
+                        // e.g. EMFILE: back off instead of spinning.
+                        Err(_) => tokio::time::sleep(ms(10)).await,
+                    },
+                    _ = stop.changed() => break,
+                }
             }
-        }));
+            drop(listener);
+            let _ = closed.send(());
+            while conns.join_next().await.is_some() {}
+        });
+        self.task = Some((task, listener_closed));
     }
 
-    async fn serve(mut stream: tokio::net::TcpStream, service: Duration) {
+    async fn serve(
+        mut stream: tokio::net::TcpStream,
+        service: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         use tokio::io::AsyncWriteExt;
         let mut reader = support::http::RequestReader::default();
-        while let Ok(Some(_)) = reader.next(&mut stream).await {
+        loop {
+            let request = tokio::select! {
+                request = reader.next(&mut stream) => request,
+                // Shutting down: an idle connection is closed at once.
+                _ = stop.changed() => return,
+            };
+            if !matches!(request, Ok(Some(_))) {
+                return;
+            }
             tokio::time::sleep(service).await;
-            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-            if stream.write_all(answer).await.is_err() {
+            let last = *stop.borrow();
+            let answer: &[u8] = if last {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+            };
+            if stream.write_all(answer).await.is_err() || last {
                 return;
             }
         }
     }
 
-    /// Closes the listener and every connection.
-    async fn close(&mut self) {
-        if let Some(task) = self.task.take() {
+    /// Closes the listener and every connection at once, as when the
+    /// process is killed.
+    async fn kill(&mut self) {
+        if let Some((task, _)) = self.task.take() {
             task.abort();
             let _ = task.await;
+            self.parked = Some(bound_socket(self.addr));
+        }
+    }
+
+    /// Closes the listener at once and each connection once it has
+    /// answered the request it is serving (idle ones at once), as a
+    /// graceful shutdown.
+    async fn shut_down(&mut self) {
+        if let Some((_, listener_closed)) = self.task.take() {
+            self.stop.send_replace(true);
+            listener_closed.await.unwrap();
             self.parked = Some(bound_socket(self.addr));
         }
     }
@@ -939,11 +987,13 @@ fn never_received(cause: Cause) -> bool {
 #[tokio::test(start_paused = true)]
 async fn a_restart_under_steady_load_costs_one_connect_per_probe_interval() {
     // The only provider's upstream (keep-alive, 20 ms per answer) is
-    // closed for 3 s at 2 s and at 10 s, under 100 calls/s. Every call is
-    // served; while the port is closed, the gate sends one connect per
-    // probe interval: the refusal that tells it, then its probes. The
-    // refused request's own re-attempt, admitted at once by a limit of 1,
-    // was a second connect in the first interval.
+    // closed for 3 s at 2 s (killed) and at 10 s (shut down gracefully),
+    // under 100 calls/s. Every call is served; while the port is closed,
+    // the gate sends one connect per probe interval: the refusal that
+    // tells it, then its probes. Each edge of the outage cost a second
+    // connect in the first interval: the refused request's re-attempt,
+    // admitted at once by a limit of 1, and after a graceful shutdown, an
+    // answer on an older connection taken for a recovery.
     const OUTAGE: Duration = Duration::from_secs(3);
     let t0 = Instant::now();
     let outages = [t0 + Duration::from_secs(2), t0 + Duration::from_secs(10)];
@@ -961,9 +1011,13 @@ async fn a_restart_under_steady_load_costs_one_connect_per_probe_interval() {
             .unwrap(),
     );
     let restarts = tokio::spawn(async move {
-        for at in outages {
+        for (k, at) in outages.into_iter().enumerate() {
             tokio::time::sleep_until(at).await;
-            server.close().await;
+            if k == 0 {
+                server.kill().await;
+            } else {
+                server.shut_down().await;
+            }
             tokio::time::sleep_until(at + OUTAGE).await;
             server.open();
         }
@@ -1074,9 +1128,9 @@ async fn a_restart_under_steady_load_costs_one_connect_per_probe_interval() {
         );
         assert_eq!(counts.probes, intervals - 1, "{seen:?}");
     }
-    // Each outage cut what was in flight (the upstream had received it:
-    // a round-2 retry, not a connect).
-    assert!(seen.iter().all(|c| c.cut >= 1), "{seen:?}");
+    // The kill cut what was in flight (the upstream had received it: a
+    // round-2 retry, not a connect); the graceful shutdown answered it.
+    assert!(seen[0].cut >= 1 && seen[1].cut == 0, "{seen:?}");
     let g = gate(&pool, "a");
     assert_eq!((g.limit, g.down, g.waiting), (None, false, 0), "{g:?}");
 }
