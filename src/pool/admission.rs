@@ -42,8 +42,13 @@
 //!   An attempt whose connect phase passes without a connection-level
 //!   failure has its connection: it counts as reached then (growth, or for
 //!   the probe, recovery), not when its answer comes minutes later.
-//! * **down**: a connection-level failure at the floor. Only one attempt
-//!   at a time goes through, the *probe*, after `probe_delay` (doubling
+//! * **down**: a connection-level failure at the floor, or a refused
+//!   connect that brings the limit to the floor: at the floor the next
+//!   attempt (often the refused request itself) would go at once, and a
+//!   closed port refuses it within a round trip, a probe without the
+//!   probe's delay. A connect timeout keeps the floor: an overflowing
+//!   accept queue may take one connect at a time. Only one attempt at a
+//!   time goes through, the *probe*, after `probe_delay` (doubling
 //!   after each failed probe, up to `probe_max_delay`); every other
 //!   request waits for the probe's outcome instead of retrying on its own
 //!   timer. The probe is the request at the head of the queue, or the next
@@ -52,7 +57,11 @@
 //!   start from `min_limit`, so a restarted upstream is not hit by every
 //!   waiting request at once: after refusals (an outage) doubling until
 //!   the gate opens, after connect timeouts (overload) doubling only up to
-//!   the last limit, then additively.
+//!   the last limit, then additively. Only the probe does: an attempt
+//!   admitted before the provider went down may be on a connection older
+//!   than the outage (keep-alive), and its answer, or a reset of it after
+//!   the request was sent, says nothing about whether the upstream takes
+//!   connections now.
 //!
 //! A 502/503 is not a connection-level outcome here: the upstream (or its
 //! proxy) answered, so it is reachable. On the demo's mix, random 502/503
@@ -795,8 +804,23 @@ impl Gate {
         }
         let floor = policy.min_limit.max(1);
         inner.overloaded = outcome != Outcome::Refused;
-        if limit != OPEN && limit <= floor {
-            // At the floor and still failing: down. One probe at a time.
+        // `in_flight` counts this attempt: the limit is a share of what
+        // was in flight when the upstream stopped taking work.
+        let shrunk = ((f64::from(in_flight) * policy.decrease) as u32).max(floor);
+        if limit == OPEN {
+            // What is in flight was admitted while the gate was open: not
+            // counted (such an attempt never ends its connect phase early,
+            // and an LLM generation would hold growth for minutes).
+            inner.current = 0;
+            inner.older = 0;
+        }
+        // At the floor and still failing: down. A refusal that brings the
+        // limit to the floor goes down at once: at the floor the gate
+        // admits the next attempt (the refused request itself, re-attempted)
+        // without a probe's delay, and a closed port refuses it within a
+        // round trip. A connect timeout keeps the floor: an overflowing
+        // accept queue may take one connect at a time.
+        if (limit != OPEN && limit <= floor) || (outcome == Outcome::Refused && shrunk <= floor) {
             self.set_limit(DOWN);
             inner.new_epoch(DOWN);
             inner.probing = false;
@@ -813,9 +837,6 @@ impl Gate {
             );
             return;
         }
-        // `in_flight` counts this attempt: the limit is a share of what
-        // was in flight when the upstream stopped taking work.
-        let shrunk = ((f64::from(in_flight) * policy.decrease) as u32).max(floor);
         let new = if limit == OPEN {
             self.metrics.transitions[Transition::Limited as usize].increment(1);
             tracing::info!(
@@ -831,13 +852,6 @@ impl Gate {
         };
         inner.threshold = new;
         inner.credit = 0;
-        if limit == OPEN {
-            // What is in flight was admitted while the gate was open: not
-            // counted (such an attempt never ends its connect phase early,
-            // and an LLM generation would hold growth for minutes).
-            inner.current = 0;
-            inner.older = 0;
-        }
         inner.new_epoch(new);
         if outcome == Outcome::ConnectTimeout {
             inner.ceiling = in_flight.max(1);
@@ -856,11 +870,17 @@ impl Gate {
         now: Instant,
     ) {
         if limit == DOWN {
-            // A probe, or an attempt admitted before the provider went
-            // down, reached it: it is back.
-            if probe {
-                self.metrics.event(Event::ProbeSucceeded);
+            if !probe {
+                // Admitted before the provider went down: its connection
+                // may be older than the outage (a keep-alive one, cut by
+                // the restart after the request was sent, or still
+                // answering while the upstream drains), so its answer says
+                // nothing about whether the upstream takes connections now.
+                // The probe finds out.
+                return;
             }
+            // The probe reached it: it is back.
+            self.metrics.event(Event::ProbeSucceeded);
             self.metrics.transitions[Transition::Recovered as usize].increment(1);
             tracing::info!(
                 target: "retryctl",

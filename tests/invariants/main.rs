@@ -831,12 +831,13 @@ fn a_retry_past_the_deadline_spends_no_budget() {
 }
 
 /// A request served by its first attempt after waiting at a gate reports
-/// the wait in `elapsed`. `a` refuses call A's first attempt (limit 1),
-/// A's attempt again holds the slot 50 ms, call B (from 10 ms) waits for
-/// it 40 ms at the gate and is served by its only attempt in 10 ms: B took
-/// 50 ms, queued 40 ms of them. The pool reported the attempt's 10 ms: for
-/// a first attempt it took the attempt's duration for the request's,
-/// which holds only when nothing came before it (`call.rs`, `step`).
+/// the wait in `elapsed`. `a` refuses call A's first attempt (down), A's
+/// attempt again is the probe (at 100 ms) and holds the slot 50 ms, call
+/// B (from 10 ms) waits for it 140 ms at the gate and is served by its
+/// only attempt in 10 ms: B took 150 ms, queued 140 ms of them. The pool
+/// reported the attempt's 10 ms: for a first attempt it took the
+/// attempt's duration for the request's, which holds only when nothing
+/// came before it (`call.rs`, `step`).
 #[test]
 fn a_first_attempt_after_a_gate_wait_reports_the_wait_in_elapsed() {
     let step = |kind, delay_ms| Step { kind, delay_ms };
@@ -874,8 +875,8 @@ fn a_first_attempt_after_a_gate_wait_reports_the_wait_in_elapsed() {
         let b = pool.call(MODEL, |p: &P| p.attempt(1)).await.unwrap();
         let took = start.elapsed();
         assert_eq!(first.await.unwrap().unwrap().report.attempts, 2);
-        assert_eq!((b.report.attempts, b.report.queued), (1, ms(40)));
-        assert_eq!(took, ms(50));
+        assert_eq!((b.report.attempts, b.report.queued), (1, ms(140)));
+        assert_eq!(took, ms(150));
         assert_eq!(
             b.report.elapsed, took,
             "report.elapsed left out the {:?} queued at the gate",

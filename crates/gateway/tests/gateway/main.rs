@@ -517,9 +517,9 @@ async fn all_providers_failed_is_502_with_reason_and_no_upstream_address() {
 #[tokio::test]
 async fn a_provider_that_never_accepts_is_503_admission_timeout() {
     let refused = closed_port();
-    // 250 ms of waiting: the first refusal limits the gate, the second
-    // (admitted at once) marks the provider down, and the one probe due
-    // at 100 ms is refused too; the next (at 300 ms) is past max_wait.
+    // 250 ms of waiting: the first refusal marks the provider down, and
+    // the one probe due at 100 ms is refused too; the next (at 300 ms) is
+    // past max_wait.
     let policy = format!("{POLICY}[admission]\nenabled = true\nmax_wait = \"250ms\"\n");
     let gw = start_with_policy(
         &policy,
@@ -533,7 +533,7 @@ async fn a_provider_that_never_accepts_is_503_admission_timeout() {
     let took = started.elapsed();
     assert_eq!(r.status(), 503);
     assert_eq!(header(&r, "retry-after"), Some("1"));
-    assert_eq!(header(&r, "x-retryctl-attempts"), Some("3"));
+    assert_eq!(header(&r, "x-retryctl-attempts"), Some("2"));
     let body = json(r).await;
     let error = &body["error"];
     assert_eq!(error["reason"], "admission_timeout");
