@@ -931,7 +931,7 @@ impl RestartingUpstream {
 struct Seen {
     start: Instant,
     end: Instant,
-    gate: retryctl::pool::GateSnapshot,
+    gate: retryctl::stats::GateSnapshot,
 }
 
 /// The failed attempts that started during an outage, by why they were
