@@ -15,7 +15,10 @@ use super::{
 /// Generates the override type of a policy table: every field of `$base`
 /// as an `Option` ("absent = inherited"), every sub-table as its own
 /// override type, and `apply_to`, which writes the fields that are set into
-/// a base value. One list per table, so the merge cannot miss a field.
+/// a base value. One list per table, so the merge cannot miss a field
+/// that the list names; the test
+/// `every_field_can_be_overridden_per_model_unless_global_on_purpose`
+/// fails for a field of the table that the list does not name.
 macro_rules! policy_override {
     (
         $(#[$meta:meta])*
@@ -246,8 +249,10 @@ impl Policy {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::time::Duration;
+
+    use toml::{Table, Value};
 
     use super::PolicyOverride;
     use crate::policy::Policy;
@@ -366,5 +371,214 @@ mod tests {
                 .starts_with("line 2, column 24: `models.\"gpt-4.1\".jitter` = 2.0 is invalid"),
             "{e}"
         );
+    }
+
+    /// The fields of [`Policy`] that a `[models."..."]` table cannot set, on
+    /// purpose, and why. Every other field, at any depth, must be
+    /// overridable: the test below fails for a field that is neither.
+    const GLOBAL: [(&str, &str); 2] = [
+        (
+            "shadow",
+            "one candidate for the whole file, applied on top of each model's resolved \
+             policy already; it is an override itself, and an override of it per model \
+             would make two candidates for one comparison",
+        ),
+        (
+            "models",
+            "the overrides themselves: a model's resolved policy has none, so an \
+             override of them would apply to nothing",
+        ),
+    ];
+
+    /// A policy as the file writes it: a TOML table.
+    fn table_of(policy: &Policy) -> Table {
+        toml::from_str(&policy.to_toml()).unwrap()
+    }
+
+    fn dotted(path: &[String]) -> String {
+        path.join(".")
+    }
+
+    fn keys(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|k| (*k).to_owned()).collect()
+    }
+
+    fn get<'a>(table: &'a Table, path: &[String]) -> Option<&'a Value> {
+        let (last, tables) = path.split_last()?;
+        table_at(table, tables)?.get(last)
+    }
+
+    fn table_at<'a>(table: &'a Table, path: &[String]) -> Option<&'a Table> {
+        path.iter()
+            .try_fold(table, |table, key| table.get(key)?.as_table())
+    }
+
+    /// Sets the value at `path`, creating the tables on the way.
+    fn set(table: &mut Table, path: &[String], value: Value) {
+        let (last, tables) = path.split_last().unwrap();
+        let mut table = table;
+        for key in tables {
+            let entry = table
+                .entry(key.clone())
+                .or_insert_with(|| Value::Table(Table::new()));
+            table = entry.as_table_mut().unwrap();
+        }
+        table.insert(last.clone(), value);
+    }
+
+    /// The path of every table and of every other value in `table`, without
+    /// descending into the global fields.
+    fn walk(
+        table: &Table,
+        prefix: &[String],
+        tables: &mut Vec<Vec<String>>,
+        values: &mut Vec<Vec<String>>,
+    ) {
+        tables.push(prefix.to_vec());
+        for (key, value) in table {
+            if prefix.is_empty() && GLOBAL.iter().any(|(global, _)| global == key) {
+                continue;
+            }
+            let mut path = prefix.to_vec();
+            path.push(key.clone());
+            match value {
+                Value::Table(t) => walk(t, &path, tables, values),
+                _ => values.push(path),
+            }
+        }
+    }
+
+    /// The keys the policy file accepts in the table at `path`, as the
+    /// type's deserializer lists them when it refuses an unknown key.
+    fn accepted_keys(path: &[String]) -> BTreeSet<String> {
+        let mut doc = Table::new();
+        let unknown = [path, &["not_a_policy_field".to_owned()]].concat();
+        set(&mut doc, &unknown, Value::Integer(0));
+        let e = Policy::from_toml(&toml::to_string(&doc).unwrap()).unwrap_err();
+        let (_, expected) = e
+            .allowed
+            .split_once(", expected")
+            .unwrap_or_else(|| panic!("no list of fields in: {e}"));
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A value of the same type as `value` and different from it, that a
+    /// policy accepts instead of its default.
+    fn another(path: &[String], value: &Value) -> Value {
+        match value {
+            Value::Boolean(b) => Value::Boolean(!b),
+            Value::Integer(n) => Value::Integer(n + 1),
+            Value::Float(f) => Value::Float(f * 0.9),
+            Value::String(s) => {
+                let d = humantime::parse_duration(s).unwrap_or_else(|_| {
+                    panic!("`{}` = {s:?}: teach `another` a value for it", dotted(path))
+                });
+                let d = d + Duration::from_millis(1);
+                Value::String(humantime::format_duration(d).to_string())
+            }
+            Value::Array(items) if !items.is_empty() => {
+                Value::Array(items.iter().take(items.len() - 1).cloned().collect())
+            }
+            _ => panic!(
+                "`{}` = {value}: teach `another` a value for it",
+                dotted(path)
+            ),
+        }
+    }
+
+    /// The fields are enumerated from the type itself, not from a list
+    /// kept by hand: a field added to `Policy` or to one of its tables and
+    /// not to its override type fails here, unless it is added to
+    /// `GLOBAL` with the reason.
+    #[test]
+    fn every_field_can_be_overridden_per_model_unless_global_on_purpose() {
+        // Rendered with every field: `shadow` and `models` are left out
+        // while empty.
+        let full = table_of(&Policy {
+            shadow: Some(PolicyOverride::default()),
+            models: BTreeMap::from([("m".to_owned(), PolicyOverride::default())]),
+            ..Policy::default()
+        });
+        let (mut tables, mut fields) = (Vec::new(), Vec::new());
+        walk(&full, &[], &mut tables, &mut fields);
+        // The rendering has every key the file accepts, in every table, so
+        // no field escapes the enumeration by not being rendered.
+        for path in &tables {
+            let rendered: BTreeSet<String> =
+                table_at(&full, path).unwrap().keys().cloned().collect();
+            let table = if path.is_empty() {
+                "the top level".to_owned()
+            } else {
+                format!("`[{}]`", dotted(path))
+            };
+            assert_eq!(
+                rendered,
+                accepted_keys(path),
+                "{table} accepts a key the rendering leaves out: give it a value in `full`"
+            );
+        }
+        for known in [
+            keys(&["max_rounds"]),
+            keys(&["classify", "retry_response_timeout"]),
+            keys(&["admission", "slow_start"]),
+        ] {
+            assert!(
+                fields.contains(&known),
+                "{known:?} not enumerated: {fields:?}"
+            );
+        }
+        // A global field is refused in an override, not silently ignored.
+        for (global, why) in GLOBAL {
+            assert!(
+                full.contains_key(global),
+                "`{global}` is not a field of Policy ({why})"
+            );
+            let e = Policy::from_toml(&format!("[models.x.{global}]\n")).unwrap_err();
+            assert!(
+                e.allowed.contains(&format!("unknown field `{global}`")),
+                "{e}"
+            );
+        }
+        // Every other field, set in `[models."x"]` (and in `[shadow]`),
+        // takes effect in x's resolved policy (the candidate), and nothing
+        // else changes.
+        let defaults = table_of(&Policy::default());
+        for path in &fields {
+            let field = dotted(path);
+            let default = get(&defaults, path).unwrap();
+            let value = another(path, default);
+            assert_ne!(
+                &value, default,
+                "`{field}`: teach `another` a different value"
+            );
+            let mut expected = defaults.clone();
+            set(&mut expected, path, value.clone());
+            for scope in [keys(&["models", "x"]), keys(&["shadow"])] {
+                let mut doc = Table::new();
+                set(&mut doc, &[&scope[..], path].concat(), value.clone());
+                let text = toml::to_string(&doc).unwrap();
+                let p = Policy::from_toml(&text)
+                    .unwrap_or_else(|e| panic!("`{field}` cannot be overridden: {e}\n{text}"));
+                let applied = match p.shadow_candidate() {
+                    Some(candidate) => candidate,
+                    None => p.resolve("x"),
+                };
+                assert_eq!(table_of(&applied), expected, "`{field}` set in:\n{text}");
+                let untouched = Policy {
+                    shadow: None,
+                    ..p.resolve("y")
+                };
+                assert_eq!(
+                    table_of(&untouched),
+                    defaults,
+                    "`{field}` leaked beyond:\n{text}"
+                );
+            }
+        }
     }
 }
