@@ -6,7 +6,7 @@
 //! * `cardinality`: outside input (10,000 unknown model names) creates no
 //!   metric series; every label value comes from the configuration.
 //! * `exposure`: loopback by default; limits on bodies, headers and slow
-//!   clients.
+//!   clients; HTTP/1.1 only (h2c refused).
 //! * `metrics_endpoint`: the `/metrics` listener closes slow-loris, silent
 //!   and idle keep-alive connections and keeps answering scrapes.
 //!
