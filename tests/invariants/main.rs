@@ -14,6 +14,8 @@
 
 mod check;
 mod provider;
+#[path = "../support/test_error.rs"]
+mod test_error;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

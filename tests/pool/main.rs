@@ -8,6 +8,8 @@
 //! gate instead: tests/admission).
 
 mod script;
+#[path = "../support/test_error.rs"]
+mod test_error;
 
 use std::sync::Arc;
 use std::time::Duration;
