@@ -100,7 +100,7 @@ async fn a_body_over_the_limit_is_413_before_it_is_sent() {
     // Undeclared (chunked): refused once the limit is crossed.
     let chunks = (0..100).map(|_| Ok::<_, std::io::Error>("x".repeat(100)));
     let a = gw
-        .post(
+        .answer_to(
             "/v1/chat/completions",
             reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)),
         )
