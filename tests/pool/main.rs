@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use retryctl::policy::{BudgetPolicy, HealthPolicy, LivePolicy, Policy};
 use retryctl::{CallOptions, Cause, Classification, FailReason, Pool, PoolError, Served};
+use retryctl_testkit::LogBuffer;
 use script::{Scripted, Step, TestError, refused};
 use tokio::time::Instant;
 
@@ -681,28 +682,9 @@ async fn cancelled_probe_releases_the_probe_slot() {
 
 // ---- tracing events carry the real accounting -----------------------------
 
-/// Collects formatted log lines.
-#[derive(Clone, Default)]
-struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
-    let lines = Lines::default();
+/// Collects formatted log lines, on this thread, while the guard lives.
+fn capture() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
+    let lines = LogBuffer::default();
     let writer = lines.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::DEBUG)

@@ -283,6 +283,19 @@ pub(crate) async fn time_to_cut(
     None
 }
 
+/// A slow-loris client's connection to `addr`, with `head` (a request
+/// line and its first headers) sent, and the bytes of a header that never
+/// ends, for [`time_to_cut`] to trickle.
+pub(crate) async fn slow_loris(addr: SocketAddr, head: &[u8]) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(head).await.expect("write");
+    let trickle = "X-Slow: "
+        .bytes()
+        .chain(std::iter::repeat_n(b'a', 100))
+        .collect();
+    (stream, trickle)
+}
+
 /// A slow-loris client: the request line, then its headers one byte at a
 /// time, forever. Each such connection would hold a task and a socket,
 /// and enough of them would exhaust the gateway's file descriptors. The
@@ -298,15 +311,11 @@ async fn a_client_trickling_its_headers_is_cut_off() {
         fast_policy(),
     )
     .await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n")
-        .await
-        .unwrap();
-    let trickle = "X-Slow: "
-        .bytes()
-        .chain(std::iter::repeat_n(b'a', 100))
-        .collect::<Vec<_>>();
+    let (stream, trickle) = slow_loris(
+        gw.addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n",
+    )
+    .await;
     let cut = time_to_cut(stream, &trickle, Duration::from_secs(8)).await;
     assert!(
         cut.is_some_and(|t| t < Duration::from_secs(5)),

@@ -27,10 +27,11 @@ mod secrets;
 mod test_gateway;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::Once;
 
 use fixtures::POLICY;
 use retryctl::policy::Policy;
+use retryctl_testkit::LogBuffer;
 pub use test_gateway::TestGateway;
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -53,35 +54,15 @@ pub fn fast_policy() -> Policy {
     Policy::from_toml(&format!("{POLICY}\n[admission]\nenabled = false\n")).expect("valid policy")
 }
 
-/// A buffer a `fmt` layer writes into.
-#[derive(Clone, Default)]
-pub struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Buffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Buffer {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// Log lines written while it lives, on this thread (a current-thread
 /// tokio test runs the gateway's tasks here too).
 pub struct Logs {
     /// What the binary logs by default (`info`, every crate) plus
     /// everything retryctl itself logs, at every level.
-    pub ours: Buffer,
+    pub ours: LogBuffer,
     /// Everything, every crate, every level (third-party debug and trace
     /// included, and `log` records from reqwest).
-    pub all: Buffer,
+    pub all: LogBuffer,
     _guard: tracing::subscriber::DefaultGuard,
 }
 
@@ -96,8 +77,8 @@ pub fn capture_logs() -> Logs {
         use tracing_subscriber::util::SubscriberInitExt;
         let _ = tracing_subscriber::registry().try_init();
     });
-    let ours = Buffer::default();
-    let all = Buffer::default();
+    let ours = LogBuffer::default();
+    let all = LogBuffer::default();
     let (to_ours, to_all) = (ours.clone(), all.clone());
     use tracing_subscriber::Layer;
     let subscriber = tracing_subscriber::registry()
