@@ -40,7 +40,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -111,8 +110,7 @@ impl ActivePolicy {
                 (name.clone(), model)
             })
             .collect();
-        let mut hasher = std::hash::DefaultHasher::new();
-        policy.to_toml().hash(&mut hasher);
+        let version = fnv1a_64(policy.to_toml().as_bytes());
         Ok(ActivePolicy {
             base: ModelPolicy {
                 shadow: policy.shadow_candidate(),
@@ -120,7 +118,7 @@ impl ActivePolicy {
                 rules,
             },
             models,
-            version: hasher.finish(),
+            version,
         })
     }
 
@@ -145,6 +143,14 @@ impl ActivePolicy {
     }
 
     /// A hash of the policy's content: equal policies have equal versions.
+    ///
+    /// It is FNV-1a (64 bits) of the policy rendered as TOML
+    /// ([`Policy::to_toml`]), an algorithm fixed by its definition: the
+    /// same policy has the same version on every platform, build and Rust
+    /// release, so only a change of the policy (or of its defaults) shows
+    /// as a new `retryctl_policy_info` hash on a dashboard.
+    /// (`std`'s `DefaultHasher` promises no such thing: its keys and
+    /// algorithm may change with any release.)
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -199,6 +205,16 @@ impl LivePolicy {
     pub(crate) fn snapshot(&self) -> arc_swap::Guard<Arc<ActivePolicy>> {
         self.current.load()
     }
+}
+
+/// FNV-1a, 64 bits (offset basis and prime from the FNV specification):
+/// the policy version's hash, whose output must never change.
+fn fnv1a_64(bytes: &[u8]) -> u64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(OFFSET_BASIS, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(PRIME)
+    })
 }
 
 #[cfg(test)]
@@ -263,6 +279,33 @@ mod tests {
             o.health.demote_after = Some(3);
         }
         assert_ne!(a.version(), ActivePolicy::new(changed).unwrap().version());
+    }
+
+    #[test]
+    fn the_version_hash_is_fnv_1a_64() {
+        // Test vectors of the FNV specification.
+        assert_eq!(fnv1a_64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a_64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a_64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    /// The version of a known policy, pinned: dashboards compare versions
+    /// across builds and restarts, so a new compiler, platform or hash
+    /// implementation must not change it. If this fails because the policy's
+    /// rendering changed on purpose (a new field, a new default), every
+    /// deployment will report a new version once: update the literal and
+    /// say so in the change. Any other cause is a bug.
+    #[test]
+    fn the_version_of_a_known_policy_never_changes() {
+        let text = "max_rounds = 3\ndelay = \"250ms\"\n\n\
+                    [models.\"openai/gpt-oss-120b\"]\nmax_rounds = 1\n";
+        let active = ActivePolicy::new(Policy::from_toml(text).unwrap()).unwrap();
+        assert_eq!(
+            crate::telemetry::policy_hash(active.version()),
+            "d3362b55fbecd2e3",
+            "rendered as:\n{}",
+            active.policy().to_toml()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! `RUSTC_BOOTSTRAP=1 cargo fuzz run <target> fuzz/corpus/<target>/<file>`
 //! from the repository root.
 //!
+//! `properties` runs the policy target's body on generated inputs too.
 //! `regressions` holds the inputs of bugs found by fuzzing, as tests that
 //! are ignored until the fix lands in `src/` (see README, "Reliability").
 
@@ -26,6 +27,7 @@ mod redact;
 #[path = "../../fuzz/targets/retry_after.rs"]
 mod retry_after;
 
+mod properties;
 mod regressions;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};

@@ -119,8 +119,9 @@ pub struct Coverage {
     pub retries: u64,
     pub demotions: u64,
     pub recoveries: u64,
-    /// Retries paid for but never made (see
-    /// `a_retry_past_the_deadline_spends_no_budget`).
+    /// Retries paid for but never made: a wait whose timer rounded up to
+    /// the deadline (the case of `a_retry_past_the_deadline_spends_no_budget`
+    /// is fixed and must not come back).
     pub paid_not_made: u64,
     /// Attempts made again at the gate after a connection-level failure.
     pub again: u64,

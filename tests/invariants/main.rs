@@ -14,6 +14,8 @@
 
 mod check;
 mod provider;
+#[path = "../support/test_error.rs"]
+mod test_error;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -768,14 +770,16 @@ fn the_checks_catch_a_gate_that_lies() {
     }
 }
 
-// ---- known defects ----------------------------------------------------------
+// ---- fixed defects -----------------------------------------------------------
 
 /// A retry whose turn in the round comes after the deadline must not be
 /// paid for. Round 2 retries `a` then `b` after 500 ms; `a`'s retry
 /// returns exactly at the 1 s deadline. `b`'s retry cannot start any
-/// more, yet the pool checks the deadline against the round's *planned*
-/// start (`round_end + wait` = 500 ms), withdraws a budget token, and only
-/// then finds no time left (`DeadlineExceeded { wait: None }`).
+/// more. The pool used to check the deadline against the round's
+/// *planned* start (`round_end + wait` = 500 ms), withdraw a budget token,
+/// and only then find no time left (`DeadlineExceeded { wait: None }`);
+/// it now checks the retry's real start (`src/pool/call.rs`,
+/// `timed_wait`) and skips it unpaid.
 #[test]
 fn a_retry_past_the_deadline_spends_no_budget() {
     let step = |kind, delay_ms| Step { kind, delay_ms };

@@ -5,15 +5,16 @@
 //! The log is the ground truth the pool's own accounting is checked
 //! against: it is written by the providers, never derived from a report.
 
-use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use retryctl::Cause;
 use retryctl::stats::GateSnapshot;
-use retryctl::{Cause, Classification, Classify, Rules, Verdict};
 use tokio::time::Instant;
+
+pub use crate::test_error::TestError;
 
 /// What one attempt answers (after its step's delay).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,38 +78,6 @@ impl Kind {
 pub struct Step {
     pub kind: Kind,
     pub delay_ms: u64,
-}
-
-/// The error a scripted provider returns, classified like the real thing.
-#[derive(Debug)]
-pub enum TestError {
-    Io(io::Error),
-    Status(u16, Option<Duration>),
-    Text(&'static str),
-    /// A failure the client itself classifies (connect timeout, not sent).
-    Client(Cause),
-}
-
-impl fmt::Display for TestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TestError::Io(e) => write!(f, "io: {e}"),
-            TestError::Status(s, _) => write!(f, "status {s}"),
-            TestError::Text(t) => f.write_str(t),
-            TestError::Client(c) => f.write_str(c.as_str()),
-        }
-    }
-}
-
-impl Classify for TestError {
-    fn classify(&self, rules: &Rules) -> Verdict {
-        match self {
-            TestError::Io(e) => e.classify(rules),
-            TestError::Status(code, retry_after) => rules.status(*code, *retry_after, ""),
-            TestError::Text(t) => rules.text(t),
-            TestError::Client(c) => Verdict::new(Classification::Transient, *c),
-        }
-    }
 }
 
 /// One attempt as the provider saw it.

@@ -8,12 +8,15 @@
 //! gate instead: tests/admission).
 
 mod script;
+#[path = "../support/test_error.rs"]
+mod test_error;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use retryctl::policy::{BudgetPolicy, HealthPolicy, LivePolicy, Policy};
 use retryctl::{CallOptions, Cause, Classification, FailReason, Pool, PoolError, Served};
+use retryctl_testkit::LogBuffer;
 use script::{Scripted, Step, TestError, refused};
 use tokio::time::Instant;
 
@@ -251,6 +254,33 @@ async fn healthy_providers_rotate_round_robin() {
     assert_eq!(served, vec!["a", "b", "c", "a", "b", "c"]);
 }
 
+/// Sends requests until `a`, the first of two providers and failing, is
+/// demoted after `demote_after` failures. Round robin puts `a` first in
+/// every other request and `b` serves each one, so that takes at most
+/// `2 * demote_after` requests: past that the test fails instead of
+/// looping on.
+async fn demote_first(pool: &Pool<P>, a: &Scripted, demote_after: u32) {
+    let most = 2 * demote_after as usize;
+    let mut requests = 0;
+    while !pool.stats()[0].health.demoted {
+        assert!(
+            requests < most,
+            "{} not demoted after {requests} requests ({} failed attempts, demote_after = \
+             {demote_after}): {:?}",
+            a.name,
+            a.count(),
+            pool.stats()[0].health
+        );
+        assert_eq!(call(pool).await.unwrap().value, "b");
+        requests += 1;
+    }
+    assert_eq!(
+        a.count(),
+        demote_after as usize,
+        "demoted after exactly demote_after failed requests"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn demoted_goes_to_back_then_probe_recovers_it() {
     let policy = Policy {
@@ -265,9 +295,7 @@ async fn demoted_goes_to_back_then_probe_recovers_it() {
     let b = Scripted::new("b", vec![Step::Ok]);
     let pool = pool([a.clone(), b.clone()], policy);
     // Two requests where a is tried (and fails) demote it.
-    while !pool.stats()[0].health.demoted {
-        let _ = call(&pool).await.unwrap();
-    }
+    demote_first(&pool, &a, 2).await;
     let a_before = a.count();
     for _ in 0..10 {
         assert_eq!(call(&pool).await.unwrap().value, "b");
@@ -286,9 +314,8 @@ async fn demoted_goes_to_back_then_probe_recovers_it() {
         (false, 1, 0)
     );
     // back in rotation
-    let values: Vec<_> = [(); 4].iter().map(|_| ()).collect::<Vec<_>>();
     let mut got = Vec::new();
-    for _ in values {
+    for _ in 0..4 {
         got.push(call(&pool).await.unwrap().value);
     }
     assert!(got.contains(&"a") && got.contains(&"b"), "{got:?}");
@@ -307,9 +334,7 @@ async fn failed_probe_doubles_the_cooldown() {
     let a = Scripted::new("a", vec![refused()]);
     let b = Scripted::new("b", vec![Step::Ok]);
     let pool = pool([a.clone(), b.clone()], policy);
-    while !pool.stats()[0].health.demoted {
-        call(&pool).await.unwrap();
-    }
+    demote_first(&pool, &a, 1).await;
     tokio::time::advance(Duration::from_secs(30)).await;
     let n = a.count();
     let served = call(&pool).await.unwrap();
@@ -641,9 +666,7 @@ async fn cancelled_probe_releases_the_probe_slot() {
     let a = Scripted::new("a", vec![refused()]);
     let b = Scripted::new("b", vec![Step::Ok]);
     let pool = pool([a.clone(), b.clone()], policy);
-    while !pool.stats()[0].health.demoted {
-        call(&pool).await.unwrap();
-    }
+    demote_first(&pool, &a, 1).await;
     tokio::time::advance(Duration::from_secs(30)).await;
     a.set(vec![Step::Hang]);
     // The probe hangs; the caller gives up after 1 s.
@@ -659,28 +682,9 @@ async fn cancelled_probe_releases_the_probe_slot() {
 
 // ---- tracing events carry the real accounting -----------------------------
 
-/// Collects formatted log lines.
-#[derive(Clone, Default)]
-struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
-    let lines = Lines::default();
+/// Collects formatted log lines, on this thread, while the guard lives.
+fn capture() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
+    let lines = LogBuffer::default();
     let writer = lines.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::DEBUG)

@@ -1,13 +1,13 @@
 //! Scripted providers for pool tests under paused time.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use retryctl::{Classify, Rules, Verdict};
 use tokio::time::Instant;
+
+pub use crate::test_error::TestError;
 
 /// What one attempt does.
 #[derive(Clone, Debug)]
@@ -20,34 +20,6 @@ pub enum Step {
     Hang,
     /// Waits, then does the inner step.
     After(Duration, Box<Step>),
-}
-
-/// The error a scripted provider returns.
-#[derive(Debug)]
-pub enum TestError {
-    Io(io::Error),
-    Status(u16, Option<Duration>),
-    Text(&'static str),
-}
-
-impl fmt::Display for TestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TestError::Io(e) => write!(f, "io: {e}"),
-            TestError::Status(s, _) => write!(f, "status {s}"),
-            TestError::Text(t) => f.write_str(t),
-        }
-    }
-}
-
-impl Classify for TestError {
-    fn classify(&self, rules: &Rules) -> Verdict {
-        match self {
-            TestError::Io(e) => e.classify(rules),
-            TestError::Status(code, ra) => rules.status(*code, *ra, ""),
-            TestError::Text(t) => rules.text(t),
-        }
-    }
 }
 
 /// A provider that follows a script, repeating its last step, and logs

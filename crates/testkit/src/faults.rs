@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::http::{self, Answered, Reply, RequestReader, reset};
 use super::schedule::{FaultKind, Noise, Schedule};
 
 /// The header carrying the demo's request id.
@@ -64,12 +64,6 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1)?;
     TcpListener::from_std(socket.into())
-}
-
-fn reset(stream: TcpStream) {
-    // SO_LINGER 0: close sends RST instead of FIN.
-    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
 }
 
 impl FaultServer {
@@ -176,64 +170,34 @@ async fn run(
     }
 }
 
-/// Reads one request head (and its small body) and answers per the noise.
+/// Reads one request and answers per the noise, then closes the
+/// connection.
 async fn answer(mut stream: TcpStream, schedule: Arc<Schedule>, counters: Arc<ServerCounters>) {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
-    let head_end = loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > 16 * 1024 {
-            return;
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
+    let mut reader = RequestReader::default();
+    let Ok(Some(req)) = reader.next(&mut stream).await else {
+        return;
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let header = |name: &str| -> Option<u64> {
-        head.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse().ok())
-    };
-    let length = header("content-length").unwrap_or(0) as usize;
-    while buf.len() < head_end + length.min(1 << 20) {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
+    let header = |name: &str| req.header(name).and_then(|v| v.parse::<u64>().ok());
     let request = header(REQUEST_HEADER).unwrap_or(0);
     let attempt = header(ATTEMPT_HEADER).unwrap_or(1) as u32;
-    let (status, extra, body) = match schedule.noise(request, attempt) {
-        Noise::None => (200, "", r#"{"choices":[{"message":{"content":"ok"}}]}"#),
-        Noise::Slow(d) => {
-            tokio::time::sleep(d).await;
-            (200, "", r#"{"choices":[{"message":{"content":"slow"}}]}"#)
+    let reply = match schedule.noise(request, attempt) {
+        Noise::None => Reply::json(r#"{"choices":[{"message":{"content":"ok"}}]}"#),
+        Noise::Slow(d) => Reply::json(r#"{"choices":[{"message":{"content":"slow"}}]}"#).delay(d),
+        Noise::Status(502, _) => error(502, r#"{"error":"bad gateway"}"#),
+        Noise::Status(code, Some(_)) => {
+            error(code, r#"{"error":"overloaded"}"#).header("retry-after", "1")
         }
-        Noise::Status(502, _) => (502, "", r#"{"error":"bad gateway"}"#),
-        Noise::Status(code, Some(_)) => (code, "retry-after: 1\r\n", r#"{"error":"overloaded"}"#),
-        Noise::Status(code, None) => (code, "", r#"{"error":"unavailable"}"#),
-        Noise::ClientError => (400, "", r#"{"error":{"message":"messages: invalid"}}"#),
+        Noise::Status(code, None) => error(code, r#"{"error":"unavailable"}"#),
+        Noise::ClientError => error(400, r#"{"error":{"message":"messages: invalid"}}"#),
     };
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        502 => "Bad Gateway",
-        _ => "Service Unavailable",
-    };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if stream.write_all(response.as_bytes()).await.is_ok() {
+    if let Answered::Responded = http::answer(stream, &reply, false).await {
         counters.answered.fetch_add(1, Ordering::Relaxed);
     }
-    let _ = stream.shutdown().await;
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// A JSON error answer.
+fn error(status: u16, body: &str) -> Reply {
+    Reply::status(status)
+        .header("content-type", "application/json")
+        .body(body)
 }

@@ -9,9 +9,8 @@ use std::time::Duration;
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
-use super::TaskGuard;
+use super::{TaskGuard, accept_connections};
 
 /// Largest request head (request line + headers) the server will buffer.
 const MAX_HEAD: usize = 64 * 1024;
@@ -318,23 +317,48 @@ pub(crate) fn render(reply: &Reply, connection_close: bool) -> Vec<u8> {
     bytes
 }
 
-/// Shared state of an [`HttpServer`].
-struct State {
-    script: Vec<Reply>,
+/// A server's script and what it received: the n-th request gets entry
+/// n, and every request past the end gets the last entry.
+pub(crate) struct Script<T> {
+    entries: Vec<T>,
     hits: AtomicUsize,
-    connections: AtomicUsize,
     requests: Mutex<Vec<RecordedRequest>>,
-    connection_close: bool,
 }
 
-impl State {
-    /// Records `req` and picks its reply: the n-th request gets `script[n]`,
-    /// and every request past the end gets the last entry.
-    fn take(&self, req: RecordedRequest) -> Reply {
+impl<T: Clone> Script<T> {
+    /// Panics if `entries` is empty.
+    pub(crate) fn new(entries: Vec<T>) -> Self {
+        assert!(!entries.is_empty(), "a server's script must not be empty");
+        Script {
+            entries,
+            hits: AtomicUsize::new(0),
+            requests: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records `req` and picks its entry.
+    pub(crate) fn take(&self, req: RecordedRequest) -> T {
         self.requests.lock().unwrap().push(req);
         let n = self.hits.fetch_add(1, Ordering::SeqCst);
-        self.script[n.min(self.script.len() - 1)].clone()
+        self.entries[n.min(self.entries.len() - 1)].clone()
     }
+
+    /// Requests received so far.
+    pub(crate) fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Every request received, in order.
+    pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// Shared state of an [`HttpServer`].
+struct State {
+    script: Script<Reply>,
+    connections: AtomicUsize,
+    connection_close: bool,
 }
 
 /// A real HTTP/1.1 server on `127.0.0.1:<ephemeral>` that answers requests
@@ -377,19 +401,24 @@ impl HttpServer {
     }
 
     async fn start_with(script: Vec<Reply>, connection_close: bool) -> Self {
-        assert!(!script.is_empty(), "HttpServer script must not be empty");
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local_addr");
         let state = Arc::new(State {
-            script,
-            hits: AtomicUsize::new(0),
+            script: Script::new(script),
             connections: AtomicUsize::new(0),
-            requests: Mutex::new(Vec::new()),
             connection_close,
         });
-        let task = TaskGuard::spawn(accept_loop(listener, state.clone()));
+        let shared = state.clone();
+        let task = TaskGuard::spawn(accept_connections(
+            listener,
+            Duration::ZERO,
+            move |stream| {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
+                serve(stream, shared.clone())
+            },
+        ));
         HttpServer { addr, state, task }
     }
 
@@ -411,7 +440,7 @@ impl HttpServer {
     /// Number of complete requests received so far (including those answered
     /// with a reset or close).
     pub fn hits(&self) -> usize {
-        self.state.hits.load(Ordering::SeqCst)
+        self.state.script.hits()
     }
 
     /// Number of TCP connections accepted so far.
@@ -421,28 +450,12 @@ impl HttpServer {
 
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state.requests.lock().unwrap().clone()
+        self.state.script.requests()
     }
 
     /// Stops the server and waits until its listener and connections are closed.
     pub async fn shutdown(mut self) {
         self.task.stop().await;
-    }
-}
-
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
-    // Connection tasks live in the JoinSet, so aborting this task (dropping
-    // the JoinSet) aborts them too.
-    let mut conns = JoinSet::new();
-    loop {
-        while conns.try_join_next().is_some() {}
-        let Ok((stream, _)) = listener.accept().await else {
-            // e.g. EMFILE: back off instead of spinning.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        state.connections.fetch_add(1, Ordering::SeqCst);
-        conns.spawn(serve(stream, state.clone()));
     }
 }
 
@@ -454,33 +467,29 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
             Ok(Some(req)) => req,
             Ok(None) | Err(_) => return,
         };
-        let reply = state.take(req);
-        if !reply.delay.is_zero() {
-            tokio::time::sleep(reply.delay).await;
-        }
-        match reply.action {
-            ReplyAction::Reset => return reset(stream),
-            ReplyAction::Close => return close_gracefully(stream).await,
-            ReplyAction::Respond => {
-                let bytes = render(&reply, state.connection_close);
-                if stream.write_all(&bytes).await.is_err() {
-                    return;
-                }
-                if state.connection_close {
-                    return close_gracefully(stream).await;
-                }
-            }
+        let reply = state.script.take(req);
+        match answer(stream, &reply, !state.connection_close).await {
+            Answered::Open(open) => stream = open,
+            Answered::Responded | Answered::Ended => return,
         }
     }
 }
 
-/// Serves a single request on `stream` with `reply` and `Connection: close`;
-/// used by servers that hand out one canned answer per connection.
-pub(crate) async fn serve_one(mut stream: TcpStream, reply: Reply) {
-    let mut reader = RequestReader::default();
-    if !matches!(reader.next(&mut stream).await, Ok(Some(_))) {
-        return;
-    }
+/// What became of a connection once [`answer`] acted on a reply.
+pub(crate) enum Answered {
+    /// Responded, and the connection stays open for the next request.
+    Open(TcpStream),
+    /// Responded, then closed the connection.
+    Responded,
+    /// Reset or closed without a response, or the response could not be
+    /// written.
+    Ended,
+}
+
+/// Acts on `reply` for a request already read from `stream`: waits out
+/// its delay, then resets, closes, or writes the response (with
+/// `Connection: close` and a graceful close unless `keep_alive`).
+pub(crate) async fn answer(mut stream: TcpStream, reply: &Reply, keep_alive: bool) -> Answered {
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
@@ -488,8 +497,24 @@ pub(crate) async fn serve_one(mut stream: TcpStream, reply: Reply) {
         ReplyAction::Reset => reset(stream),
         ReplyAction::Close => close_gracefully(stream).await,
         ReplyAction::Respond => {
-            let _ = stream.write_all(&render(&reply, true)).await;
+            if stream.write_all(&render(reply, !keep_alive)).await.is_err() {
+                return Answered::Ended;
+            }
+            if keep_alive {
+                return Answered::Open(stream);
+            }
             close_gracefully(stream).await;
+            return Answered::Responded;
         }
+    }
+    Answered::Ended
+}
+
+/// Serves a single request on `stream` with `reply` and `Connection: close`;
+/// used by servers that hand out one canned answer per connection.
+pub(crate) async fn serve_one(mut stream: TcpStream, reply: Reply) {
+    let mut reader = RequestReader::default();
+    if matches!(reader.next(&mut stream).await, Ok(Some(_))) {
+        answer(stream, &reply, false).await;
     }
 }

@@ -5,7 +5,12 @@
 //!   (backlog overflow, reloads, restarts, 5xx noise): the demo's and the
 //!   soak's upstream;
 //! - [`sockets`], [`http`], [`sse`]: single-purpose servers for tests
-//!   (refused, reset, stalled accept, scripted replies, SSE streams).
+//!   (refused, reset, stalled accept, scripted replies, SSE streams);
+//! - [`LogBuffer`]: log lines captured for a test to read.
+//!
+//! The servers share one accept loop, one request reader and one way of
+//! acting on a [`Reply`] (delay, then respond, reset or close), the demo's
+//! [`faults::FaultServer`] included.
 //!
 //! Everything binds `127.0.0.1:0` and runs as Tokio tasks, so the constructors
 //! must be called from inside a Tokio runtime (e.g. a `#[tokio::test]`). Each
@@ -48,6 +53,57 @@ pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
         cur = e.source();
     }
     parts.join(" -> ")
+}
+
+/// Bytes written to it, kept for the test to read: the writer of a
+/// `tracing_subscriber` `fmt` layer (`.with_writer(move || buffer.clone())`)
+/// whose log lines a test asserts on. Clones share the bytes.
+#[derive(Clone, Debug, Default)]
+pub struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Accepts connections on `listener` until the task running it is aborted,
+/// and serves each with `serve` as a task of its own, owned by this one
+/// (so aborting it drops every connection too). With a non-zero `every`,
+/// waits that long before each accept: a slow accept loop. An accept error
+/// (e.g. EMFILE) backs off for 10 ms instead of spinning.
+pub(crate) async fn accept_connections<F, Fut>(
+    listener: tokio::net::TcpListener,
+    every: std::time::Duration,
+    mut serve: F,
+) where
+    F: FnMut(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        if !every.is_zero() {
+            tokio::time::sleep(every).await;
+        }
+        while conns.try_join_next().is_some() {}
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        conns.spawn(serve(stream));
+    }
 }
 
 /// Aborts the wrapped task when dropped; the common core of every server handle.

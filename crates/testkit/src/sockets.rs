@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
-use super::TaskGuard;
 use super::http::{Reply, RequestReader, reset, serve_one};
+use super::{TaskGuard, accept_connections};
 
 /// Sockets that hold the ports handed out by [`closed_port`].
 static RESERVED_PORTS: Mutex<Vec<Socket>> = Mutex::new(Vec::new());
@@ -66,30 +65,14 @@ impl ResetServer {
         let accepted = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let (acc, reqs) = (accepted.clone(), requests.clone());
-        let task = TaskGuard::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                while conns.try_join_next().is_some() {}
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
+        let task = TaskGuard::spawn(accept_connections(
+            listener,
+            Duration::ZERO,
+            move |stream| {
                 acc.fetch_add(1, Ordering::SeqCst);
-                match mode {
-                    ResetMode::OnAccept => reset(stream),
-                    ResetMode::AfterRequest => {
-                        let reqs = reqs.clone();
-                        conns.spawn(async move {
-                            let mut reader = RequestReader::default();
-                            if let Ok(Some(_)) = reader.next(&mut stream).await {
-                                reqs.fetch_add(1, Ordering::SeqCst);
-                            }
-                            reset(stream);
-                        });
-                    }
-                }
-            }
-        });
+                reset_after(mode, stream, reqs.clone())
+            },
+        ));
         ResetServer {
             addr,
             accepted,
@@ -125,6 +108,18 @@ impl ResetServer {
     }
 }
 
+/// Resets `stream` at once or after reading its request (counted in
+/// `requests`), as `mode` says.
+async fn reset_after(mode: ResetMode, mut stream: TcpStream, requests: Arc<AtomicUsize>) {
+    if mode == ResetMode::AfterRequest {
+        let mut reader = RequestReader::default();
+        if let Ok(Some(_)) = reader.next(&mut stream).await {
+            requests.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    reset(stream);
+}
+
 /// A listener whose TCP handshake never completes for new clients.
 ///
 /// Created with socket2 and `listen(1)`; it never calls `accept`, and the
@@ -147,6 +142,21 @@ pub struct StalledServer {
 const FILL_PROBE: Duration = Duration::from_millis(100);
 /// Upper bound on connect attempts while filling the accept queue.
 const MAX_FILL_ATTEMPTS: usize = 16;
+
+/// Accepts connections (one every `every`, if not zero), counts them in
+/// `accepted`, and answers each one's single request with `reply`.
+async fn serve_each(
+    listener: TcpListener,
+    every: Duration,
+    reply: Reply,
+    accepted: Arc<AtomicUsize>,
+) {
+    accept_connections(listener, every, move |stream| {
+        accepted.fetch_add(1, Ordering::SeqCst);
+        serve_one(stream, reply.clone())
+    })
+    .await
+}
 
 fn backlog_one_listener() -> Socket {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
@@ -205,19 +215,7 @@ impl StalledServer {
         socket.set_nonblocking(true).expect("set_nonblocking");
         let listener = TcpListener::from_std(StdTcpListener::from(socket)).expect("from_std");
         let accepted = Arc::new(AtomicUsize::new(0));
-        let acc = accepted.clone();
-        let task = TaskGuard::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::time::sleep(every).await;
-                while conns.try_join_next().is_some() {}
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                acc.fetch_add(1, Ordering::SeqCst);
-                conns.spawn(serve_one(stream, reply.clone()));
-            }
-        });
+        let task = TaskGuard::spawn(serve_each(listener, every, reply, accepted.clone()));
         StalledServer {
             addr,
             listener: None,
@@ -314,19 +312,12 @@ impl ReopeningServer {
         socket.listen(128).expect("listen");
         socket.set_nonblocking(true).expect("set_nonblocking");
         let listener = TcpListener::from_std(StdTcpListener::from(socket)).expect("from_std");
-        let (reply, acc) = (self.reply.clone(), self.accepted.clone());
-        self.task = Some(TaskGuard::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                while conns.try_join_next().is_some() {}
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                acc.fetch_add(1, Ordering::SeqCst);
-                conns.spawn(serve_one(stream, reply.clone()));
-            }
-        }));
+        self.task = Some(TaskGuard::spawn(serve_each(
+            listener,
+            Duration::ZERO,
+            self.reply.clone(),
+            self.accepted.clone(),
+        )));
     }
 
     /// Whether the listener is open.

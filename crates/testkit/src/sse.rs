@@ -7,19 +7,15 @@
 //! a reset in the script hits exactly the request it was meant for.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 
-use super::TaskGuard;
-use super::http::{
-    RecordedRequest, Reply, ReplyAction, RequestReader, close_gracefully, render, reset,
-};
+use super::http::{RecordedRequest, Reply, RequestReader, Script, answer, close_gracefully, reset};
+use super::{TaskGuard, accept_connections};
 
 /// One step of a streamed reply.
 #[derive(Debug, Clone)]
@@ -118,17 +114,11 @@ impl From<SseReply> for Scripted {
     }
 }
 
-struct State {
-    script: Vec<Scripted>,
-    hits: AtomicUsize,
-    requests: Mutex<Vec<RecordedRequest>>,
-}
-
 /// A real server on `127.0.0.1:<ephemeral>` answering from a script of
 /// [`Scripted`] entries, one per request; the last entry repeats.
 pub struct SseServer {
     addr: SocketAddr,
-    state: Arc<State>,
+    script: Arc<Script<Scripted>>,
     // Held for its `Drop`: stops the server.
     #[allow(dead_code)]
     task: TaskGuard,
@@ -137,29 +127,18 @@ pub struct SseServer {
 impl SseServer {
     /// Starts the server. Panics if `script` is empty.
     pub async fn start(script: Vec<Scripted>) -> Self {
-        assert!(!script.is_empty(), "empty script");
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local_addr");
-        let state = Arc::new(State {
-            script,
-            hits: AtomicUsize::new(0),
-            requests: Mutex::new(Vec::new()),
-        });
-        let shared = state.clone();
-        let task = TaskGuard::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                while conns.try_join_next().is_some() {}
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                conns.spawn(serve(stream, shared.clone()));
-            }
-        });
-        SseServer { addr, state, task }
+        let script = Arc::new(Script::new(script));
+        let shared = script.clone();
+        let task = TaskGuard::spawn(accept_connections(
+            listener,
+            Duration::ZERO,
+            move |stream| serve(stream, shared.clone()),
+        ));
+        SseServer { addr, script, task }
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -174,37 +153,24 @@ impl SseServer {
 
     /// Requests received so far.
     pub fn hits(&self) -> usize {
-        self.state.hits.load(Ordering::SeqCst)
+        self.script.hits()
     }
 
     /// Every request received, in order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state.requests.lock().unwrap().clone()
+        self.script.requests()
     }
 }
 
-async fn serve(mut stream: TcpStream, state: Arc<State>) {
+async fn serve(mut stream: TcpStream, script: Arc<Script<Scripted>>) {
     let _ = stream.set_nodelay(true);
     let mut reader = RequestReader::default();
     let Ok(Some(req)) = reader.next(&mut stream).await else {
         return;
     };
-    state.requests.lock().unwrap().push(req);
-    let n = state.hits.fetch_add(1, Ordering::SeqCst);
-    let entry = state.script[n.min(state.script.len() - 1)].clone();
-    match entry {
+    match script.take(req) {
         Scripted::Plain(reply) => {
-            if !reply.delay.is_zero() {
-                tokio::time::sleep(reply.delay).await;
-            }
-            match reply.action {
-                ReplyAction::Reset => reset(stream),
-                ReplyAction::Close => close_gracefully(stream).await,
-                ReplyAction::Respond => {
-                    let _ = stream.write_all(&render(&reply, true)).await;
-                    close_gracefully(stream).await;
-                }
-            }
+            answer(stream, &reply, false).await;
         }
         Scripted::Stream(sse) => {
             let head = format!(

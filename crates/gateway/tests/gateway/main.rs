@@ -4,7 +4,6 @@
 
 use retryctl_testkit as support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,66 +11,31 @@ use retryctl_gateway::{Gateway, GatewayConfig, GatewayError};
 use serde_json::Value;
 use support::sse::{Scripted, SseReply, SseServer};
 use support::{HttpServer, Reply, closed_port};
-use tokio::sync::{Notify, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 
 #[path = "../fixtures/mod.rs"]
 mod fixtures;
+#[path = "../fixtures/test_gateway.rs"]
+mod test_gateway;
 use fixtures::{COMPLETION, MODEL, POLICY, chat_body, config_text};
-
-/// A gateway serving on `127.0.0.1:<ephemeral>` until dropped or shut down.
-struct TestGateway {
-    addr: SocketAddr,
-    /// The gateway's policy handle (kept in step with `policy.toml`).
-    live: retryctl::policy::LivePolicy,
-    client: reqwest::Client,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), GatewayError>>>,
-    dir: tempfile::TempDir,
-}
+use test_gateway::TestGateway;
 
 impl TestGateway {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("the gateway answers")
-    }
-
     async fn chat(&self, body: &Value) -> reqwest::Response {
         self.post("/v1/chat/completions", body.to_string()).await
-    }
-
-    /// Signals shutdown and waits for `serve` to return.
-    async fn stop(&mut self) -> Result<(), GatewayError> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.task
-            .take()
-            .expect("running")
-            .await
-            .expect("serve task")
-    }
-}
-
-impl Drop for TestGateway {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
     }
 }
 
 fn env_none(_: &str) -> Option<String> {
     None
+}
+
+/// A client that opens a new connection for every request.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
 }
 
 async fn start_with(
@@ -81,44 +45,14 @@ async fn start_with(
     start_with_policy(POLICY, text, env).await
 }
 
-/// Writes `policy` to `<tempdir>/policy.toml` and starts a gateway whose
-/// configuration is `text` plus that policy file and no metrics.
+/// A gateway whose configuration is `text` and whose policy file holds
+/// `policy`.
 async fn start_with_policy(
     policy: &str,
     text: &str,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<TestGateway, GatewayError> {
-    let dir = tempfile::tempdir().unwrap();
-    let policy_path = dir.path().join("policy.toml");
-    std::fs::write(&policy_path, policy).unwrap();
-    let text = format!(
-        "policy = {:?}\nmetrics_listen = \"off\"\n{text}",
-        policy_path.to_str().unwrap()
-    );
-    let config = GatewayConfig::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let gateway = Gateway::with_env(config, env)?;
-    Ok(serve(gateway, dir).await)
-}
-
-async fn serve(gateway: Gateway, dir: tempfile::TempDir) -> TestGateway {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let live = gateway.policy().clone();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(gateway.serve(listener, async {
-        let _ = rx.await;
-    }));
-    TestGateway {
-        addr,
-        live,
-        client: reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap(),
-        shutdown: Some(tx),
-        task: Some(task),
-        dir,
-    }
+    TestGateway::start(text, policy, env, client()).await
 }
 
 async fn start(urls: &[String]) -> TestGateway {
@@ -337,19 +271,8 @@ async fn upstream_4xx_passes_through_with_status_and_body() {
 #[tokio::test]
 async fn unknown_model_is_404_and_creates_no_metric_series() {
     let upstream = HttpServer::always(Reply::json(COMPLETION)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "metrics_listen = \"off\"\n{}",
-        config_text(&[upstream.url()], "", "", "")
-    );
-    let config = GatewayConfig::from_toml(&text).unwrap();
-    // The pool resolves its metric handles when it is built: build it
-    // under a recorder of this test's own.
-    let recorder = retryctl::telemetry::Recorder::new();
-    let handle = recorder.handle();
-    let gateway =
-        metrics::with_local_recorder(&recorder, || Gateway::with_env(config, env_none)).unwrap();
-    let gw = serve(gateway, dir).await;
+    // Each test gateway's pool is built under a recorder of its own.
+    let gw = start(&[upstream.url()]).await;
 
     let r = gw
         .chat(&serde_json::json!({"model": "no-such-model-x1", "messages": []}))
@@ -361,7 +284,7 @@ async fn unknown_model_is_404_and_creates_no_metric_series() {
     assert_eq!(gw.chat(&chat_body(false)).await.status(), 200);
     assert_eq!(upstream.hits(), 1);
 
-    let rendered = handle.render();
+    let rendered = gw.metrics.render();
     assert!(!rendered.contains("no-such-model-x1"), "{rendered}");
     assert!(
         rendered.contains("retryctl_unknown_model_requests_total 1"),

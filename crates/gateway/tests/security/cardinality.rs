@@ -115,7 +115,7 @@ async fn ten_thousand_unknown_models_create_no_series() {
     let gw = start(&config, fast_policy()).await;
     let post = |model: &str| {
         let body = serde_json::json!({"model": model, "messages": []}).to_string();
-        gw.post("/v1/chat/completions", body)
+        gw.answer_to("/v1/chat/completions", body)
     };
     // Every configured route has answered: its series exist.
     for model in MODELS {

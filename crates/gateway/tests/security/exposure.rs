@@ -6,7 +6,8 @@
 //! slowly is cut off by the request's time limit (408) before the pool is
 //! ever called. A client that sends its *headers* slowly, or opens a
 //! connection and says nothing, is cut off by hyper's header-read timeout
-//! (`request_timeout`, at most 30 s).
+//! (`request_timeout`, at most 30 s). The gateway speaks HTTP/1.1 only:
+//! cleartext HTTP/2 (h2c) is refused.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -99,7 +100,7 @@ async fn a_body_over_the_limit_is_413_before_it_is_sent() {
     // Undeclared (chunked): refused once the limit is crossed.
     let chunks = (0..100).map(|_| Ok::<_, std::io::Error>("x".repeat(100)));
     let a = gw
-        .post(
+        .answer_to(
             "/v1/chat/completions",
             reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)),
         )
@@ -134,15 +135,16 @@ async fn too_many_headers_are_431() {
     assert_eq!(upstream.hits(), 0);
 }
 
-/// Today the gateway also speaks HTTP/2 without TLS to a client that
-/// starts with the preface (hyper-util's `auto` server gets hyper's
-/// `http2` feature through reqwest). hyper's 100-header limit is HTTP/1
-/// only, so there the handler's `max_headers` check is what holds. (A
-/// server that speaks HTTP/1 only refuses the preface: nothing to check.)
+/// The gateway speaks HTTP/1.1 only. A client that opens with the HTTP/2
+/// preface (cleartext HTTP/2, h2c) is refused before any request is read:
+/// hyper's 100-header limit and the header-read timeout tested here are
+/// HTTP/1 settings, and a second protocol would need its own.
 #[tokio::test]
-async fn the_header_limit_holds_over_h2c_too() {
+async fn a_cleartext_http2_client_is_refused() {
     let upstream = HttpServer::always(Reply::json("{}")).await;
     let gw = start(&config(&upstream.url(), "max_headers = 10"), fast_policy()).await;
+    // A client that speaks HTTP/2 without asking (prior knowledge) gets no
+    // answer, whatever its request holds.
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
@@ -151,16 +153,34 @@ async fn the_header_limit_holds_over_h2c_too() {
     for i in 0..150 {
         request = request.header(format!("x-pad-{i}"), "v");
     }
-    if let Ok(r) = request
+    let sent = request
         .body(format!("{{\"model\":\"{MODEL}\"}}"))
         .send()
+        .await;
+    assert!(
+        sent.is_err(),
+        "answered over h2c: {:?}",
+        sent.map(|r| (r.version(), r.status()))
+    );
+    // On the wire: the preface and an empty SETTINGS frame get no HTTP/2
+    // frame back (a server speaking HTTP/2 sends its SETTINGS first), and
+    // the connection is closed.
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
-    {
-        assert_eq!(
-            (r.version(), r.status().as_u16()),
-            (reqwest::Version::HTTP_2, 431)
-        );
-    }
+        .unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got)).await;
+    assert!(
+        read.is_ok(),
+        "the connection was still open after 5 s (received {got:?})"
+    );
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 "),
+        "the preface was answered with something other than HTTP/1.1: {:?}",
+        String::from_utf8_lossy(&got)
+    );
     assert_eq!(upstream.hits(), 0);
 }
 
@@ -263,14 +283,26 @@ pub(crate) async fn time_to_cut(
     None
 }
 
+/// A slow-loris client's connection to `addr`, with `head` (a request
+/// line and its first headers) sent, and the bytes of a header that never
+/// ends, for [`time_to_cut`] to trickle.
+pub(crate) async fn slow_loris(addr: SocketAddr, head: &[u8]) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(head).await.expect("write");
+    let trickle = "X-Slow: "
+        .bytes()
+        .chain(std::iter::repeat_n(b'a', 100))
+        .collect();
+    (stream, trickle)
+}
+
 /// A slow-loris client: the request line, then its headers one byte at a
-/// time, forever. Each such connection holds a task and a socket; enough
-/// of them exhaust the gateway's file descriptors. hyper would cut it off
-/// with its `header_read_timeout` (30 s by default), but only when the
-/// connection has a timer, and `axum::serve` sets none. Serving with
-/// hyper's `http1::Builder` and a `TokioTimer` (and
-/// `header_read_timeout` = the request's time limit, at most 30 s) makes
-/// this test and the next one pass, and `tests/gateway` still does.
+/// time, forever. Each such connection would hold a task and a socket,
+/// and enough of them would exhaust the gateway's file descriptors. The
+/// gateway serves with hyper's `http1::Builder` and a `TokioTimer`, with
+/// `header_read_timeout` = the request's time limit (at most 30 s), so
+/// hyper cuts it off. (Under `axum::serve` hyper had no timer, and this
+/// connection and the next test's were held until the client left.)
 #[tokio::test]
 async fn a_client_trickling_its_headers_is_cut_off() {
     let upstream = HttpServer::always(Reply::json("{}")).await;
@@ -279,15 +311,11 @@ async fn a_client_trickling_its_headers_is_cut_off() {
         fast_policy(),
     )
     .await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n")
-        .await
-        .unwrap();
-    let trickle = "X-Slow: "
-        .bytes()
-        .chain(std::iter::repeat_n(b'a', 100))
-        .collect::<Vec<_>>();
+    let (stream, trickle) = slow_loris(
+        gw.addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n",
+    )
+    .await;
     let cut = time_to_cut(stream, &trickle, Duration::from_secs(8)).await;
     assert!(
         cut.is_some_and(|t| t < Duration::from_secs(5)),
@@ -296,7 +324,7 @@ async fn a_client_trickling_its_headers_is_cut_off() {
     );
 }
 
-/// A connection that never sends a byte is held forever too.
+/// A connection that never sends a byte is closed by the same timeout.
 #[tokio::test]
 async fn an_idle_connection_is_closed() {
     let upstream = HttpServer::always(Reply::json("{}")).await;

@@ -6,7 +6,7 @@
 //! * `cardinality`: outside input (10,000 unknown model names) creates no
 //!   metric series; every label value comes from the configuration.
 //! * `exposure`: loopback by default; limits on bodies, headers and slow
-//!   clients.
+//!   clients; HTTP/1.1 only (h2c refused).
 //! * `metrics_endpoint`: the `/metrics` listener closes slow-loris, silent
 //!   and idle keep-alive connections and keeps answering scrapes.
 //!
@@ -19,17 +19,20 @@ use retryctl_testkit as support;
 
 mod cardinality;
 mod exposure;
+#[path = "../fixtures/mod.rs"]
+mod fixtures;
 mod metrics_endpoint;
 mod secrets;
+#[path = "../fixtures/test_gateway.rs"]
+mod test_gateway;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, Once};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Once;
 
+use fixtures::POLICY;
 use retryctl::policy::Policy;
-use retryctl::telemetry::MetricsHandle;
-use retryctl_gateway::{Gateway, GatewayConfig, GatewayError};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use retryctl_testkit::LogBuffer;
+pub use test_gateway::TestGateway;
 use tracing_subscriber::layer::SubscriberExt;
 
 /// The providers' API key, as the environment holds it.
@@ -44,44 +47,11 @@ pub const PLAIN_KEY_ENV: &str = "RETRYCTL_SECURITY_TEST_PLAIN_KEY";
 /// The address the test client connects from.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 
-/// A fast policy for real sockets.
+/// The gateway tests' fast policy, without the admission gate: what leaks
+/// is checked per failure as rounds report it; a refused upstream would
+/// otherwise be waited for at its gate.
 pub fn fast_policy() -> Policy {
-    Policy::from_toml(
-        r#"
-        max_rounds = 2
-        delay = "20ms"
-        jitter = 0.0
-        [timeouts]
-        connect = "200ms"
-        attempt = "5s"
-        request = "30s"
-        # What leaks is checked per failure as rounds report it; a refused
-        # upstream would otherwise be waited for at its gate.
-        [admission]
-        enabled = false
-        "#,
-    )
-    .expect("valid policy")
-}
-
-/// A buffer a `fmt` layer writes into.
-#[derive(Clone, Default)]
-pub struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Buffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Buffer {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
+    Policy::from_toml(&format!("{POLICY}\n[admission]\nenabled = false\n")).expect("valid policy")
 }
 
 /// Log lines written while it lives, on this thread (a current-thread
@@ -89,10 +59,10 @@ impl Buffer {
 pub struct Logs {
     /// What the binary logs by default (`info`, every crate) plus
     /// everything retryctl itself logs, at every level.
-    pub ours: Buffer,
+    pub ours: LogBuffer,
     /// Everything, every crate, every level (third-party debug and trace
     /// included, and `log` records from reqwest).
-    pub all: Buffer,
+    pub all: LogBuffer,
     _guard: tracing::subscriber::DefaultGuard,
 }
 
@@ -107,8 +77,8 @@ pub fn capture_logs() -> Logs {
         use tracing_subscriber::util::SubscriberInitExt;
         let _ = tracing_subscriber::registry().try_init();
     });
-    let ours = Buffer::default();
-    let all = Buffer::default();
+    let ours = LogBuffer::default();
+    let all = LogBuffer::default();
     let (to_ours, to_all) = (ours.clone(), all.clone());
     use tracing_subscriber::Layer;
     let subscriber = tracing_subscriber::registry()
@@ -133,25 +103,6 @@ pub fn capture_logs() -> Logs {
     }
 }
 
-/// A gateway on `127.0.0.1:<ephemeral>` with its own metrics recorder and
-/// the providers' key set, until dropped.
-pub struct TestGateway {
-    pub addr: SocketAddr,
-    pub metrics: MetricsHandle,
-    pub client: reqwest::Client,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), GatewayError>>>,
-}
-
-impl Drop for TestGateway {
-    fn drop(&mut self) {
-        let _ = self.shutdown.take().map(|tx| tx.send(()));
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
 /// A client that connects from [`CLIENT_IP`].
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -161,37 +112,16 @@ pub fn client() -> reqwest::Client {
 }
 
 /// Starts a gateway for `config` (TOML, without `metrics_listen` and
-/// `policy`) under `policy`.
+/// `policy`) under `policy`, with the providers' keys set.
 pub async fn start(config: &str, policy: Policy) -> TestGateway {
-    let text = format!("metrics_listen = \"off\"\n{config}");
-    let config = GatewayConfig::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let recorder = retryctl::telemetry::Recorder::new();
-    let metrics = recorder.handle();
-    // The pool resolves its metric handles when it is built.
-    let gateway = metrics::with_local_recorder(&recorder, || {
-        Gateway::with_env(config, |name| match name {
-            KEY_ENV => Some(KEY.to_owned()),
-            PLAIN_KEY_ENV => Some(PLAIN_KEY.to_owned()),
-            _ => None,
-        })
-    })
-    .expect("gateway");
-    gateway.policy().store(policy).expect("valid policy");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let env = |name: &str| match name {
+        KEY_ENV => Some(KEY.to_owned()),
+        PLAIN_KEY_ENV => Some(PLAIN_KEY.to_owned()),
+        _ => None,
+    };
+    TestGateway::start(config, &policy.to_toml(), env, client())
         .await
-        .expect("bind");
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(gateway.serve(listener, async {
-        let _ = rx.await;
-    }));
-    TestGateway {
-        addr,
-        metrics,
-        client: client(),
-        shutdown: Some(tx),
-        task: Some(task),
-    }
+        .expect("gateway")
 }
 
 /// One answer as the client received it: status, every header, the body.
@@ -202,21 +132,9 @@ pub struct Answer {
 }
 
 impl TestGateway {
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
     /// POSTs `body` to `path` and reads the whole answer.
-    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> Answer {
-        let response = self
-            .client
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("the gateway answers");
-        answer(response).await
+    pub async fn answer_to(&self, path: &str, body: impl Into<reqwest::Body>) -> Answer {
+        answer(self.post(path, body).await).await
     }
 }
 

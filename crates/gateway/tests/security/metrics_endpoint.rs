@@ -14,7 +14,7 @@ use retryctl_gateway::metrics_endpoint::{ListenerOptions, MetricsServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::exposure::time_to_cut;
+use super::exposure::{slow_loris, time_to_cut};
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -119,15 +119,8 @@ async fn metrics_listener_closes_slow_loris_connections_and_keeps_answering_scra
             .expect("write");
         held.push(stream);
     }
-    let mut trickling = TcpStream::connect(addr).await.expect("connect");
-    trickling
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\n")
-        .await
-        .unwrap();
-    let trickle = "X-Slow: "
-        .bytes()
-        .chain(std::iter::repeat_n(b'a', 100))
-        .collect::<Vec<_>>();
+    let (trickling, trickle) =
+        slow_loris(addr, b"GET /metrics HTTP/1.1\r\nHost: metrics\r\n").await;
     let trickled =
         tokio::spawn(async move { time_to_cut(trickling, &trickle, Duration::from_secs(4)).await });
     let opened = started.elapsed();

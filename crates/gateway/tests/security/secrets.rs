@@ -133,7 +133,7 @@ async fn a_refused_upstream() {
     let logs = capture_logs();
     let refused = closed_port();
     let gw = gateway(&format!("http://{refused}"), "", "").await;
-    let a = gw.post("/v1/chat/completions", chat(false)).await;
+    let a = gw.answer_to("/v1/chat/completions", chat(false)).await;
     assert_eq!(a.status, 502, "{}", a.text);
     assert!(a.body.contains("connect_refused"), "{}", a.text);
     // The pool's warning carries the (redacted) reqwest error chain.
@@ -153,7 +153,7 @@ async fn an_upstream_500_that_echoes_the_key_and_addresses() {
     )
     .await;
     let gw = gateway(&upstream.url(), "", "").await;
-    let a = gw.post("/v1/chat/completions", chat(false)).await;
+    let a = gw.answer_to("/v1/chat/completions", chat(false)).await;
     assert_eq!(a.status, 502, "{}", a.text);
     assert_eq!(upstream.hits(), 2, "retried once");
     // The key did go upstream, as a bearer token.
@@ -175,7 +175,7 @@ async fn a_401_that_echoes_the_key_is_passed_through_redacted() {
     )
     .await;
     let gw = gateway(&upstream.url(), "", "").await;
-    let a = gw.post("/v1/chat/completions", chat(false)).await;
+    let a = gw.answer_to("/v1/chat/completions", chat(false)).await;
     assert_eq!(a.status, 401, "passed through: {}", a.text);
     assert!(a.body.contains("[redacted]"), "{}", a.text);
     serde_json::from_str::<serde_json::Value>(&a.body).expect("still JSON");
@@ -190,7 +190,7 @@ async fn an_error_event_that_echoes_the_key() {
     let event = serde_json::json!({"error": {"message": echo(backend), "code": 401}}).to_string();
     let upstream = SseServer::start(vec![SseReply::new().event(&event).into()]).await;
     let gw = gateway(&upstream.url(), "", "").await;
-    let a = gw.post("/v1/chat/completions", chat(true)).await;
+    let a = gw.answer_to("/v1/chat/completions", chat(true)).await;
     assert_eq!(a.status, 401, "{}", a.text);
     assert_nothing_leaks("error event", &logs, &gw, &[a], &[upstream.addr(), backend]);
 }
@@ -204,7 +204,7 @@ async fn a_reset_while_reading_the_body() {
         .reset();
     let upstream = SseServer::start(vec![cut.into()]).await;
     let gw = gateway(&upstream.url(), "", "").await;
-    let a = gw.post("/v1/chat/completions", chat(false)).await;
+    let a = gw.answer_to("/v1/chat/completions", chat(false)).await;
     assert_eq!(a.status, 502, "{}", a.text);
     assert_nothing_leaks("reset", &logs, &gw, &[a], &[upstream.addr()]);
 }
@@ -215,11 +215,11 @@ async fn timeouts_per_attempt_and_per_request() {
     let slow = HttpServer::always(Reply::json("{}").delay(Duration::from_secs(3))).await;
     // The provider's own attempt_timeout: the attempt is cut, not retried.
     let gw = gateway(&slow.url(), "attempt_timeout = \"200ms\"", "").await;
-    let attempt = gw.post("/v1/chat/completions", chat(false)).await;
+    let attempt = gw.answer_to("/v1/chat/completions", chat(false)).await;
     assert_eq!(attempt.status, 504, "{}", attempt.text);
     // The request's deadline.
     let gw2 = gateway(&slow.url(), "", "request_timeout = \"300ms\"").await;
-    let deadline = gw2.post("/v1/chat/completions", chat(false)).await;
+    let deadline = gw2.answer_to("/v1/chat/completions", chat(false)).await;
     assert_eq!(deadline.status, 504, "{}", deadline.text);
     assert!(
         deadline.body.contains("deadline_exceeded"),
@@ -243,13 +243,13 @@ async fn a_model_named_like_a_key_or_an_address() {
         CLIENT_IP.to_string(),
     ] {
         let body = serde_json::json!({"model": model, "messages": []}).to_string();
-        let a = gw.post("/v1/chat/completions", body).await;
+        let a = gw.answer_to("/v1/chat/completions", body).await;
         assert_eq!(a.status, 404, "{}", a.text);
         answers.push(a);
     }
     // A body that is not JSON, with the key in it.
     let a = gw
-        .post("/v1/chat/completions", format!("{{\"model\": \"{KEY}\", "))
+        .answer_to("/v1/chat/completions", format!("{{\"model\": \"{KEY}\", "))
         .await;
     assert_eq!(a.status, 400, "{}", a.text);
     answers.push(a);
@@ -265,7 +265,7 @@ async fn third_party_debug_logs_name_upstreams_but_never_the_key() {
     let logs = capture_logs();
     let refused = closed_port();
     let gw = gateway(&format!("http://{refused}"), "", "").await;
-    let a = gw.post("/v1/chat/completions", chat(false)).await;
+    let a = gw.answer_to("/v1/chat/completions", chat(false)).await;
     assert_eq!(a.status, 502);
     let all = logs.all.text();
     assert!(!all.contains(KEY), "{all}");
@@ -311,7 +311,7 @@ async fn a_key_cut_by_the_error_body_limit() {
     let gw = start(&config, fast_policy()).await;
     let mut answers = Vec::new();
     for cut in cuts {
-        let a = gw.post("/v1/chat/completions", chat(false)).await;
+        let a = gw.answer_to("/v1/chat/completions", chat(false)).await;
         assert_eq!(a.status, 401, "{}", a.text);
         // Up to 5 characters ("k3y-0") say nothing; more is a piece of
         // the key.
