@@ -125,23 +125,4 @@ mod tests {
         let bom = Policy::from_bytes(b"\xEF\xBB\xBFmax_rounds = 3\n").unwrap();
         assert_eq!(bom.max_rounds, 3);
     }
-
-    proptest::proptest! {
-        /// Whatever is on disk, parsing returns: no panic, no hang.
-        #[test]
-        fn any_bytes_are_a_policy_or_an_error(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
-            if let Err(e) = Policy::from_bytes(&bytes) {
-                let _ = e.to_string();
-            }
-        }
-
-        /// TOML-shaped noise around model tables and keys: errors are
-        /// located and rendered without panicking.
-        #[test]
-        fn toml_like_noise_never_panics(text in "(\\[models\\.\"[a-z./ ]{0,6}\"(\\.budget|\\.timeouts)?\\]\n|[a-z_]{1,12} = (\"[0-9a-z]{0,4}\"|-?[0-9.]{1,4}|\\[\\]|\\{\\})\n|\\[[a-z]{0,8}\\]\n){0,6}") {
-            if let Err(e) = Policy::from_toml(&text) {
-                let _ = e.to_string();
-            }
-        }
-    }
 }
