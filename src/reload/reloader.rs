@@ -198,10 +198,6 @@ impl Reloader {
     }
 
     pub(super) fn reject(&mut self, error: LoadError) {
-        self.status.rejected.fetch_add(1, Ordering::AcqRel);
-        let names = &self.names;
-        metrics::counter!(names.reloads_total.clone(), "result" => "rejected").increment(1);
-        metrics::gauge!(names.failing.clone()).set(1.0);
         // The same error again (the timer re-reading a bad file) is logged
         // once, not every poll.
         let repeated = self
@@ -221,7 +217,13 @@ impl Reloader {
                 "policy file rejected; the last good policy stays in force"
             );
         }
+        // The error first, then the count: whoever sees the rejection
+        // counted finds its error.
         self.status.last_error.store(Some(Arc::new(error)));
+        self.status.rejected.fetch_add(1, Ordering::AcqRel);
+        let names = &self.names;
+        metrics::counter!(names.reloads_total.clone(), "result" => "rejected").increment(1);
+        metrics::gauge!(names.failing.clone()).set(1.0);
     }
 }
 
