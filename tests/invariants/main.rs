@@ -532,14 +532,16 @@ fn every_call_keeps_the_pool_invariants_with_admission() {
             "rounds_exhausted",
             "deadline_exceeded",
             "admission_timeout",
-            "admission_queue_full",
         ] {
             assert!(c.reason(reason) > 0, "no call failed with {reason}: {c:#?}");
         }
         // (A call turned away at every gate without an attempt,
-        // `no_attempt`, is checked when it occurs but not required: since
-        // a probe past its connect phase reopens the gate, 256 random cases
-        // do not always produce one.)
+        // `no_attempt`, and one turned away by a full wait queue,
+        // `admission_queue_full`, are checked when they occur but not
+        // required: since a probe past its connect phase reopens the gate,
+        // and a refusal at the floor takes the provider down at once, 256
+        // random cases do not always produce them. tests/admission drives
+        // a full queue on purpose.)
         assert!(c.again > 0 && c.queued > 0, "{c:#?}");
         assert!(
             c.gate_limited > 0 && c.gate_down > 0 && c.gate_probing > 0,
