@@ -1129,8 +1129,10 @@ async fn a_restart_under_steady_load_costs_one_connect_per_probe_interval() {
         assert_eq!(counts.probes, intervals - 1, "{seen:?}");
     }
     // The kill cut what was in flight (the upstream had received it: a
-    // round-2 retry, not a connect); the graceful shutdown answered it.
-    assert!(seen[0].cut >= 1 && seen[1].cut == 0, "{seen:?}");
+    // round-2 retry, not a connect). The graceful shutdown answers what it
+    // has read, but a request written as it stops listening can still be
+    // cut: its count is not asserted, only that it costs no connect.
+    assert!(seen[0].cut >= 1, "{seen:?}");
     let g = gate(&pool, "a");
     assert_eq!((g.limit, g.down, g.waiting), (None, false, 0), "{g:?}");
 }
