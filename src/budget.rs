@@ -174,7 +174,7 @@ impl RetryBudget {
 
     /// Records one request, adding `ratio x scale` of a retry (`scale`
     /// within 0..=1: see [`RetryBudget::scale`]).
-    pub fn deposit_scaled(&self, now: Instant, policy: &BudgetPolicy, scale: f64) {
+    pub(crate) fn deposit_scaled(&self, now: Instant, policy: &BudgetPolicy, scale: f64) {
         let delta = (policy.ratio * scale.clamp(0.0, 1.0) * MILLI as f64).round();
         if delta >= 1.0 {
             let Padded(ring) = &self.deposits[stripe::index() % DEPOSIT_STRIPES];
@@ -183,7 +183,7 @@ impl RetryBudget {
     }
 
     /// Records whether a retry succeeded.
-    pub fn record_retry(&self, now: Instant, policy: &BudgetPolicy, succeeded: bool) {
+    pub(crate) fn record_retry(&self, now: Instant, policy: &BudgetPolicy, succeeded: bool) {
         let epoch = self.epoch(now, policy);
         let slot = &self.outcomes[epoch as usize % SLOTS];
         let mut cur = slot.load(Ordering::Relaxed);
@@ -203,7 +203,7 @@ impl RetryBudget {
     }
 
     /// Retries and successful retries over the window.
-    pub fn retry_outcomes(&self, now: Instant, policy: &BudgetPolicy) -> (u64, u64) {
+    pub(crate) fn retry_outcomes(&self, now: Instant, policy: &BudgetPolicy) -> (u64, u64) {
         let epoch = self.epoch(now, policy);
         let mut tries = 0u64;
         let mut wins = 0u64;
@@ -223,7 +223,7 @@ impl RetryBudget {
     /// falling linearly to 0.0 as the rate falls to 0. The reserve
     /// (`min_per_second`) is never scaled: a dead upstream still gets its
     /// trickle of retries, which is how the budget notices it came back.
-    pub fn scale(
+    pub(crate) fn scale(
         &self,
         now: Instant,
         policy: &BudgetPolicy,
