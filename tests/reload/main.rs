@@ -197,7 +197,14 @@ fn burst_of_50_writes_ends_on_the_last_one() {
         (1..=50).contains(&applies),
         "{applies} applies for 50 writes"
     );
-    assert_eq!(s.watcher.counts().applied, settled.applied);
+    // In-place writes are not atomic: a last file read half-written that
+    // happens to parse (and carries the marker) can be applied, then the
+    // whole one. At most that one more apply; nothing older.
+    assert!(
+        s.watcher.counts().applied - settled.applied <= 1,
+        "{:?} after {settled:?}",
+        s.watcher.counts()
+    );
     eprintln!("50 writes -> {applies} applies");
 }
 
