@@ -16,6 +16,11 @@
 //! the difference between two runs (e.g. 20,000 and 40,000 calls) / 20,000:
 //! noise-free, unlike times on a shared machine.
 //! Run under `cargo bench` it does a `success` run of 100,000 calls.
+//!
+//! `profile ab A B [ROUNDS] [CALLS]` times two cases in alternating
+//! batches and prints the median difference per call with its quartiles
+//! (e.g. `ab success_no_admission success`: what the open admission gate
+//! costs).
 
 mod common;
 
@@ -138,12 +143,59 @@ fn measured_calls(
     })
 }
 
+/// `ab A B [ROUNDS] [CALLS]`: cases `A` and `B` in alternating batches
+/// of `CALLS` calls (order swapped every round), so a shared machine's
+/// drift touches both alike; prints each case's median ns/call and the
+/// per-round difference B - A with its quartiles.
+fn ab(rt: &tokio::runtime::Runtime, pools: &Pools, args: &[String]) {
+    let a = args.get(1).map_or("success_no_admission", String::as_str);
+    let b = args.get(2).map_or("success", String::as_str);
+    let rounds: usize = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(41);
+    let calls: u64 = args.get(4).and_then(|n| n.parse().ok()).unwrap_or(20_000);
+    let per_call =
+        |case: &str| measured_calls(rt, pools, case, calls).as_nanos() as f64 / calls as f64;
+    let (mut xs, mut ys, mut diffs) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (x, y) = if round % 2 == 0 {
+            let x = per_call(a);
+            (x, per_call(b))
+        } else {
+            let y = per_call(b);
+            (per_call(a), y)
+        };
+        xs.push(x);
+        ys.push(y);
+        diffs.push(y - x);
+    }
+    let q = |v: &mut Vec<f64>, at: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * at).round() as usize]
+    };
+    println!(
+        "{a}: {:.1} ns/call, {b}: {:.1} ns/call (medians of {rounds} rounds of {calls} calls)",
+        q(&mut xs, 0.5),
+        q(&mut ys, 0.5)
+    );
+    println!(
+        "{b} - {a}: median {:.1} ns/call, p25 {:.1}, p75 {:.1}",
+        q(&mut diffs, 0.5),
+        q(&mut diffs, 0.25),
+        q(&mut diffs, 0.75)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
     let case = args.first().map_or("success", String::as_str);
+    if case == "ab" {
+        let rt = runtime();
+        let pools = setup(&rt);
+        ab(&rt, &pools, &args);
+        return;
+    }
     let calls = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(100_000);
     let rt = runtime();
     let pools = setup(&rt);

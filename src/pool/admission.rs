@@ -406,6 +406,7 @@ impl Permit<'_> {
     }
 
     /// Gives the slot back with the attempt's outcome.
+    #[inline(always)]
     pub(crate) fn finish(mut self, outcome: Outcome, policy: &AdmissionPolicy) {
         self.done = true;
         self.gate
@@ -486,6 +487,7 @@ impl Gate {
 
     /// Admits an attempt now, or says it would have to wait (`None`).
     /// Open gate: one atomic add.
+    #[inline(always)]
     pub(crate) fn try_enter(&self, now: Instant) -> Option<Permit<'_>> {
         let prev = self.state.fetch_add(1, Ordering::AcqRel);
         if limit_of(prev) == OPEN {
@@ -498,6 +500,13 @@ impl Gate {
                 epoch: 0,
             });
         }
+        self.try_enter_limited(now)
+    }
+
+    /// [`Gate::try_enter`] when the gate was not open: out of line, so the
+    /// open gate's path inlined into every call stays two instructions.
+    #[inline(never)]
+    fn try_enter_limited(&self, now: Instant) -> Option<Permit<'_>> {
         self.state.fetch_sub(1, Ordering::AcqRel);
         let mut inner = self.lock();
         let admitted = if inner.waiters.is_empty() {
@@ -725,6 +734,7 @@ impl Gate {
     }
 
     /// An attempt left: its slot is free, and its outcome moves the limit.
+    #[inline(always)]
     fn leave(
         &self,
         probe: bool,
@@ -741,6 +751,21 @@ impl Gate {
         if limit_of(prev) == OPEN && !outcome.is_failure() && !probe {
             return;
         }
+        self.leave_limited(probe, holding, epoch, outcome, policy, prev);
+    }
+
+    /// [`Gate::leave`] past the open gate's success: the limit and the
+    /// waiters. Out of line, like [`Gate::try_enter_limited`].
+    #[inline(never)]
+    fn leave_limited(
+        &self,
+        probe: bool,
+        holding: bool,
+        epoch: Option<u32>,
+        outcome: Outcome,
+        policy: &AdmissionPolicy,
+        prev: u64,
+    ) {
         let in_flight = in_flight_of(prev);
         let now = Instant::now();
         let mut inner = self.lock();
