@@ -1,16 +1,19 @@
-//! Two upstream faults measured through `retryctl serve`, with retries off
-//! and with the shipped policy, side by side in one run.
+//! Two upstream faults measured through `retryctl serve`, with retries off,
+//! with the shipped policy and (when it is installed) through HAProxy,
+//! side by side in one run.
 //!
 //! ```sh
 //! cargo build --release                                   # the gateway binary
 //! cargo run --release --example serve_scenarios -- backlog1
 //! cargo run --release --example serve_scenarios -- restart
 //! cargo run --release --example serve_scenarios -- all
+//! cargo run --release --example serve_scenarios -- all --no-haproxy
 //! ```
 //!
 //! Each gateway is its own `target/release/retryctl serve` process in front
-//! of its own upstream, started here on loopback; the two upstreams are
-//! identical and follow one clock. The load comes from this process.
+//! of its own upstream, started here on loopback; the upstreams are
+//! identical and follow one clock. The load comes from this process, the
+//! same for every column.
 //!
 //! * `backlog1`: the upstream listens with a backlog of 1 and accepts one
 //!   connection every `--accept-every-ms`; each accepted connection is
@@ -31,6 +34,52 @@
 //! connects included) read from its `/metrics`, beside what the upstream
 //! saw (connections accepted, requests received). Gateway logs go to
 //! `target/serve-scenarios/` (warnings and up; `RUST_LOG` overrides).
+//!
+//! # The HAProxy column
+//!
+//! The reference a retry layer is measured against: HAProxy (2.6 here)
+//! with nothing but its default `retries 3`, in front of a third identical
+//! upstream under the same load: `mode http`, `timeout connect` 500 ms in
+//! backlog1 (as the gateway's provider) and 5 s in restart (Debian's
+//! shipped `haproxy.cfg`; after a refused connect HAProxy waits
+//! `min(timeout connect, 1 s)` before the next one, after a connect
+//! timeout it retries at once), keep-alive to the upstream with the
+//! default `http-reuse safe`, one server, no health checks. Its attempts
+//! come from its Prometheus exporter (a second frontend): connects
+//! (`connection_attempts`, failed ones included) plus requests sent on a
+//! reused connection (`connection_reuses`); failed connects are the
+//! retried ones (`retry_warnings`) plus those that ended a request with a
+//! 503 (`connection_errors`). It is found as `haproxy` on `PATH` or in
+//! `/usr/sbin` (`--haproxy PATH` to name one, `--no-haproxy` to leave it
+//! out); without one the column is skipped with a message. Its log
+//! (abnormal sessions only, retried ones included) is in
+//! `target/serve-scenarios/` too.
+//!
+//! Three runs of `all` (2-vCPU shared VM, load 4-6; docs/benchmarks.md
+//! has the tables):
+//!
+//! | | retries off | retryctl | HAProxy `retries 3` |
+//! |---|---|---|---|
+//! | backlog1: failed (of ~1,090 / ~735 / ~770) | 360, 360, 360 | 0, 0, 0 | 27, 34, 54 |
+//! | backlog1: absorbed (by count / by rate) | - | 100% / 100% | 85.0-92.5% / 79.2-89.3% |
+//! | backlog1: extra upstream attempts | 0 | +1.4% | +39.0-43.8% |
+//! | backlog1: p50 / p99 | 83-85 / 503-508 ms | 329-331 / 679-706 ms | 83 / 2,006 ms |
+//! | restart: failed (of ~8,000) | 3,021-3,022 | 0, 0, 0 | 22, 26, 25 |
+//! | restart: absorbed | - | 100% | 99.1-99.3% |
+//! | restart: extra upstream attempts | 0 | +0.7% | +74.7-74.8% |
+//! | restart: connects to the closed port per probe interval | 99.8 | 1.13-1.17 | 198.8-199.2 |
+//! | restart: p50 / p99 | 21 / 25-31 ms | 24-28 / 3,556-3,571 ms | 22 / 3,028-3,033 ms |
+//!
+//! HAProxy's restart failures are the requests cut in flight: it closes
+//! the client's connection without a response (the client saw
+//! "connection closed" for each), where retryctl re-sends them. retryctl
+//! is behind on two latencies: backlog1's p50 (both serve what the
+//! acceptor takes, ~25 requests/s, so the mean is the same; retryctl's
+//! gate queues every request fairly at ~330 ms, HAProxy serves most at
+//! once and fails or delays the rest by 2 s) and restart's p99 (the
+//! probe that finds the upstream back comes up to `probe_max_delay` = 1 s
+//! after the reopen, 3.5 s into the 3 s outage, where HAProxy's per-request
+//! 1 s retries land on the reopen at 3.0 s).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -58,6 +107,10 @@ const RETRIES_OFF: &str = "max_rounds = 1\n\n[admission]\nenabled = false\n";
 const OUTAGE: Duration = Duration::from_secs(3);
 const PERIOD: Duration = Duration::from_secs(8);
 const FIRST_OUTAGE: Duration = Duration::from_secs(4);
+/// HAProxy's `timeout connect` in the restart scenario (Debian's
+/// haproxy.cfg ships `timeout connect 5000`): a refused connect is retried
+/// after min(this, 1 s).
+const HAPROXY_RESTART_CONNECT_TIMEOUT: &str = "5s";
 /// Idle keep-alive connections are closed after this (uvicorn's 5 s).
 const UPSTREAM_IDLE: Duration = Duration::from_secs(5);
 
@@ -101,6 +154,17 @@ struct Args {
     /// The gateway binary (default: target/release/retryctl).
     #[arg(long)]
     bin: Option<PathBuf>,
+    /// The HAProxy binary for the third column (default: `haproxy` on
+    /// PATH or in /usr/sbin; the column is skipped when there is none).
+    #[arg(long, conflicts_with = "no_haproxy")]
+    haproxy: Option<PathBuf>,
+    /// Leave HAProxy's column out.
+    #[arg(long)]
+    no_haproxy: bool,
+    /// HAProxy's `timeout connect` (default: --connect-timeout for
+    /// backlog1, 5s for restart, as in Debian's haproxy.cfg).
+    #[arg(long)]
+    haproxy_connect_timeout: Option<String>,
 }
 
 // ---- Upstreams ------------------------------------------------------------
@@ -291,8 +355,38 @@ impl Drop for Upstream {
 
 // ---- Gateways -------------------------------------------------------------
 
-struct Gateway {
+/// What sits between the load and an upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// `retryctl serve` with a policy.
+    Retryctl(&'static str),
+    /// HAProxy with `retries 3`, as a reference.
+    Haproxy,
+}
+
+/// One column of the report: a name and what serves it.
+#[derive(Clone, Copy, Debug)]
+struct SideSpec {
     name: &'static str,
+    kind: Kind,
+}
+
+const RETRIES_OFF_SIDE: SideSpec = SideSpec {
+    name: "retries off",
+    kind: Kind::Retryctl(RETRIES_OFF),
+};
+const RETRYCTL_SIDE: SideSpec = SideSpec {
+    name: "retryctl",
+    kind: Kind::Retryctl(SHIPPED_POLICY),
+};
+const HAPROXY_SIDE: SideSpec = SideSpec {
+    name: "haproxy",
+    kind: Kind::Haproxy,
+};
+
+struct Gateway {
+    name: String,
+    kind: Kind,
     child: Child,
     url: String,
     metrics_url: String,
@@ -327,55 +421,126 @@ fn binary(args: &Args) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
+/// The HAProxy binary: `--haproxy`, else `haproxy` on `PATH` or in
+/// `/usr/sbin`; `None` with `--no-haproxy` or when there is none.
+fn haproxy_binary(args: &Args) -> Result<Option<PathBuf>, Error> {
+    if args.no_haproxy {
+        return Ok(None);
+    }
+    if let Some(p) = &args.haproxy {
+        if !p.is_file() {
+            return Err(format!("--haproxy {}: no such file", p.display()).into());
+        }
+        return Ok(Some(p.clone()));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    Ok(std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join("haproxy"))
+        .find(|p| p.is_file()))
+}
+
+/// HAProxy in front of `upstream` as the issue describes it: HTTP mode,
+/// its default `retries 3` (on a failed connect; after a refusal it waits
+/// `min(timeout connect, 1 s)` before the next one, after a connect
+/// timeout it retries at once), default server-side keep-alive and
+/// `http-reuse safe`, one server, no health checks. Its counters come from
+/// the Prometheus exporter on a second frontend.
+fn haproxy_config(port: u16, metrics_port: u16, upstream: SocketAddr, connect: &str) -> String {
+    format!(
+        "global\n\
+         \x20   log stderr format raw local0\n\
+         defaults\n\
+         \x20   mode http\n\
+         \x20   log global\n\
+         \x20   option httplog\n\
+         \x20   option dontlog-normal\n\
+         \x20   timeout connect {connect}\n\
+         \x20   timeout client 60s\n\
+         \x20   timeout server 60s\n\
+         \x20   retries 3\n\
+         frontend gateway\n\
+         \x20   bind 127.0.0.1:{port}\n\
+         \x20   default_backend upstream\n\
+         frontend metrics\n\
+         \x20   bind 127.0.0.1:{metrics_port}\n\
+         \x20   http-request use-service prometheus-exporter if {{ path /metrics }}\n\
+         backend upstream\n\
+         \x20   server upstream {upstream}\n"
+    )
+}
+
 impl Gateway {
-    /// Writes the configuration and policy to `dir` and starts
-    /// `retryctl serve` in front of `upstream`; returns once `/healthz`
-    /// answers.
+    /// Starts `spec` in front of `upstream` (its configuration written to
+    /// `dir`); returns once it answers.
     async fn start(
-        bin: &Path,
-        dir: &Path,
-        logs: &Path,
-        name: &'static str,
-        policy: &str,
+        run: &Run,
+        scenario: &str,
+        spec: SideSpec,
         upstream: SocketAddr,
         connect_timeout: &str,
     ) -> Result<Gateway, Error> {
+        let name = format!("{scenario}-{}", spec.name.replace(' ', "-"));
         let (port, metrics_port) = (free_port()?, free_port()?);
-        let policy_path = dir.join(format!("{name}-policy.toml"));
-        std::fs::write(&policy_path, policy)?;
-        let config = format!(
-            "listen = \"127.0.0.1:{port}\"\n\
-             metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-             policy = \"{name}-policy.toml\"\n\n\
-             [providers.upstream]\n\
-             base_url = \"http://{upstream}/v1\"\n\
-             connect_timeout = \"{connect_timeout}\"\n\n\
-             [[models]]\n\
-             name = \"{MODEL}\"\n\
-             providers = [\"upstream\"]\n"
-        );
-        let config_path = dir.join(format!("{name}.toml"));
-        std::fs::write(&config_path, config)?;
-        std::fs::create_dir_all(logs)?;
-        let log = logs.join(format!("{name}.log"));
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+        let dir = run.dir.path();
+        let mut command = match spec.kind {
+            Kind::Retryctl(policy) => {
+                let policy_path = dir.join(format!("{name}-policy.toml"));
+                std::fs::write(&policy_path, policy)?;
+                let config = format!(
+                    "listen = \"127.0.0.1:{port}\"\n\
+                     metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                     policy = \"{name}-policy.toml\"\n\n\
+                     [providers.upstream]\n\
+                     base_url = \"http://{upstream}/v1\"\n\
+                     connect_timeout = \"{connect_timeout}\"\n\n\
+                     [[models]]\n\
+                     name = \"{MODEL}\"\n\
+                     providers = [\"upstream\"]\n"
+                );
+                let config_path = dir.join(format!("{name}.toml"));
+                std::fs::write(&config_path, config)?;
+                let mut command = Command::new(&run.bin);
+                command.arg("serve").arg("--config").arg(&config_path).env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                );
+                command
+            }
+            Kind::Haproxy => {
+                let bin = run.haproxy.as_ref().ok_or("no haproxy binary")?;
+                let config_path = dir.join(format!("{name}.cfg"));
+                std::fs::write(
+                    &config_path,
+                    haproxy_config(port, metrics_port, upstream, connect_timeout),
+                )?;
+                let mut command = Command::new(bin);
+                // -db: in the foreground, not as a daemon.
+                command.arg("-db").arg("-f").arg(&config_path);
+                command
+            }
+        };
+        std::fs::create_dir_all(&run.logs)?;
+        let log = run.logs.join(format!("{name}.log"));
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .kill_on_drop(true)
             .spawn()?;
+        let url = format!("http://127.0.0.1:{port}");
+        let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let ready = match spec.kind {
+            Kind::Retryctl(_) => format!("{url}/healthz"),
+            // Its frontend forwards everything to the upstream.
+            Kind::Haproxy => metrics_url.clone(),
+        };
         let mut gateway = Gateway {
             name,
+            kind: spec.kind,
             child,
-            url: format!("http://127.0.0.1:{port}"),
-            metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
+            url,
+            metrics_url,
             log,
         };
         let client = reqwest::Client::new();
@@ -383,10 +548,10 @@ impl Gateway {
         loop {
             if let Some(status) = gateway.child.try_wait()? {
                 let log = std::fs::read_to_string(&gateway.log).unwrap_or_default();
-                return Err(format!("gateway {name} exited ({status}):\n{log}").into());
+                return Err(format!("{} exited ({status}):\n{log}", gateway.name).into());
             }
             let ready = client
-                .get(format!("{}/healthz", gateway.url))
+                .get(&ready)
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
@@ -394,7 +559,7 @@ impl Gateway {
                 return Ok(gateway);
             }
             if started.elapsed() > Duration::from_secs(10) {
-                return Err(format!("gateway {name} not ready after 10 s").into());
+                return Err(format!("{} not ready after 10 s", gateway.name).into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -402,7 +567,10 @@ impl Gateway {
 
     async fn metrics(&self, client: &reqwest::Client) -> Result<Metrics, Error> {
         let text = client.get(&self.metrics_url).send().await?.text().await?;
-        Ok(Metrics::parse(&text))
+        Ok(match self.kind {
+            Kind::Retryctl(_) => Metrics::parse(&text),
+            Kind::Haproxy => Metrics::parse_haproxy(&text),
+        })
     }
 
     async fn stop(mut self) {
@@ -419,6 +587,8 @@ struct Metrics {
     failed: BTreeMap<String, f64>,
     /// `retryctl_admission_total` by `outcome`.
     admission: BTreeMap<String, f64>,
+    /// HAProxy: connects retried (`retry_warnings`).
+    retries: f64,
 }
 
 fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
@@ -453,8 +623,73 @@ impl Metrics {
         m
     }
 
+    /// HAProxy's backend counters (Prometheus exporter) in the same
+    /// terms: an attempt is a connect (`connection_attempts`, failed ones
+    /// included) or a request sent on a reused connection
+    /// (`connection_reuses`); a failed connect is one that was retried
+    /// (`retry_warnings`) or that ended the request (`connection_errors`,
+    /// a 503); a request cut on its connection is a `server_aborts` or a
+    /// `response_errors` (a 502). The 5xx the frontend sent are beside
+    /// them.
+    fn parse_haproxy(text: &str) -> Metrics {
+        let mut counters = BTreeMap::<&str, f64>::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let Some((name, labels)) = series.split_once('{') else {
+                continue;
+            };
+            let wanted = match label(labels, "proxy") {
+                Some("upstream") => name.starts_with("haproxy_backend_"),
+                Some("gateway") => {
+                    name == "haproxy_frontend_http_responses_total"
+                        && label(labels, "code") == Some("5xx")
+                }
+                _ => false,
+            };
+            if wanted {
+                *counters.entry(name).or_default() += value;
+            }
+        }
+        let get = |name: &str| counters.get(name).copied().unwrap_or(0.0);
+        let attempts = get("haproxy_backend_connection_attempts_total")
+            + get("haproxy_backend_connection_reuses_total");
+        let retries = get("haproxy_backend_retry_warnings_total");
+        let gave_up = get("haproxy_backend_connection_errors_total");
+        let cut = get("haproxy_backend_response_errors_total")
+            + get("haproxy_backend_server_aborts_total");
+        let mut m = Metrics {
+            retries,
+            ..Metrics::default()
+        };
+        m.attempts
+            .insert("ok".into(), attempts - retries - gave_up - cut);
+        m.attempts.insert("connect".into(), retries + gave_up);
+        m.attempts.insert("response_error".into(), cut);
+        m.failed
+            .insert("connect_failed_after_retries".into(), gave_up);
+        m.failed.insert("cut_in_flight".into(), cut);
+        m.failed.insert(
+            "(5xx sent by the frontend)".into(),
+            get("haproxy_frontend_http_responses_total"),
+        );
+        m
+    }
+
     fn attempts(&self) -> f64 {
         self.attempts.values().sum()
+    }
+
+    fn failed_attempt_count(&self) -> f64 {
+        self.attempts
+            .iter()
+            .filter(|(k, _)| k.as_str() != "ok")
+            .map(|(_, v)| v)
+            .sum()
     }
 
     fn failed_attempts(&self) -> String {
@@ -495,6 +730,41 @@ const UNREACHED: [&str; 4] = ["connect_refused", "connect", "connect_timeout", "
 struct Sample {
     latency: Duration,
     ok: bool,
+    /// What a failed request got, as the client saw it.
+    failure: Option<ClientFailure>,
+}
+
+/// A failed request from the client's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum ClientFailure {
+    Status(u16),
+    Connect,
+    Timeout,
+    /// The connection closed or failed with no (complete) response.
+    Connection,
+}
+
+impl std::fmt::Display for ClientFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientFailure::Status(s) => write!(f, "status {s}"),
+            ClientFailure::Connect => f.write_str("connect error"),
+            ClientFailure::Timeout => f.write_str("timeout"),
+            ClientFailure::Connection => f.write_str("connection closed, no response"),
+        }
+    }
+}
+
+impl ClientFailure {
+    fn of(e: &reqwest::Error) -> ClientFailure {
+        if e.is_connect() {
+            ClientFailure::Connect
+        } else if e.is_timeout() {
+            ClientFailure::Timeout
+        } else {
+            ClientFailure::Connection
+        }
+    }
 }
 
 #[derive(Default)]
@@ -521,19 +791,21 @@ fn client() -> reqwest::Client {
 async fn send(client: &reqwest::Client, url: &str) -> Sample {
     let body = format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi"}}]}}"#);
     let started = Instant::now();
-    let ok = match client
+    let failure = match client
         .post(url)
         .header("content-type", "application/json")
         .body(body)
         .send()
         .await
     {
-        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-        Err(_) => false,
+        Ok(r) if !r.status().is_success() => Some(ClientFailure::Status(r.status().as_u16())),
+        Ok(r) => r.bytes().await.err().map(|e| ClientFailure::of(&e)),
+        Err(e) => Some(ClientFailure::of(&e)),
     };
     Sample {
         latency: started.elapsed(),
-        ok,
+        ok: failure.is_none(),
+        failure,
     }
 }
 
@@ -577,6 +849,7 @@ fn open_loop(url: String, rate: u32, end: Instant, samples: Arc<Samples>) -> Joi
 
 struct Side {
     name: &'static str,
+    kind: Kind,
     samples: Vec<Sample>,
     metrics: Metrics,
     accepted: u64,
@@ -628,6 +901,10 @@ impl Side {
             .get("probe_failed")
             .copied()
             .unwrap_or(0.0)
+    }
+
+    fn is_haproxy(&self) -> bool {
+        self.kind == Kind::Haproxy
     }
 
     /// Gateway attempts beyond one per request.
@@ -695,8 +972,12 @@ fn print_table(sides: &[Side], outages: Option<(usize, f64)>) -> (f64, f64) {
         }),
     );
     row(
-        "upstream attempts (gateway's count)",
+        "upstream attempts (the proxy's own count)",
         &cells(&|s| format!("{}", s.metrics.attempts())),
+    );
+    row(
+        "  of which failed",
+        &cells(&|s| format!("{}", s.metrics.failed_attempt_count())),
     );
     row("extra attempts per request", &cells(&|s| pct(s.extra())));
     row(
@@ -721,13 +1002,16 @@ fn print_table(sides: &[Side], outages: Option<(usize, f64)>) -> (f64, f64) {
             "  connects to the closed port",
             &cells(&|s| format!("{}", s.outage_connects())),
         );
+        let not_haproxy = |f: &dyn Fn(&Side) -> String| {
+            cells(&|s| if s.is_haproxy() { "-".into() } else { f(s) })
+        };
         row(
             "  of which failed probes (one per interval)",
-            &cells(&|s| format!("{}", s.probes_failed())),
+            &not_haproxy(&|s| format!("{}", s.probes_failed())),
         );
         row(
             "  sent before the first refusal was seen",
-            &cells(&|s| format!("{}", s.outage_connects() - s.probes_failed())),
+            &not_haproxy(&|s| format!("{}", s.outage_connects() - s.probes_failed())),
         );
         row(
             "connects per outage",
@@ -743,6 +1027,18 @@ fn print_table(sides: &[Side], outages: Option<(usize, f64)>) -> (f64, f64) {
     row("latency max", &cells(&|s| ms(s.latency(1.0))));
     println!();
     for s in sides {
+        let mut seen = BTreeMap::<ClientFailure, usize>::new();
+        for f in s.samples.iter().filter_map(|x| x.failure) {
+            *seen.entry(f).or_default() += 1;
+        }
+        if !seen.is_empty() {
+            let seen: Vec<String> = seen.iter().map(|(f, n)| format!("{f} {n}")).collect();
+            println!(
+                "{}: failed requests as the client saw them: {}",
+                s.name,
+                seen.join(", ")
+            );
+        }
         println!(
             "{}: failed attempts: {}",
             s.name,
@@ -753,6 +1049,12 @@ fn print_table(sides: &[Side], outages: Option<(usize, f64)>) -> (f64, f64) {
             s.name,
             s.metrics.failure_reasons()
         );
+        if s.is_haproxy() {
+            println!(
+                "{}: connects retried (retries 3): {}",
+                s.name, s.metrics.retries
+            );
+        }
         let adm: Vec<String> = s
             .metrics
             .admission
@@ -773,8 +1075,21 @@ fn print_table(sides: &[Side], outages: Option<(usize, f64)>) -> (f64, f64) {
 struct Run {
     dir: tempfile::TempDir,
     bin: PathBuf,
+    /// The HAProxy binary, when its column is on.
+    haproxy: Option<PathBuf>,
     logs: PathBuf,
     scrape: reqwest::Client,
+}
+
+impl Run {
+    /// The columns: retries off, retryctl, and HAProxy when it is on.
+    fn sides(&self) -> Vec<SideSpec> {
+        let mut sides = vec![RETRIES_OFF_SIDE, RETRYCTL_SIDE];
+        if self.haproxy.is_some() {
+            sides.push(HAPROXY_SIDE);
+        }
+        sides
+    }
 }
 
 /// The probe intervals of an outage of `outage` under the shipped policy:
@@ -795,7 +1110,85 @@ fn probe_intervals(outage: Duration) -> Result<f64, Error> {
     Ok(f64::from(n))
 }
 
-const SIDES: [(&str, &str); 2] = [("retries off", RETRIES_OFF), ("retryctl", SHIPPED_POLICY)];
+/// Starts one upstream (`upstream()`) and one proxy in front of it per
+/// side.
+async fn start_sides(
+    run: &Run,
+    scenario: &str,
+    mut upstream: impl FnMut() -> io::Result<Upstream>,
+    connect_timeout: &str,
+    haproxy_connect_timeout: &str,
+) -> Result<(Vec<Upstream>, Vec<Gateway>), Error> {
+    let mut upstreams = Vec::new();
+    let mut gateways = Vec::new();
+    for spec in run.sides() {
+        let u = upstream()?;
+        let connect = match spec.kind {
+            Kind::Retryctl(_) => connect_timeout,
+            Kind::Haproxy => haproxy_connect_timeout,
+        };
+        gateways.push(Gateway::start(run, scenario, spec, u.addr, connect).await?);
+        upstreams.push(u);
+    }
+    Ok((upstreams, gateways))
+}
+
+/// retryctl's column against HAProxy's, when HAProxy ran.
+fn versus_haproxy(sides: &[Side], outages: Option<(usize, f64)>) {
+    let (Some(ours), Some(theirs)) = (
+        sides.iter().find(|s| s.name == RETRYCTL_SIDE.name),
+        sides.iter().find(|s| s.is_haproxy()),
+    ) else {
+        return;
+    };
+    let base = &sides[0];
+    let verdict = |ours: f64, theirs: f64, higher_wins: bool| {
+        let wins = if higher_wins {
+            ours > theirs
+        } else {
+            ours < theirs
+        };
+        if ours == theirs {
+            "tie"
+        } else if wins {
+            "retryctl ahead"
+        } else {
+            "HAProxy ahead"
+        }
+    };
+    println!("retryctl vs haproxy (same run, same load, identical upstreams):");
+    let (a, b) = (ours.failed() as f64, theirs.failed() as f64);
+    println!(
+        "  failed requests: {a} vs {b}; absorbed {:.2}% vs {:.2}%: {}",
+        absorbed(base, ours) * 100.0,
+        absorbed(base, theirs) * 100.0,
+        verdict(a, b, false)
+    );
+    let (a, b) = (ours.extra(), theirs.extra());
+    println!(
+        "  extra upstream attempts per request: {} vs {}: {}",
+        pct(a),
+        pct(b),
+        verdict(a, b, false)
+    );
+    if let Some((n, intervals)) = outages {
+        let per = |s: &Side| s.outage_connects() / n.max(1) as f64 / intervals;
+        let (a, b) = (per(ours), per(theirs));
+        println!(
+            "  connects to the closed port per probe interval: {a:.2} vs {b:.2}: {}",
+            verdict(a, b, false)
+        );
+    }
+    for (q, label) in [(0.5, "p50"), (0.99, "p99")] {
+        let (a, b) = (ours.latency(q), theirs.latency(q));
+        println!(
+            "  latency {label}: {} vs {}: {}",
+            ms(a),
+            ms(b),
+            verdict(a.as_secs_f64(), b.as_secs_f64(), false)
+        );
+    }
+}
 
 async fn backlog1(run: &Run, args: &Args) -> Result<bool, Error> {
     let seconds = args.seconds.unwrap_or(30);
@@ -804,34 +1197,33 @@ async fn backlog1(run: &Run, args: &Args) -> Result<bool, Error> {
         keepalive_requests: args.keepalive_requests.unwrap_or(1),
     };
     let every = Duration::from_millis(args.accept_every_ms);
-    let mut upstreams = Vec::new();
-    let mut gateways = Vec::new();
-    for (name, policy) in SIDES {
-        let upstream = Upstream::start(1, Some(every), opts)?;
-        let gw = Gateway::start(
-            &run.bin,
-            run.dir.path(),
-            &run.logs,
-            gw_name("backlog1", name),
-            policy,
-            upstream.addr,
-            &args.connect_timeout,
-        )
-        .await?;
-        upstreams.push(upstream);
-        gateways.push(gw);
-    }
+    let haproxy_connect = args
+        .haproxy_connect_timeout
+        .as_deref()
+        .unwrap_or(&args.connect_timeout);
+    let (upstreams, gateways) = start_sides(
+        run,
+        "backlog1",
+        || Upstream::start(1, Some(every), opts),
+        &args.connect_timeout,
+        haproxy_connect,
+    )
+    .await?;
     println!(
         "\nbacklog1 through `retryctl serve`: {seconds} s, {} keep-alive clients per gateway (closed loop)",
         args.clients
     );
     println!(
-        "upstream: listen(1), one accept every {} ms, {} ms per response, {}; provider connect_timeout {}\n",
+        "upstream: listen(1), one accept every {} ms, {} ms per response, {}; provider connect_timeout {}",
         args.accept_every_ms,
         args.service_ms,
         keepalive(opts.keepalive_requests),
         args.connect_timeout
     );
+    if run.haproxy.is_some() {
+        println!("haproxy: retries 3, timeout connect {haproxy_connect}");
+    }
+    println!();
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut loads = Vec::new();
     for gw in &gateways {
@@ -840,9 +1232,9 @@ async fn backlog1(run: &Run, args: &Args) -> Result<bool, Error> {
         loads.push((set, samples));
     }
     let mut sides = Vec::new();
-    for ((mut set, samples), (name, _)) in loads.into_iter().zip(SIDES) {
+    for ((mut set, samples), spec) in loads.into_iter().zip(run.sides()) {
         while set.join_next().await.is_some() {}
-        sides.push((name, samples));
+        sides.push((spec, samples));
     }
     let sides = collect(run, sides, &gateways, &upstreams, None).await?;
     let (absorbed, extra) = print_table(&sides, None);
@@ -861,16 +1253,8 @@ async fn backlog1(run: &Run, args: &Args) -> Result<bool, Error> {
         pct(extra),
         if met { "met" } else { "MISSED" }
     );
+    versus_haproxy(&sides, None);
     Ok(met)
-}
-
-fn gw_name(scenario: &str, side: &str) -> &'static str {
-    match (scenario, side) {
-        ("backlog1", "retries off") => "backlog1-off",
-        ("backlog1", _) => "backlog1-retryctl",
-        (_, "retries off") => "restart-off",
-        _ => "restart-retryctl",
-    }
 }
 
 fn keepalive(n: u64) -> String {
@@ -883,15 +1267,16 @@ fn keepalive(n: u64) -> String {
 
 async fn collect(
     run: &Run,
-    sides: Vec<(&'static str, Arc<Samples>)>,
+    sides: Vec<(SideSpec, Arc<Samples>)>,
     gateways: &[Gateway],
     upstreams: &[Upstream],
     outage: Option<Vec<BTreeMap<String, f64>>>,
 ) -> Result<Vec<Side>, Error> {
     let mut out = Vec::new();
-    for (i, (name, samples)) in sides.into_iter().enumerate() {
+    for (i, (spec, samples)) in sides.into_iter().enumerate() {
         out.push(Side {
-            name,
+            name: spec.name,
+            kind: spec.kind,
             samples: samples.take(),
             metrics: gateways[i].metrics(&run.scrape).await?,
             accepted: upstreams[i].accepted(),
@@ -908,30 +1293,25 @@ async fn restart(run: &Run, args: &Args) -> Result<bool, Error> {
         service: Duration::from_millis(args.service_ms),
         keepalive_requests: args.keepalive_requests.unwrap_or(100),
     };
-    let mut upstreams = Vec::new();
-    let mut gateways = Vec::new();
-    for (name, policy) in SIDES {
-        let upstream = Upstream::start(1024, None, opts)?;
-        let gw = Gateway::start(
-            &run.bin,
-            run.dir.path(),
-            &run.logs,
-            gw_name("restart", name),
-            policy,
-            upstream.addr,
-            &args.connect_timeout,
-        )
-        .await?;
-        upstreams.push(upstream);
-        gateways.push(gw);
-    }
+    let haproxy_connect = args
+        .haproxy_connect_timeout
+        .as_deref()
+        .unwrap_or(HAPROXY_RESTART_CONNECT_TIMEOUT);
+    let (mut upstreams, gateways) = start_sides(
+        run,
+        "restart",
+        || Upstream::start(1024, None, opts),
+        &args.connect_timeout,
+        haproxy_connect,
+    )
+    .await?;
     let intervals = probe_intervals(OUTAGE)?;
     println!(
         "\nrestart through `retryctl serve`: {seconds} s, {} requests/s arriving at each gateway (open loop)",
         args.rate
     );
     println!(
-        "upstream: port closed for {} s every {} s (first at {} s), {} ms per response, {}; provider connect_timeout {}\n",
+        "upstream: port closed for {} s every {} s (first at {} s), {} ms per response, {}; provider connect_timeout {}",
         OUTAGE.as_secs(),
         PERIOD.as_secs(),
         FIRST_OUTAGE.as_secs(),
@@ -939,6 +1319,12 @@ async fn restart(run: &Run, args: &Args) -> Result<bool, Error> {
         keepalive(opts.keepalive_requests),
         args.connect_timeout
     );
+    if run.haproxy.is_some() {
+        println!(
+            "haproxy: retries 3, timeout connect {haproxy_connect} (a refused connect is retried after min(timeout connect, 1 s))"
+        );
+    }
+    println!();
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
     let mut loads = Vec::new();
@@ -975,9 +1361,9 @@ async fn restart(run: &Run, args: &Args) -> Result<bool, Error> {
         at += PERIOD;
     }
     let mut sides = Vec::new();
-    for ((task, samples), (name, _)) in loads.into_iter().zip(SIDES) {
+    for ((task, samples), spec) in loads.into_iter().zip(run.sides()) {
         task.await?;
-        sides.push((name, samples));
+        sides.push((spec, samples));
     }
     let sides = collect(run, sides, &gateways, &upstreams, Some(during)).await?;
     let (absorbed, _) = print_table(&sides, Some((outages, intervals)));
@@ -996,15 +1382,18 @@ async fn restart(run: &Run, args: &Args) -> Result<bool, Error> {
     println!(
         "  once the gate had seen the first refusal: {probes:.2} probe per probe interval after it"
     );
+    versus_haproxy(&sides, Some((outages, intervals)));
     Ok(met)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
     let args = Args::parse();
+    let haproxy = haproxy_binary(&args)?;
     let run = Run {
         dir: tempfile::tempdir()?,
         bin: binary(&args)?,
+        haproxy,
         logs: Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
             .join("target/serve-scenarios"),
         scrape: reqwest::Client::new(),
@@ -1014,6 +1403,14 @@ async fn main() -> Result<(), Error> {
         run.bin.display(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    match (&run.haproxy, args.no_haproxy) {
+        (Some(h), _) => println!("haproxy: {}", h.display()),
+        (None, true) => println!("haproxy: off (--no-haproxy)"),
+        (None, false) => println!(
+            "haproxy: not found on PATH or in /usr/sbin: its column is skipped \
+             (install HAProxy 2.6+, or pass --haproxy PATH)"
+        ),
+    }
     let mut met = true;
     if matches!(args.scenario, Scenario::Backlog1 | Scenario::All) {
         met &= backlog1(&run, &args).await?;

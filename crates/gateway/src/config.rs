@@ -157,6 +157,14 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl ConfigError {
+    /// An error in one field of one provider, found after validation.
+    pub(crate) fn provider_field(provider: &str, field: &str, message: impl Into<String>) -> Self {
+        ConfigError::at(
+            path(&[key("providers"), key(provider), key(field)]),
+            message,
+        )
+    }
+
     fn at(path: Vec<Seg>, message: impl Into<String>) -> Self {
         ConfigError {
             file: None,

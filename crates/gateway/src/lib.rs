@@ -64,7 +64,7 @@ pub use self::config::{
 };
 pub use self::redact::{Redactor, redact};
 
-use self::attempt::Provider;
+use self::attempt::{EndpointUrls, Provider};
 use self::proxy::Shared;
 use crate::listener::{Connections, serve_connections};
 use crate::metrics_endpoint::MetricsError;
@@ -219,7 +219,14 @@ impl Gateway {
                 provider: p.name.clone(),
                 source,
             })?;
-            clients.push(client);
+            let urls = EndpointUrls::new(&p.base_url).map_err(|e| {
+                ConfigError::provider_field(
+                    &p.name,
+                    "base_url",
+                    format!("cannot be followed by the endpoints' paths ({e})"),
+                )
+            })?;
+            clients.push((client, urls));
         }
         let mut pool = Pool::builder().policy(live);
         for p in &config.providers {
@@ -235,8 +242,8 @@ impl Gateway {
                 };
                 let p = &config.providers[i];
                 let provider = Provider {
-                    client: clients[i].clone(),
-                    base: p.base_url.as_str().trim_end_matches('/').to_owned(),
+                    client: clients[i].0.clone(),
+                    urls: clients[i].1.clone(),
                     auth: auth[i].clone(),
                     upstream_model: r.upstream_model.as_deref().map(Arc::from),
                     attempt_timeout: p.attempt_timeout,

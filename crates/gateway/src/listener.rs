@@ -10,6 +10,10 @@
 //! same timer whenever it waits for a head), which makes it the idle
 //! keep-alive timeout too. Stopping is graceful: the listener closes, idle
 //! connections close, and requests in flight get `drain`.
+//!
+//! Accepted sockets have `TCP_NODELAY` set (as nginx's `tcp_nodelay on`):
+//! a streamed response is many small writes, and with Nagle's algorithm
+//! each one after the first would wait for the client's (delayed) ACK.
 
 use std::future::Future;
 use std::pin::pin;
@@ -72,6 +76,8 @@ pub(crate) async fn serve_connections<F>(
             },
             () = &mut shutdown => break,
         };
+        // Best effort: a socket that refuses it still works, only slower.
+        let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
