@@ -1,0 +1,522 @@
+//! The figures of a run, as a table, and the checks that decide it.
+//!
+//! Every check prints its figure and its bound whether it passes or not,
+//! so a failed run says by how much.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::faults::{Action, Window};
+use crate::gateway::{Metrics, Process};
+use crate::load::{Bad, Failure, Kind, Tally};
+use crate::nginx::Stop;
+
+/// Allowed growth from warm-up to the end: the larger of this share of
+/// the warm-up figure and the absolute slack of each figure. The slack
+/// covers small values, where one more pooled upstream connection or one
+/// more blocking-pool thread is already 10%.
+pub(crate) const GROWTH_RATIO: f64 = 0.10;
+pub(crate) const RSS_SLACK: u64 = 2 << 20;
+pub(crate) const FDS_SLACK: u64 = 8;
+pub(crate) const THREADS_SLACK: u64 = 2;
+pub(crate) const TASKS_SLACK: u64 = 16;
+
+/// Attempt causes that only a closed port explains.
+const CONNECT_CAUSES: [&str; 3] = ["connect_refused", "connect", "connect_timeout"];
+
+/// The gateway process at the points the report compares.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ProcessFigures {
+    /// Before the load started.
+    pub(crate) idle_start: Process,
+    /// Median of the samples over the last seconds of warm-up.
+    pub(crate) warm: Process,
+    /// Median of the samples over the last seconds of the load.
+    pub(crate) end: Process,
+    /// The highest of each figure over the run.
+    pub(crate) peak: Process,
+    /// After the load stopped and idle upstream connections expired.
+    pub(crate) idle_end: Process,
+    /// Tasks alive in the gateway's runtime, when `/metrics` exposes it:
+    /// warm-up and end (medians, like the rest).
+    pub(crate) tasks: Option<(u64, u64)>,
+}
+
+/// Everything the report needs.
+#[derive(Debug)]
+pub(crate) struct Run {
+    pub(crate) secs: f64,
+    pub(crate) target_rate: f64,
+    pub(crate) min_rate: f64,
+    pub(crate) workers: usize,
+    pub(crate) seed: u64,
+    pub(crate) tally: Tally,
+    pub(crate) windows: Vec<Window>,
+    pub(crate) instances: Vec<&'static str>,
+    /// Provider name to the index of its nginx instance.
+    pub(crate) providers: BTreeMap<String, usize>,
+    pub(crate) metrics: Metrics,
+    pub(crate) valid_writes: u64,
+    pub(crate) invalid_writes: u64,
+    pub(crate) process: ProcessFigures,
+    pub(crate) stopped_cleanly: Result<(), String>,
+}
+
+/// One check: its description, the figure, and whether it holds.
+struct Check {
+    what: String,
+    ok: bool,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+fn ms(micros: u64) -> String {
+    format!("{:.2} ms", micros as f64 / 1000.0)
+}
+
+fn action(a: Action) -> &'static str {
+    match a {
+        Action::Reload => "reload",
+        Action::Restart { stop, .. } => stop.describe(),
+    }
+}
+
+impl Run {
+    /// The fault windows that explain a failure, if it is explained:
+    /// each provider it names had a window overlapping the request, and
+    /// a restart window when the cause is a connect failure (nginx's port
+    /// is closed only then; a reload never refuses a connection). A
+    /// failure naming no provider needs a window on any instance (a
+    /// restart window for an admission timeout). An unknown model's wrong
+    /// answer, a connection error to the gateway and a hang are never
+    /// explained: no upstream fault can cause them.
+    fn explained(&self, bad: &Bad) -> Option<Vec<Window>> {
+        if bad.kind == Kind::Unknown
+            || matches!(bad.failure, Failure::Connection(_) | Failure::Hang)
+        {
+            return None;
+        }
+        let overlapping = |instance: Option<usize>, restart_only: bool| -> Vec<Window> {
+            self.windows
+                .iter()
+                .filter(|w| instance.is_none_or(|i| w.instance == i))
+                .filter(|w| !restart_only || matches!(w.action, Action::Restart { .. }))
+                .filter(|w| w.overlaps(bad.start, bad.end))
+                .copied()
+                .collect()
+        };
+        let needs = match &bad.failure {
+            Failure::Status {
+                failures, reason, ..
+            } if failures.is_empty() => vec![(None, reason.starts_with("admission"))],
+            Failure::Status { failures, .. } => failures
+                .iter()
+                .map(|(p, cause)| (Some(p.as_str()), CONNECT_CAUSES.contains(&cause.as_str())))
+                .collect(),
+            Failure::Body { provider, .. } => vec![(provider.as_deref(), false)],
+            Failure::Connection(_) | Failure::Hang => return None,
+        };
+        let mut found = Vec::new();
+        for (provider, restart_only) in needs {
+            let instance = match provider {
+                Some(p) => Some(*self.providers.get(p)?),
+                None => None,
+            };
+            let w = overlapping(instance, restart_only);
+            if w.is_empty() {
+                return None;
+            }
+            found.extend(w);
+        }
+        found.sort_by_key(|w| (w.start, w.instance));
+        found.dedup_by_key(|w| (w.start, w.instance));
+        Some(found)
+    }
+
+    fn achieved_rate(&self) -> f64 {
+        self.tally.answered() as f64 / self.secs
+    }
+
+    /// Prints the report; returns whether every check held.
+    pub(crate) fn print(&self) -> bool {
+        println!(
+            "\n== gateway soak: {:.0} s, seed {} ==",
+            self.secs, self.seed
+        );
+        println!(
+            "load: {} workers, target {:.0} requests/s, achieved {:.0} requests/s answered",
+            self.workers,
+            self.target_rate,
+            self.achieved_rate()
+        );
+        self.print_requests();
+        self.print_statuses();
+        self.print_faults();
+        let unexplained = self.print_failures();
+        self.print_policy();
+        self.print_process();
+        let checks = self.checks(unexplained);
+        println!("\nchecks:");
+        for c in &checks {
+            println!("  [{}] {}", if c.ok { "ok" } else { "FAILED" }, c.what);
+        }
+        let ok = checks.iter().all(|c| c.ok);
+        println!("\ngateway soak: {}", if ok { "passed" } else { "FAILED" });
+        ok
+    }
+
+    fn print_requests(&self) {
+        let t = &self.tally;
+        println!(
+            "\n{:<22}{:>10}{:>12}{:>10}{:>12}{:>12}{:>12}",
+            "requests", "sent", "expected", "other", "p50", "p99", "max"
+        );
+        for k in Kind::ALL {
+            let i = k as usize;
+            let h = &t.latency[i];
+            println!(
+                "{:<22}{:>10}{:>12}{:>10}{:>12}{:>12}{:>12}",
+                k.describe(),
+                t.sent[i],
+                t.ok[i],
+                t.sent[i] - t.ok[i],
+                ms(h.value_at_quantile(0.5)),
+                ms(h.value_at_quantile(0.99)),
+                ms(h.max())
+            );
+        }
+        println!(
+            "{:<22}{:>10}{:>12}{:>10}",
+            "all",
+            t.total_sent(),
+            t.ok.iter().sum::<u64>(),
+            t.total_sent() - t.ok.iter().sum::<u64>()
+        );
+        println!(
+            "answered {} of {} (connection errors {}, no answer within the timeout {}); \
+             {} distinct unknown model names",
+            t.answered(),
+            t.total_sent(),
+            t.connection_errors(),
+            t.hangs(),
+            t.unknown_names
+        );
+    }
+
+    fn print_statuses(&self) {
+        let statuses: Vec<String> = self
+            .tally
+            .statuses
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect();
+        println!("statuses: {}", statuses.join(", "));
+    }
+
+    fn print_faults(&self) {
+        println!("\nfaults (seeded schedule, as carried out):");
+        println!(
+            "{:<10}{:>10}{:>16}{:>14}{:>22}{:>22}",
+            "nginx",
+            "reloads",
+            "restarts",
+            "port closed",
+            "in any fault window",
+            "in restart windows"
+        );
+        for (i, name) in self.instances.iter().enumerate() {
+            let mine: Vec<&Window> = self.windows.iter().filter(|w| w.instance == i).collect();
+            let reloads = mine.iter().filter(|w| w.action == Action::Reload).count();
+            let restarts: Vec<&&Window> = mine
+                .iter()
+                .filter(|w| matches!(w.action, Action::Restart { .. }))
+                .collect();
+            let fast = restarts
+                .iter()
+                .filter(|w| {
+                    matches!(
+                        w.action,
+                        Action::Restart {
+                            stop: Stop::Fast,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            let closed: Duration = restarts.iter().map(|w| w.end - w.start).sum();
+            let in_any = covered(&mine, self.secs) / self.secs;
+            let restart_windows: Vec<&Window> = restarts.iter().map(|w| **w).collect();
+            let in_restarts = covered(&restart_windows, self.secs) / self.secs;
+            println!(
+                "{:<10}{:>10}{:>16}{:>14}{:>21.0}%{:>21.0}%",
+                name,
+                reloads,
+                format!("{} ({fast} stop)", restarts.len()),
+                format!("{:.1} s", closed.as_secs_f64()),
+                in_any * 100.0,
+                in_restarts * 100.0
+            );
+        }
+        println!(
+            "(a window runs from the command to its return, or to nginx listening again, \
+             plus {} s)",
+            crate::faults::GRACE.as_secs()
+        );
+    }
+
+    /// Prints each kind of failure with its count, how many fall in a
+    /// fault window, and an example; returns the unexplained ones.
+    fn print_failures(&self) -> u64 {
+        let t = &self.tally;
+        if t.bad.is_empty() {
+            println!("\nfailures: none");
+            return 0;
+        }
+        #[derive(Default)]
+        struct Group {
+            n: u64,
+            explained: u64,
+            example: String,
+            windows: BTreeMap<String, u64>,
+        }
+        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+        for bad in &t.bad {
+            let g = groups
+                .entry(format!("{} / {}", bad.kind.describe(), bad.failure.label()))
+                .or_default();
+            g.n += 1;
+            match self.explained(bad) {
+                Some(windows) => {
+                    g.explained += 1;
+                    for w in windows {
+                        let name = format!("{} {}", self.instances[w.instance], action(w.action));
+                        *g.windows.entry(name).or_default() += 1;
+                    }
+                }
+                None => {
+                    if g.example.is_empty() || g.explained == g.n - 1 {
+                        g.example = format!(
+                            "at {:.3}-{:.3} s: {}",
+                            bad.start.as_secs_f64(),
+                            bad.end.as_secs_f64(),
+                            bad.failure.detail()
+                        );
+                    }
+                }
+            }
+            if g.example.is_empty() {
+                g.example = bad.failure.detail();
+            }
+        }
+        println!("\nfailures (non-2xx, wrong bodies, errors), by kind:");
+        println!("{:<70}{:>8}{:>14}", "kind / answer", "count", "in a fault");
+        let mut unexplained = 0;
+        for (label, g) in &groups {
+            println!("{label:<70}{:>8}{:>14}", g.n, g.explained);
+            let windows: Vec<String> = g.windows.iter().map(|(w, n)| format!("{w} {n}")).collect();
+            if !windows.is_empty() {
+                println!("    overlapping: {}", windows.join(", "));
+            }
+            println!("    e.g. {}", g.example);
+            unexplained += g.n - g.explained;
+        }
+        unexplained
+    }
+
+    fn print_policy(&self) {
+        let m = &self.metrics;
+        println!(
+            "\npolicy file: {} valid and {} invalid writes after the first; the gateway's \
+             retryctl_policy_reloads_total: applied {} (the first read included), \
+             unchanged {}, rejected {}",
+            self.valid_writes,
+            self.invalid_writes,
+            m.reloads("applied"),
+            m.reloads("unchanged"),
+            m.reloads("rejected")
+        );
+        let attempts: Vec<String> = m
+            .attempts
+            .iter()
+            .filter(|(_, n)| **n > 0.0)
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        println!("gateway attempts by result: {}", attempts.join(", "));
+        let requests: Vec<String> = m
+            .requests
+            .iter()
+            .filter(|(_, n)| **n > 0.0)
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        println!("gateway requests by reason: {}", requests.join(", "));
+        println!(
+            "unknown models: {} counted by the gateway; {} metric series in the last scrape, \
+             {} naming an unknown model",
+            m.unknown_models, m.series, m.unknown_model_series
+        );
+    }
+
+    fn print_process(&self) {
+        let p = &self.process;
+        println!("\ngateway process (/proc):");
+        println!(
+            "{:<24}{:>14}{:>14}{:>14}{:>14}{:>14}",
+            "", "idle, start", "warm-up", "end", "peak", "idle, end"
+        );
+        let row = |name: &str, f: &dyn Fn(&Process) -> String| {
+            println!(
+                "{name:<24}{:>14}{:>14}{:>14}{:>14}{:>14}",
+                f(&p.idle_start),
+                f(&p.warm),
+                f(&p.end),
+                f(&p.peak),
+                f(&p.idle_end)
+            );
+        };
+        row("resident memory", &|x| mib(x.rss));
+        row("open file descriptors", &|x| x.fds.to_string());
+        row("threads", &|x| x.threads.to_string());
+        match p.tasks {
+            Some((warm, end)) => println!("{:<24}{:>14}{:>14}{:>14}", "tasks", "", warm, end),
+            None => println!("tasks: not exposed by the gateway"),
+        }
+    }
+
+    fn checks(&self, unexplained: u64) -> Vec<Check> {
+        let t = &self.tally;
+        let m = &self.metrics;
+        let p = &self.process;
+        let mut checks = vec![
+            Check {
+                what: format!(
+                    "every request answered: {} without an answer (hangs)",
+                    t.hangs()
+                ),
+                ok: t.hangs() == 0,
+            },
+            Check {
+                what: format!(
+                    "every failure explained by a fault window: {unexplained} of {} unexplained",
+                    t.bad.len()
+                ),
+                ok: unexplained == 0,
+            },
+            Check {
+                what: format!(
+                    "every unknown model answered 404: {} of {}; the gateway counted {}",
+                    t.ok[Kind::Unknown as usize],
+                    t.sent[Kind::Unknown as usize],
+                    m.unknown_models
+                ),
+                ok: t.ok[Kind::Unknown as usize] == t.sent[Kind::Unknown as usize]
+                    && m.unknown_models == t.sent[Kind::Unknown as usize] as f64,
+            },
+            Check {
+                what: format!(
+                    "no metric series names an unknown model: {}",
+                    m.unknown_model_series
+                ),
+                ok: m.unknown_model_series == 0,
+            },
+            Check {
+                what: format!(
+                    "achieved rate >= {:.0} requests/s: {:.0}",
+                    self.min_rate,
+                    self.achieved_rate()
+                ),
+                ok: self.achieved_rate() >= self.min_rate,
+            },
+            reload_check("rejected", m.reloads("rejected"), self.invalid_writes),
+            reload_check("applied", m.reloads("applied"), self.valid_writes),
+            growth("resident memory", p.warm.rss, p.end.rss, RSS_SLACK, mib),
+            growth(
+                "open file descriptors",
+                p.warm.fds,
+                p.end.fds,
+                FDS_SLACK,
+                |x| x.to_string(),
+            ),
+            growth(
+                "threads",
+                p.warm.threads,
+                p.end.threads,
+                THREADS_SLACK,
+                |x| x.to_string(),
+            ),
+            Check {
+                what: format!(
+                    "idle again at the end: {} file descriptors, {} at the start (+{FDS_SLACK} allowed)",
+                    p.idle_end.fds, p.idle_start.fds
+                ),
+                ok: p.idle_end.fds <= p.idle_start.fds + FDS_SLACK,
+            },
+        ];
+        if let Some((warm, end)) = p.tasks {
+            checks.push(growth("tasks", warm, end, TASKS_SLACK, |x| x.to_string()));
+        }
+        checks.push(Check {
+            what: match &self.stopped_cleanly {
+                Ok(()) => "the gateway stopped cleanly on SIGTERM".into(),
+                Err(e) => format!("the gateway stopped cleanly on SIGTERM: {e}"),
+            },
+            ok: self.stopped_cleanly.is_ok(),
+        });
+        checks
+    }
+}
+
+/// The policy watcher counted (nearly) every write of a kind: each write
+/// replaces the file a second after the last, far beyond the watcher's
+/// debounce, so at most the last write (made as the load ended) may not
+/// have been read before the final scrape.
+fn reload_check(result: &str, counted: f64, writes: u64) -> Check {
+    let floor = writes.saturating_sub(1) as f64;
+    Check {
+        what: format!(
+            "policy writes {result}: {counted} counted for {writes} writes (at least {floor})"
+        ),
+        ok: counted >= floor && (writes == 0 || counted >= 1.0),
+    }
+}
+
+fn growth(name: &str, warm: u64, end: u64, slack: u64, show: fn(u64) -> String) -> Check {
+    let allowed = ((warm as f64 * GROWTH_RATIO) as u64).max(slack);
+    Check {
+        what: format!(
+            "{name} flat after warm-up: {} -> {} (at most {} allowed)",
+            show(warm),
+            show(end),
+            show(warm + allowed)
+        ),
+        ok: end <= warm + allowed,
+    }
+}
+
+/// Seconds of the run covered by the union of the windows and their
+/// grace.
+fn covered(windows: &[&Window], secs: f64) -> f64 {
+    let run = Duration::from_secs_f64(secs);
+    let mut spans: Vec<(Duration, Duration)> = windows
+        .iter()
+        .map(|w| (w.start.min(run), (w.end + crate::faults::GRACE).min(run)))
+        .collect();
+    spans.sort();
+    let mut total = Duration::ZERO;
+    let mut current: Option<(Duration, Duration)> = None;
+    for (s, e) in spans {
+        current = match current {
+            Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+            Some((cs, ce)) => {
+                total += ce - cs;
+                Some((s, e))
+            }
+            None => Some((s, e)),
+        };
+    }
+    if let Some((cs, ce)) = current {
+        total += ce - cs;
+    }
+    total.as_secs_f64()
+}
