@@ -188,3 +188,59 @@ pub(crate) async fn run(
     }
     Ok(nginx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> FaultOptions {
+        FaultOptions {
+            reload_every: (Duration::from_millis(100), Duration::from_millis(500)),
+            restart_every: Duration::from_secs(20),
+            restart_gap: (Duration::from_millis(200), Duration::from_millis(1500)),
+        }
+    }
+
+    fn restarts(planned: &[Planned]) -> Vec<(Duration, Duration)> {
+        planned
+            .iter()
+            .filter_map(|p| match p.action {
+                Action::Restart { gap, .. } => Some((p.at, p.at + gap)),
+                Action::Reload => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_same_seed_plans_the_same_faults_in_order() {
+        let run = Duration::from_secs(600);
+        let a = plan(7, 0, 2, run, &options());
+        let b = plan(7, 0, 2, run, &options());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert!(a.windows(2).all(|w| w[0].at <= w[1].at));
+        assert!(a.iter().all(|p| p.at < run));
+        // About three restarts a minute, reloads every 0.3 s on average.
+        assert!(
+            (25..=35).contains(&restarts(&a).len()),
+            "{}",
+            restarts(&a).len()
+        );
+        let reloads = a.iter().filter(|p| p.action == Action::Reload).count();
+        assert!((1500..=2500).contains(&reloads), "{reloads}");
+    }
+
+    #[test]
+    fn restarts_of_different_instances_never_overlap() {
+        for seed in 0..50 {
+            let run = Duration::from_secs(600);
+            let a = restarts(&plan(seed, 0, 2, run, &options()));
+            let b = restarts(&plan(seed, 1, 2, run, &options()));
+            for (s, e) in &a {
+                assert!(
+                    b.iter().all(|(bs, be)| be < s || bs > e),
+                    "seed {seed}: a's restart at {s:?} overlaps one of b's"
+                );
+            }
+        }
+    }
+}

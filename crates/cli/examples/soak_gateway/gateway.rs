@@ -158,6 +158,27 @@ impl Gateway {
         })
     }
 
+    /// CPU time used by the process so far (user and system, all its
+    /// threads), from `/proc/PID/stat`.
+    pub(crate) fn cpu_time(&self) -> Result<Duration, Error> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
+        // Fields after the command name (which may hold spaces, and ends
+        // at the last ')'): state is the first, utime the 12th, stime the
+        // 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| -> Result<u64, Error> {
+            fields
+                .get(i)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("/proc/{}/stat has no field {i}", self.pid).into())
+        };
+        let total = ticks(11)? + ticks(12)?;
+        Ok(Duration::from_secs_f64(total as f64 / clock_ticks() as f64))
+    }
+
     /// One `/metrics` scrape.
     pub(crate) async fn metrics(&self, client: &reqwest::Client) -> Result<Metrics, Error> {
         let response = client.get(&self.metrics_url).send().await?;
@@ -190,6 +211,18 @@ impl Gateway {
     }
 }
 
+/// Clock ticks per second of `/proc`'s CPU times (`getconf CLK_TCK`;
+/// Linux's user-visible tick is 100 everywhere it runs when that fails).
+fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
 /// What `/proc` says about the gateway at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Process {
@@ -209,8 +242,6 @@ pub(crate) struct Metrics {
     pub(crate) attempts: BTreeMap<String, f64>,
     /// `retryctl_requests_total` by `reason`, all models.
     pub(crate) requests: BTreeMap<String, f64>,
-    /// `retryctl_runtime_alive_tasks`, when the gateway exposes it.
-    pub(crate) tasks: Option<f64>,
     /// Series in the scrape (lines that are not comments).
     pub(crate) series: usize,
     /// Series whose labels carry a name the soak sent as an unknown
@@ -248,10 +279,6 @@ impl Metrics {
                 "retryctl_requests_total" => (&mut m.requests, "reason"),
                 "retryctl_unknown_model_requests_total" => {
                     m.unknown_models += value;
-                    continue;
-                }
-                "retryctl_runtime_alive_tasks" => {
-                    m.tasks = Some(value);
                     continue;
                 }
                 _ => continue,

@@ -149,10 +149,14 @@ pub(crate) struct Tally {
     pub(crate) latency: [Histogram<u64>; 3],
     pub(crate) bad: Vec<Bad>,
     pub(crate) unknown_names: u64,
+    /// Time under load: from each phase's start until its last answer.
+    pub(crate) load_time: Duration,
+    /// Each phase's answers and time under load, in order.
+    pub(crate) phases: Vec<(u64, Duration)>,
 }
 
 impl Tally {
-    fn new() -> Tally {
+    pub(crate) fn new() -> Tally {
         let h = || Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds");
         Tally {
             sent: [0; 3],
@@ -161,10 +165,12 @@ impl Tally {
             latency: [h(), h(), h()],
             bad: Vec::new(),
             unknown_names: 0,
+            load_time: Duration::ZERO,
+            phases: Vec::new(),
         }
     }
 
-    fn merge(&mut self, other: Tally) {
+    pub(crate) fn merge(&mut self, other: Tally) {
         for i in 0..3 {
             self.sent[i] += other.sent[i];
             self.ok[i] += other.ok[i];
@@ -175,6 +181,8 @@ impl Tally {
             *self.statuses.entry(s).or_default() += n;
         }
         self.bad.extend(other.bad);
+        self.load_time += other.load_time;
+        self.phases.extend(other.phases);
     }
 
     pub(crate) fn total_sent(&self) -> u64 {
@@ -206,13 +214,25 @@ impl Tally {
 struct Pacer {
     start: Instant,
     end: Instant,
+    /// From here to `end`, slots are due at once: every worker sends as
+    /// fast as it is answered.
+    unpaced: Instant,
     rate: f64,
     next: AtomicU64,
 }
 
 impl Pacer {
-    /// When the next slot is due; `None` once slots reach the end.
+    /// When the next slot is due; `None` once slots reach the end, or
+    /// the end has passed (workers that fell behind the rate do not send
+    /// the missed slots after it).
     fn next(&self) -> Option<Instant> {
+        let now = Instant::now();
+        if now >= self.end {
+            return None;
+        }
+        if now >= self.unpaced {
+            return Some(now);
+        }
         let k = self.next.fetch_add(1, Ordering::Relaxed);
         let at = self.start + Duration::from_secs_f64(k as f64 / self.rate);
         (at < self.end).then_some(at)
@@ -227,16 +247,28 @@ struct Shared {
     options: LoadOptions,
     pacer: Pacer,
     epoch: Instant,
-    unknown: AtomicU64,
+    unknown: Arc<AtomicU64>,
 }
 
-/// Runs the load from `epoch` until `end` and returns the merged tally
-/// once every request has its outcome.
+/// One stretch of load: the slots from `start` until `end`, on a client
+/// (and so connections) of its own; its last `burst` is sent unpaced.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Phase {
+    pub(crate) number: u64,
+    pub(crate) start: Instant,
+    pub(crate) end: Instant,
+    pub(crate) burst: Duration,
+}
+
+/// Runs one phase of load and returns its tally once every request has
+/// its outcome; times are recorded from `epoch`. Unknown model names are
+/// drawn from `unknown`, shared across phases.
 pub(crate) async fn run(
     gateway_url: &str,
     options: LoadOptions,
     epoch: Instant,
-    end: Instant,
+    phase: Phase,
+    unknown: Arc<AtomicU64>,
 ) -> Result<Tally, crate::Error> {
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -247,28 +279,34 @@ pub(crate) async fn run(
         url: format!("{gateway_url}/v1/chat/completions"),
         options,
         pacer: Pacer {
-            start: epoch,
-            end,
+            start: phase.start,
+            end: phase.end,
+            unpaced: phase.end - phase.burst,
             rate: options.rate,
             next: AtomicU64::new(0),
         },
         epoch,
-        unknown: AtomicU64::new(0),
+        unknown,
     });
     let mut workers = JoinSet::new();
-    for w in 0..options.workers {
-        workers.spawn(worker(shared.clone(), w as u64));
+    for w in 0..options.workers as u64 {
+        let seed = options
+            .seed
+            .wrapping_add(phase.number.wrapping_mul(1_000_003))
+            .wrapping_add(w);
+        workers.spawn(worker(shared.clone(), seed));
     }
     let mut tally = Tally::new();
     while let Some(done) = workers.join_next().await {
         tally.merge(done?);
     }
-    tally.unknown_names = shared.unknown.load(Ordering::Relaxed).min(UNKNOWN_NAMES);
+    tally.load_time = phase.start.elapsed();
+    tally.phases.push((tally.answered(), tally.load_time));
     Ok(tally)
 }
 
-async fn worker(shared: Arc<Shared>, index: u64) -> Tally {
-    let mut rng = fastrand::Rng::with_seed(shared.options.seed.wrapping_add(index));
+async fn worker(shared: Arc<Shared>, seed: u64) -> Tally {
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut tally = Tally::new();
     while let Some(due) = shared.pacer.next() {
         tokio::time::sleep_until(due).await;

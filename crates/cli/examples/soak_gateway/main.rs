@@ -27,11 +27,19 @@
 //!   for one of 10,000 unknown model names; every answer is read to its
 //!   end and compared with what nginx sent.
 //!
+//! * **Phases**: warm-up (a tenth of the run, at least one restart period
+//!   and 5 s; it ends with a 2 s unpaced burst, see [`BURST`]), 10 s at
+//!   rest, the rest of the load, 10 s at rest. The gateway's memory,
+//!   descriptors and threads are compared at the two rests, where they
+//!   are its own and not its connections'; the figures under load are
+//!   printed beside them.
+//!
 //! It prints a report (`report.rs`) and exits non-zero unless every
 //! request was answered, every failure falls in a fault window of the
 //! providers it names, unknown models got 404 and no metric series, the
-//! reloads were counted, the rate was reached, and the gateway's memory,
-//! file descriptors and threads stayed flat after warm-up.
+//! reloads were counted, the rate was reached after warm-up, and the
+//! gateway's memory, file descriptors and threads at rest stayed flat from
+//! warm-up to the end.
 
 mod faults;
 mod gateway;
@@ -45,7 +53,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
@@ -53,7 +61,7 @@ use tokio::time::Instant;
 
 use crate::faults::{FaultOptions, Windows};
 use crate::gateway::{Gateway, Process};
-use crate::load::LoadOptions;
+use crate::load::{LoadOptions, Phase, Tally};
 use crate::nginx::Nginx;
 use crate::report::{ProcessFigures, Run};
 
@@ -61,8 +69,24 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Names of the nginx instances (and the suffix of their providers).
 const INSTANCES: [&str; 4] = ["a", "b", "c", "d"];
-/// Warm-up and end figures are medians over this many one-second samples.
+/// The under-load figures at warm-up and at the end are medians over this
+/// many one-second samples.
 const MEDIAN_OF: usize = 5;
+/// The load pauses this long after warm-up, and waits this long after it
+/// ends, before the gateway is measured at rest: its clients' connections
+/// are closed, and its idle upstream connections have expired. They
+/// expire after the providers' `idle_timeout` (4 s by default), but the
+/// HTTP client's pool reaps them on a timer of that same period, so one
+/// can stay open up to twice as long (measured: 8 s after the load).
+const REST: Duration = Duration::from_secs(10);
+/// The warm-up ends with this long unpaced: every worker sends as fast as
+/// it is answered. The gateway's memory follows the most connections it
+/// has had open at once (client and upstream, tens of KiB each), and at
+/// the paced rate they are few until a restart releases the requests
+/// that waited for it all at once; the burst opens them all during
+/// warm-up, so the plateau is in the warm-up figure rather than counted
+/// as growth after it.
+const BURST: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,8 +96,8 @@ struct Args {
     /// How long the load runs, in seconds.
     #[arg(long, default_value_t = 60)]
     secs: u64,
-    /// Warm-up before the first figures, in seconds (default: a tenth of
-    /// the run, 10 to 30 s).
+    /// Seconds of warm-up load before the first figures (default: a tenth
+    /// of the run, at least one restart period and 5 s, at most 60 s).
     #[arg(long)]
     warmup: Option<u64>,
     /// Requests per second sent.
@@ -165,14 +189,17 @@ async fn start_upstreams(args: &Args, dir: &Path) -> Result<Vec<Nginx>, Error> {
     Ok(upstreams)
 }
 
-/// One sample a second of the gateway's process (and its task count, if
-/// `/metrics` has it) until `end`.
+/// The gateway's process sampled once a second, from the start of the
+/// load.
+type Samples = Vec<(Duration, Process)>;
+
+/// One sample a second of the gateway's process until `end`; fails if
+/// the process exits.
 async fn monitor(
     gateway: Arc<tokio::sync::Mutex<Gateway>>,
     epoch: Instant,
     end: Instant,
-) -> Result<Vec<(Duration, Process, Option<f64>)>, Error> {
-    let scrape = reqwest::Client::new();
+) -> Result<Samples, Error> {
     let mut samples = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -186,10 +213,7 @@ async fn monitor(
         if !gw.alive() {
             return Err("the gateway process exited during the soak".into());
         }
-        let process = gw.process()?;
-        let tasks = gw.metrics(&scrape).await.ok().and_then(|m| m.tasks);
-        drop(gw);
-        samples.push((now.saturating_duration_since(epoch), process, tasks));
+        samples.push((now.saturating_duration_since(epoch), gw.process()?));
     }
 }
 
@@ -200,27 +224,19 @@ fn median(mut xs: Vec<u64>) -> u64 {
 
 /// The median of each figure over the last [`MEDIAN_OF`] samples taken
 /// before `until`.
-fn settled(
-    samples: &[(Duration, Process, Option<f64>)],
-    until: Duration,
-) -> (Process, Option<u64>) {
-    let window: Vec<_> = samples.iter().filter(|(at, ..)| *at <= until).collect();
+fn settled(samples: &Samples, until: Duration) -> Process {
+    let window: Vec<_> = samples.iter().filter(|(at, _)| *at <= until).collect();
     let window = &window[window.len().saturating_sub(MEDIAN_OF)..];
-    let pick = |f: fn(&Process) -> u64| median(window.iter().map(|(_, p, _)| f(p)).collect());
-    let tasks: Vec<u64> = window
-        .iter()
-        .filter_map(|(.., t)| t.map(|t| t as u64))
-        .collect();
-    let process = Process {
+    let pick = |f: fn(&Process) -> u64| median(window.iter().map(|(_, p)| f(p)).collect());
+    Process {
         rss: pick(|p| p.rss),
         fds: pick(|p| p.fds),
         threads: pick(|p| p.threads),
-    };
-    (process, (!tasks.is_empty()).then(|| median(tasks)))
+    }
 }
 
-fn peak(samples: &[(Duration, Process, Option<f64>)]) -> Process {
-    let max = |f: fn(&Process) -> u64| samples.iter().map(|(_, p, _)| f(p)).max().unwrap_or(0);
+fn peak(samples: &Samples) -> Process {
+    let max = |f: fn(&Process) -> u64| samples.iter().map(|(_, p)| f(p)).max().unwrap_or(0);
     Process {
         rss: max(|p| p.rss),
         fds: max(|p| p.fds),
@@ -228,22 +244,117 @@ fn peak(samples: &[(Duration, Process, Option<f64>)]) -> Process {
     }
 }
 
-async fn soak(args: Args) -> Result<bool, Error> {
-    let bin = gateway_binary(&args)?;
+/// Ten samples evenly spread over the run, the last one included.
+fn timeline(samples: &Samples) -> Vec<(Duration, Process)> {
+    let n = samples.len();
+    (1..=10)
+        .filter_map(|i| samples.get((n * i / 10).saturating_sub(1)))
+        .copied()
+        .collect()
+}
+
+/// When things happen, as offsets from the start of the load: warm-up
+/// load, a rest, the rest of the load, a rest.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    /// Seconds of load in all.
+    load: Duration,
+    warmup: Duration,
+}
+
+impl Timing {
+    /// The default warm-up is a tenth of the run, but at least one
+    /// restart period and 5 s more, so that every instance has been
+    /// restarted once: the gateway's memory reaches its plateau with the
+    /// first burst of requests released by a restart, and a figure taken
+    /// before that would count the plateau as growth. At most 60 s.
+    fn new(args: &Args) -> Result<Timing, Error> {
+        let load = Duration::from_secs(args.secs);
+        let default = (args.secs / 10).max(args.restart_every + 5).min(60);
+        let warmup = Duration::from_secs(args.warmup.unwrap_or(default));
+        if warmup < Duration::from_secs(MEDIAN_OF as u64)
+            || warmup + Duration::from_secs(2 * MEDIAN_OF as u64) > load
+        {
+            return Err(format!(
+                "a warm-up of {} s in {} s of load leaves too little to measure: \
+                 at least {} s of each are needed (raise --secs or lower --warmup)",
+                warmup.as_secs(),
+                load.as_secs(),
+                2 * MEDIAN_OF
+            )
+            .into());
+        }
+        Ok(Timing { load, warmup })
+    }
+
+    /// The load before and after the rest after warm-up.
+    fn phases(&self, epoch: Instant) -> [Phase; 2] {
+        let resume = epoch + self.warmup + REST;
+        [
+            Phase {
+                number: 0,
+                start: epoch,
+                end: epoch + self.warmup,
+                burst: BURST,
+            },
+            Phase {
+                number: 1,
+                start: resume,
+                end: resume + (self.load - self.warmup),
+                burst: Duration::ZERO,
+            },
+        ]
+    }
+
+    /// When the faults and the policy writes stop: with the load.
+    fn end(&self, epoch: Instant) -> Instant {
+        epoch + self.load + REST
+    }
+}
+
+/// The load, in two phases with the gateway measured at rest after each.
+async fn drive(
+    url: &str,
+    options: LoadOptions,
+    epoch: Instant,
+    timing: Timing,
+    gateway: &tokio::sync::Mutex<Gateway>,
+) -> Result<(Tally, [Process; 2]), Error> {
+    let unknown = Arc::new(AtomicU64::new(0));
+    let mut tally = Tally::new();
+    let mut rest = [Process::default(); 2];
+    for (i, phase) in timing.phases(epoch).into_iter().enumerate() {
+        tally.merge(load::run(url, options, epoch, phase, unknown.clone()).await?);
+        rest[i] = at_rest(gateway).await?;
+    }
+    tally.unknown_names = unknown.load(Ordering::Relaxed).min(load::UNKNOWN_NAMES);
+    Ok((tally, rest))
+}
+
+/// The gateway once the load has stopped and its clients have closed
+/// their connections, and [`REST`] has passed.
+async fn at_rest(gateway: &tokio::sync::Mutex<Gateway>) -> Result<Process, Error> {
+    tokio::time::sleep(REST).await;
+    gateway.lock().await.process()
+}
+
+/// Directories, upstreams, policy and gateway, started.
+struct Setup {
+    dir: PathBuf,
+    upstreams: Vec<Nginx>,
+    providers: BTreeMap<String, usize>,
+    policy: PathBuf,
+    gateway: Gateway,
+}
+
+async fn setup(args: &Args) -> Result<Setup, Error> {
+    let bin = gateway_binary(args)?;
     let version = nginx::check(&args.nginx).map_err(|e| {
         format!(
             "{}: {e} (install nginx, or pass --nginx)",
             args.nginx.display()
         )
     })?;
-    if args.secs < 10 {
-        return Err("--secs must be at least 10 (warm-up and end figures need samples)".into());
-    }
-    let secs = Duration::from_secs(args.secs);
-    let warmup = Duration::from_secs(args.warmup.unwrap_or((args.secs / 10).clamp(10, 30)));
-    if warmup + Duration::from_secs(MEDIAN_OF as u64) > secs {
-        return Err("the warm-up leaves no time to measure: raise --secs or lower --warmup".into());
-    }
     let dir = target_dir().join("soak-gateway");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -255,47 +366,63 @@ async fn soak(args: Args) -> Result<bool, Error> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         dir.display()
     );
-
-    let upstreams = start_upstreams(&args, &dir).await?;
+    let upstreams = start_upstreams(args, &dir).await?;
     let mut providers = BTreeMap::new();
     for (i, n) in upstreams.iter().enumerate() {
         providers.insert(format!("json-{}", n.name), i);
         providers.insert(format!("sse-{}", n.name), i);
     }
-    let policy_path = dir.join("policy.toml");
-    policy::write(&policy_path, 0)?;
+    let policy = dir.join("policy.toml");
+    policy::write(&policy, 0)?;
     let (listen, metrics) = (
         loopback(gateway::free_port()?),
         loopback(gateway::free_port()?),
     );
-    let config_path = dir.join("gateway.toml");
+    let config = dir.join("gateway.toml");
     std::fs::write(
-        &config_path,
-        gateway::config_text(listen, metrics, &policy_path, &upstreams),
+        &config,
+        gateway::config_text(listen, metrics, &policy, &upstreams),
     )?;
-    let gw = Gateway::start(&bin, &config_path, listen, metrics, dir.join("gateway.log")).await?;
-    let url = gw.url.clone();
-    let idle_start = gw.process()?;
-    let gw = Arc::new(tokio::sync::Mutex::new(gw));
+    let gateway = Gateway::start(&bin, &config, listen, metrics, dir.join("gateway.log")).await?;
+    Ok(Setup {
+        dir,
+        upstreams,
+        providers,
+        policy,
+        gateway,
+    })
+}
+
+fn fault_options(args: &Args) -> FaultOptions {
+    let ms = Duration::from_millis;
+    FaultOptions {
+        reload_every: (ms(args.reload_min_ms), ms(args.reload_max_ms)),
+        restart_every: Duration::from_secs(args.restart_every.max(1)),
+        restart_gap: (ms(args.gap_min_ms), ms(args.gap_max_ms)),
+    }
+}
+
+async fn soak(args: Args) -> Result<bool, Error> {
+    let timing = Timing::new(&args)?;
+    let Setup {
+        dir,
+        upstreams,
+        providers,
+        policy,
+        gateway,
+    } = setup(&args).await?;
+    let url = gateway.url.clone();
+    let idle_start = gateway.process()?;
+    let cpu_start = gateway.cpu_time()?;
+    let gateway = Arc::new(tokio::sync::Mutex::new(gateway));
 
     let epoch = Instant::now() + Duration::from_millis(100);
-    let end = epoch + secs;
-    let options = FaultOptions {
-        reload_every: (
-            Duration::from_millis(args.reload_min_ms),
-            Duration::from_millis(args.reload_max_ms),
-        ),
-        restart_every: Duration::from_secs(args.restart_every.max(1)),
-        restart_gap: (
-            Duration::from_millis(args.gap_min_ms),
-            Duration::from_millis(args.gap_max_ms),
-        ),
-    };
+    let end = timing.end(epoch);
     let windows = Arc::new(Windows::default());
     let count = upstreams.len();
     let mut fault_tasks = Vec::new();
     for (i, n) in upstreams.into_iter().enumerate() {
-        let planned = faults::plan(args.seed, i, count, secs, &options);
+        let planned = faults::plan(args.seed, i, count, end - epoch, &fault_options(&args));
         fault_tasks.push(tokio::spawn(faults::run(
             n,
             i,
@@ -306,8 +433,8 @@ async fn soak(args: Args) -> Result<bool, Error> {
         )));
     }
     let writes = Arc::new(policy::Writes::default());
-    let writer = tokio::spawn(policy::rewrite(policy_path.clone(), end, writes.clone()));
-    let monitor = tokio::spawn(monitor(gw.clone(), epoch, end));
+    let writer = tokio::spawn(policy::rewrite(policy, end, writes.clone()));
+    let monitor = tokio::spawn(monitor(gateway.clone(), epoch, end));
     let load = LoadOptions {
         rate: args.rate,
         workers: args.workers.max(1),
@@ -317,38 +444,34 @@ async fn soak(args: Args) -> Result<bool, Error> {
         seed: args.seed,
     };
     println!(
-        "soak: {} s at {:.0} requests/s ({} workers), {count} nginx instances, warm-up {} s ...",
-        args.secs,
+        "soak: {} s of load at {:.0} requests/s ({} workers), {count} nginx instances, \
+         {} s of it warm-up, then {} s at rest ...",
+        timing.load.as_secs(),
         args.rate,
         load.workers,
-        warmup.as_secs()
+        timing.warmup.as_secs(),
+        REST.as_secs()
     );
-    let tally = load::run(&url, load, epoch, end).await?;
+    let (tally, [warm_rest, end_rest]) = drive(&url, load, epoch, timing, &gateway).await?;
     let samples = monitor.await??;
     writer.await??;
     let mut upstreams = Vec::new();
     for t in fault_tasks {
         upstreams.push(t.await??);
     }
-
-    // Final figures: the reload counters once the last write has been
-    // read, then the process at rest once idle upstream connections have
-    // expired (the providers' idle_timeout, 4 s by default).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let gw = Arc::try_unwrap(gw)
+    let gateway = Arc::try_unwrap(gateway)
         .map_err(|_| "the monitor still holds the gateway")?
         .into_inner();
-    let metrics = gw.metrics(&reqwest::Client::new()).await?;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let idle_end = gw.process()?;
-    let (warm, warm_tasks) = settled(&samples, warmup);
-    let (end_figures, end_tasks) = settled(&samples, secs);
-    let log = gw.log.clone();
-    let stopped_cleanly = gw.stop().await.map_err(|e| e.to_string());
+    // The last write was made a second or more ago: it has been read.
+    let metrics = gateway.metrics(&reqwest::Client::new()).await?;
+    let cpu = gateway.cpu_time()?.saturating_sub(cpu_start);
+    let log = gateway.log.clone();
+    let stopped_cleanly = gateway.stop().await.map_err(|e| e.to_string());
     drop(upstreams);
 
     let run = Run {
-        secs: secs.as_secs_f64(),
+        secs: timing.load.as_secs_f64(),
+        fault_secs: (end - epoch).as_secs_f64(),
         target_rate: args.rate,
         min_rate: args.min_rate,
         workers: load.workers,
@@ -362,19 +485,24 @@ async fn soak(args: Args) -> Result<bool, Error> {
         invalid_writes: writes.invalid.load(Ordering::Relaxed),
         process: ProcessFigures {
             idle_start,
-            warm,
-            end: end_figures,
+            warm: settled(&samples, timing.warmup),
+            warm_rest,
+            end: settled(&samples, timing.load + REST),
+            end_rest,
             peak: peak(&samples),
-            idle_end,
-            tasks: warm_tasks.zip(end_tasks),
+            timeline: timeline(&samples),
         },
         stopped_cleanly,
+        cpu,
     };
     let ok = run.print();
-    println!("gateway log: {}", log.display());
+    println!(
+        "gateway log: {}; nginx: {}/nginx-*",
+        log.display(),
+        dir.display()
+    );
     Ok(ok)
 }
-
 fn main() -> ExitCode {
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -19,33 +19,45 @@ pub(crate) const GROWTH_RATIO: f64 = 0.10;
 pub(crate) const RSS_SLACK: u64 = 2 << 20;
 pub(crate) const FDS_SLACK: u64 = 8;
 pub(crate) const THREADS_SLACK: u64 = 2;
-pub(crate) const TASKS_SLACK: u64 = 16;
 
 /// Attempt causes that only a closed port explains.
 const CONNECT_CAUSES: [&str; 3] = ["connect_refused", "connect", "connect_timeout"];
 
 /// The gateway process at the points the report compares.
-#[derive(Clone, Copy, Debug)]
+///
+/// The checks compare the process *at rest* (the load paused, its
+/// connections closed, idle upstream connections expired) after warm-up
+/// and after the load: under load, the descriptors count the clients'
+/// and the upstream pool's connections, which swing between about 70 and
+/// 300 with the bursts that follow a restart; at rest they are the
+/// gateway's own. The figures under load are printed beside them.
+#[derive(Clone, Debug)]
 pub(crate) struct ProcessFigures {
     /// Before the load started.
     pub(crate) idle_start: Process,
-    /// Median of the samples over the last seconds of warm-up.
+    /// Under load: the median of the samples over the last seconds of
+    /// warm-up.
     pub(crate) warm: Process,
-    /// Median of the samples over the last seconds of the load.
+    /// At rest after warm-up.
+    pub(crate) warm_rest: Process,
+    /// Under load: the median over the last seconds of the load.
     pub(crate) end: Process,
+    /// At rest after the load.
+    pub(crate) end_rest: Process,
     /// The highest of each figure over the run.
     pub(crate) peak: Process,
-    /// After the load stopped and idle upstream connections expired.
-    pub(crate) idle_end: Process,
-    /// Tasks alive in the gateway's runtime, when `/metrics` exposes it:
-    /// warm-up and end (medians, like the rest).
-    pub(crate) tasks: Option<(u64, u64)>,
+    /// Ten samples spread over the run: when, and the figures then.
+    pub(crate) timeline: Vec<(Duration, Process)>,
 }
 
 /// Everything the report needs.
 #[derive(Debug)]
 pub(crate) struct Run {
+    /// Seconds of load.
     pub(crate) secs: f64,
+    /// Seconds over which faults ran (the load and the rest after
+    /// warm-up).
+    pub(crate) fault_secs: f64,
     pub(crate) target_rate: f64,
     pub(crate) min_rate: f64,
     pub(crate) workers: usize,
@@ -60,6 +72,9 @@ pub(crate) struct Run {
     pub(crate) invalid_writes: u64,
     pub(crate) process: ProcessFigures,
     pub(crate) stopped_cleanly: Result<(), String>,
+    /// CPU time the gateway used from the start of the load to the end
+    /// (the rests included, where it is idle).
+    pub(crate) cpu: Duration,
 }
 
 /// One check: its description, the figure, and whether it holds.
@@ -135,8 +150,11 @@ impl Run {
         Some(found)
     }
 
+    /// Answers per second of load after warm-up (paced throughout), the
+    /// time to the last answer included.
     fn achieved_rate(&self) -> f64 {
-        self.tally.answered() as f64 / self.secs
+        let (answered, time) = self.tally.phases.last().copied().unwrap_or_default();
+        answered as f64 / time.as_secs_f64().max(1e-9)
     }
 
     /// Prints the report; returns whether every check held.
@@ -145,11 +163,16 @@ impl Run {
             "\n== gateway soak: {:.0} s, seed {} ==",
             self.secs, self.seed
         );
+        let (warm, warm_time) = self.tally.phases.first().copied().unwrap_or_default();
         println!(
-            "load: {} workers, target {:.0} requests/s, achieved {:.0} requests/s answered",
+            "load: {} workers, target {:.0} requests/s; achieved {:.0} requests/s after warm-up \
+             ({:.0}/s in warm-up, its unpaced burst included; {} answered in {:.1} s of load)",
             self.workers,
             self.target_rate,
-            self.achieved_rate()
+            self.achieved_rate(),
+            warm as f64 / warm_time.as_secs_f64().max(1e-9),
+            self.tally.answered(),
+            self.tally.load_time.as_secs_f64()
         );
         self.print_requests();
         self.print_statuses();
@@ -246,9 +269,9 @@ impl Run {
                 })
                 .count();
             let closed: Duration = restarts.iter().map(|w| w.end - w.start).sum();
-            let in_any = covered(&mine, self.secs) / self.secs;
+            let in_any = covered(&mine, self.fault_secs) / self.fault_secs;
             let restart_windows: Vec<&Window> = restarts.iter().map(|w| **w).collect();
-            let in_restarts = covered(&restart_windows, self.secs) / self.secs;
+            let in_restarts = covered(&restart_windows, self.fault_secs) / self.fault_secs;
             println!(
                 "{:<10}{:>10}{:>16}{:>14}{:>21.0}%{:>21.0}%",
                 name,
@@ -361,27 +384,53 @@ impl Run {
     fn print_process(&self) {
         let p = &self.process;
         println!("\ngateway process (/proc):");
-        println!(
-            "{:<24}{:>14}{:>14}{:>14}{:>14}{:>14}",
-            "", "idle, start", "warm-up", "end", "peak", "idle, end"
-        );
+        let columns = [
+            ("before load", &p.idle_start),
+            ("warm-up", &p.warm),
+            ("rest, warm", &p.warm_rest),
+            ("end", &p.end),
+            ("rest, end", &p.end_rest),
+            ("peak", &p.peak),
+        ];
+        print!("{:<24}", "");
+        for (name, _) in &columns {
+            print!("{name:>13}");
+        }
+        println!();
         let row = |name: &str, f: &dyn Fn(&Process) -> String| {
-            println!(
-                "{name:<24}{:>14}{:>14}{:>14}{:>14}{:>14}",
-                f(&p.idle_start),
-                f(&p.warm),
-                f(&p.end),
-                f(&p.peak),
-                f(&p.idle_end)
-            );
+            print!("{name:<24}");
+            for (_, x) in &columns {
+                print!("{:>13}", f(x));
+            }
+            println!();
         };
         row("resident memory", &|x| mib(x.rss));
         row("open file descriptors", &|x| x.fds.to_string());
         row("threads", &|x| x.threads.to_string());
-        match p.tasks {
-            Some((warm, end)) => println!("{:<24}{:>14}{:>14}{:>14}", "tasks", "", warm, end),
-            None => println!("tasks: not exposed by the gateway"),
-        }
+        let line: Vec<String> = p
+            .timeline
+            .iter()
+            .map(|(at, x)| {
+                format!(
+                    "{:.0} s {:.1}/{}/{}",
+                    at.as_secs_f64(),
+                    x.rss as f64 / f64::from(1 << 20),
+                    x.fds,
+                    x.threads
+                )
+            })
+            .collect();
+        println!("over the run (MiB/fds/threads): {}", line.join(", "));
+        println!(
+            "CPU: {:.1} s over {:.1} s of load ({:.0}% of one core; {:.0} us per request)",
+            self.cpu.as_secs_f64(),
+            self.tally.load_time.as_secs_f64(),
+            self.cpu.as_secs_f64() / self.tally.load_time.as_secs_f64().max(1e-9) * 100.0,
+            self.cpu.as_secs_f64() * 1e6 / self.tally.total_sent().max(1) as f64
+        );
+        println!(
+            "tasks: not exposed by the gateway (a task holding a connection holds its descriptor)"
+        );
     }
 
     fn checks(&self, unexplained: u64) -> Vec<Check> {
@@ -422,7 +471,7 @@ impl Run {
             },
             Check {
                 what: format!(
-                    "achieved rate >= {:.0} requests/s: {:.0}",
+                    "achieved rate after warm-up >= {:.0} requests/s: {:.0}",
                     self.min_rate,
                     self.achieved_rate()
                 ),
@@ -430,32 +479,28 @@ impl Run {
             },
             reload_check("rejected", m.reloads("rejected"), self.invalid_writes),
             reload_check("applied", m.reloads("applied"), self.valid_writes),
-            growth("resident memory", p.warm.rss, p.end.rss, RSS_SLACK, mib),
             growth(
-                "open file descriptors",
-                p.warm.fds,
-                p.end.fds,
+                "resident memory at rest",
+                p.warm_rest.rss,
+                p.end_rest.rss,
+                RSS_SLACK,
+                mib,
+            ),
+            growth(
+                "open file descriptors at rest",
+                p.warm_rest.fds,
+                p.end_rest.fds,
                 FDS_SLACK,
                 |x| x.to_string(),
             ),
             growth(
-                "threads",
-                p.warm.threads,
-                p.end.threads,
+                "threads at rest",
+                p.warm_rest.threads,
+                p.end_rest.threads,
                 THREADS_SLACK,
                 |x| x.to_string(),
             ),
-            Check {
-                what: format!(
-                    "idle again at the end: {} file descriptors, {} at the start (+{FDS_SLACK} allowed)",
-                    p.idle_end.fds, p.idle_start.fds
-                ),
-                ok: p.idle_end.fds <= p.idle_start.fds + FDS_SLACK,
-            },
         ];
-        if let Some((warm, end)) = p.tasks {
-            checks.push(growth("tasks", warm, end, TASKS_SLACK, |x| x.to_string()));
-        }
         checks.push(Check {
             what: match &self.stopped_cleanly {
                 Ok(()) => "the gateway stopped cleanly on SIGTERM".into(),
