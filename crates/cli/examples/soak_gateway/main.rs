@@ -306,6 +306,11 @@ impl Timing {
         ]
     }
 
+    /// The middle of the load after warm-up, from the start of the load.
+    fn middle(&self) -> Duration {
+        self.warmup + REST + (self.load - self.warmup) / 2
+    }
+
     /// When the faults and the policy writes stop: with the load.
     fn end(&self, epoch: Instant) -> Instant {
         epoch + self.load + REST
@@ -487,6 +492,7 @@ async fn soak(args: Args) -> Result<bool, Error> {
             idle_start,
             warm: settled(&samples, timing.warmup),
             warm_rest,
+            middle: settled(&samples, timing.middle()),
             end: settled(&samples, timing.load + REST),
             end_rest,
             peak: peak(&samples),
