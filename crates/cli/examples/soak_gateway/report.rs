@@ -466,7 +466,7 @@ impl Run {
         let t = &self.tally;
         let m = &self.metrics;
         let p = &self.process;
-        let mut checks = vec![
+        vec![
             Check {
                 what: format!(
                     "every request answered: {} without an answer (hangs)",
@@ -509,42 +509,41 @@ impl Run {
             reload_check("rejected", m.reloads("rejected"), self.invalid_writes),
             reload_check("applied", m.reloads("applied"), self.valid_writes),
             growth(
-                "resident memory at rest",
+                "resident memory at rest, warm-up to end",
                 p.warm_rest.rss,
                 p.end_rest.rss,
                 RSS_SLACK,
                 mib,
             ),
             growth(
-                "resident memory under load, second half",
+                "resident memory under load, middle to end",
                 p.middle.rss,
                 p.end.rss,
                 RSS_SECOND_HALF_SLACK,
                 mib,
             ),
             growth(
-                "open file descriptors at rest",
+                "open file descriptors at rest, warm-up to end",
                 p.warm_rest.fds,
                 p.end_rest.fds,
                 FDS_SLACK,
                 |x| x.to_string(),
             ),
             growth(
-                "threads at rest",
+                "threads at rest, warm-up to end",
                 p.warm_rest.threads,
                 p.end_rest.threads,
                 THREADS_SLACK,
                 |x| x.to_string(),
             ),
-        ];
-        checks.push(Check {
-            what: match &self.stopped_cleanly {
-                Ok(()) => "the gateway stopped cleanly on SIGTERM".into(),
-                Err(e) => format!("the gateway stopped cleanly on SIGTERM: {e}"),
+            Check {
+                what: match &self.stopped_cleanly {
+                    Ok(()) => "the gateway stopped cleanly on SIGTERM".into(),
+                    Err(e) => format!("the gateway stopped cleanly on SIGTERM: {e}"),
+                },
+                ok: self.stopped_cleanly.is_ok(),
             },
-            ok: self.stopped_cleanly.is_ok(),
-        });
-        checks
+        ]
     }
 }
 
@@ -562,11 +561,13 @@ fn reload_check(result: &str, counted: f64, writes: u64) -> Check {
     }
 }
 
+/// `name` grew from `warm` to `end` by at most [`GROWTH_RATIO`] or
+/// `slack`; `name` says over which span.
 fn growth(name: &str, warm: u64, end: u64, slack: u64, show: fn(u64) -> String) -> Check {
     let allowed = ((warm as f64 * GROWTH_RATIO) as u64).max(slack);
     Check {
         what: format!(
-            "{name} flat after warm-up: {} -> {} (at most {} allowed)",
+            "{name}: {} -> {} (at most {} allowed)",
             show(warm),
             show(end),
             show(warm + allowed)
