@@ -79,15 +79,15 @@ impl Ring {
     /// The sum of the slots live at `epoch` (the window ending there),
     /// leaving out the slot of `epoch` itself when `skip_current`.
     fn sum(&self, epoch: u32, skip_current: bool) -> i64 {
+        let current = epoch as usize % SLOTS;
         let mut sum = 0i64;
         for (i, slot) in self.0.iter().enumerate() {
-            if skip_current && i == epoch as usize % SLOTS {
-                continue;
-            }
             let (e, v) = unpack(slot.load(Ordering::Acquire));
-            if e <= epoch && epoch - e < SLOTS as u32 {
-                sum += i64::from(v);
-            }
+            // Live: `e <= epoch && epoch - e < SLOTS`, in one comparison
+            // (an `e` ahead of `epoch` wraps to a large distance). No
+            // branch per slot: the sum is over ten words.
+            let live = epoch.wrapping_sub(e) < SLOTS as u32 && !(skip_current && i == current);
+            sum += i64::from(v) * i64::from(live);
         }
         sum
     }
@@ -175,10 +175,14 @@ impl RetryBudget {
     /// Records one request, adding `ratio x scale` of a retry (`scale`
     /// within 0..=1: see [`RetryBudget::scale`]).
     pub(crate) fn deposit_scaled(&self, now: Instant, policy: &BudgetPolicy, scale: f64) {
-        let delta = (policy.ratio * scale.clamp(0.0, 1.0) * MILLI as f64).round();
-        if delta >= 1.0 {
+        // Rounded to the nearest thousandth by adding a half and truncating
+        // (the product is never negative; `as` saturates and maps NaN to 0):
+        // `f64::round` is a call into libm on baseline x86-64, on every
+        // request.
+        let delta = (policy.ratio * scale.clamp(0.0, 1.0) * MILLI as f64 + 0.5) as u32;
+        if delta >= 1 {
             let Padded(ring) = &self.deposits[stripe::index() % DEPOSIT_STRIPES];
-            ring.add(self.epoch(now, policy), delta.min(u32::MAX as f64) as u32);
+            ring.add(self.epoch(now, policy), delta);
         }
     }
 
@@ -245,7 +249,11 @@ impl RetryBudget {
             return true;
         }
         let epoch = self.epoch(now, policy);
-        let credit = self.deposited(epoch) + Self::reserve(policy);
+        // The reserve alone is a lower bound of the credit (deposits only
+        // add): while it covers the retry, the forty deposit slots are not
+        // summed. A quiet service's retries, most retries, stop here.
+        let mut credit = Self::reserve(policy);
+        let mut summed = false;
         let Padded(ring) = &self.withdrawals;
         let earlier = ring.sum(epoch, true);
         let slot = &ring.0[epoch as usize % SLOTS];
@@ -254,7 +262,12 @@ impl RetryBudget {
             let (e, w) = unpack(cur);
             let current = if e == epoch { w } else { 0 };
             if credit - earlier - i64::from(current) < MILLI {
-                return false;
+                if summed {
+                    return false;
+                }
+                credit += self.deposited(epoch);
+                summed = true;
+                continue;
             }
             let next = pack(epoch, current.saturating_add(MILLI as u32));
             match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {

@@ -74,8 +74,17 @@ pub fn default_policy() -> Policy {
 
 /// Zero-delay retries under a budget that never refuses: each request
 /// deposits a whole retry, and the reserve is 10^7 retries.
+///
+/// Admission is off: with it, a refused connect is re-attempted when the
+/// provider's gate admits it, and an upstream that refuses every other
+/// attempt keeps its gate at the floor, so the re-attempt waits for the
+/// gate's probe (100 ms and more: the gate doing its job). What these
+/// cases measure is the bookkeeping of one blind retry.
 pub fn zero_delay_policy() -> Policy {
+    let mut admission = Policy::default().admission;
+    admission.enabled = false;
     Policy {
+        admission,
         delay: Duration::ZERO.into(),
         jitter: 0.0,
         budget: BudgetPolicy {

@@ -414,13 +414,8 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             }
             // Further rounds over the providers whose own error was
             // retryable.
-            match self.plan_round(round) {
-                Ok(plan) => {
-                    round += 1;
-                    steps.extend(plan.into_iter().map(Step::Timed));
-                }
-                Err(reason) => return Err(reason),
-            }
+            self.plan_round(round, &mut steps)?;
+            round += 1;
         }
     }
 
@@ -458,9 +453,10 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         }
     }
 
-    /// Plans the round after `round`: `Err` with the reason when there is
-    /// none.
-    fn plan_round(&mut self, round: u32) -> Result<SmallVec<[Retry; 8]>, FailReason> {
+    /// Plans the round after `round` into `steps` (in place: the plan is
+    /// not returned by value, a copy of its inline array per round): `Err`
+    /// with the reason when there is none.
+    fn plan_round(&mut self, round: u32, steps: &mut Steps) -> Result<(), FailReason> {
         if self.pending.is_empty() {
             return Err(self.stopped.take().unwrap_or(FailReason::NotRetryable));
         }
@@ -490,7 +486,8 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             "retrying after transient failure"
         );
         self.round_end = round_end;
-        Ok(plan)
+        steps.extend(plan.into_iter().map(Step::Timed));
+        Ok(())
     }
 }
 
