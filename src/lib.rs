@@ -59,6 +59,7 @@
 mod budget;
 mod classifier;
 mod classify;
+mod clock;
 mod health;
 mod live;
 pub mod policy;

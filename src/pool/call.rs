@@ -285,7 +285,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         classifier: &'a (dyn Classifier<E> + Sync),
     ) -> Self {
         let policy = resolved.policy();
-        let start = Instant::now();
+        let start = m.clock.now();
         let deadline = options
             .deadline
             .or_else(|| options.timeout.and_then(|t| start.checked_add(t)))
@@ -547,7 +547,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         let before = self.latest;
         if ready > before {
             tokio::time::sleep_until(ready).await;
-            self.latest = Instant::now();
+            self.latest = self.m.clock.now();
             let waited = self.latest - before;
             self.report.waited += waited;
             m.metrics.retry_delay(waited);
@@ -586,7 +586,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             .checked_add(left)
             .map_or(self.deadline, |t| t.min(self.deadline));
         let entered = gate.enter(admission, until).await;
-        let now = Instant::now();
+        let now = self.m.clock.now();
         let waited = now.saturating_duration_since(self.latest);
         self.latest = now;
         self.report.waited += waited;
@@ -663,7 +663,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         let (now, was_probe) = (begun.now, begun.was_probe);
         let failed = match result {
             Ok(Ok(value)) => {
-                let ended = Instant::now();
+                let ended = self.m.clock.now();
                 if let Some(permit) = permit {
                     permit.finish(Outcome::Reached, &policy.admission);
                 }
@@ -742,7 +742,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                 }
             }
         };
-        let ended = Instant::now();
+        let ended = m.clock.now();
         let gate_probe = permit.as_ref().is_some_and(|p| p.probe);
         if let Some(permit) = permit {
             // A deadline cut says nothing about the upstream; a slow
@@ -841,7 +841,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     #[inline(never)]
     fn fail(mut self, reason: FailReason) -> PoolError<E> {
         let m = self.m;
-        self.report.elapsed = Instant::now().saturating_duration_since(self.start);
+        self.report.elapsed = m.clock.now().saturating_duration_since(self.start);
         let r = &self.report;
         m.metrics
             .failed(reason.as_str(), r.retries > 0, r.attempts, r.elapsed);

@@ -66,6 +66,7 @@ use tokio::time::Instant;
 
 use crate::budget::RetryBudget;
 use crate::classifier::DefaultClassifier;
+use crate::clock::Clock;
 use crate::health::{HealthSnapshot, ProviderHealth};
 use crate::live::{ActivePolicy, LivePolicy};
 use crate::stats::{RouteStats, WindowStats};
@@ -112,6 +113,8 @@ struct Model<P> {
     adaptive: adaptive::AdaptiveMetrics,
     /// What the shadow policy would have done.
     shadow: shadow::ShadowModel,
+    /// Where the model's calls read the time (see [`crate::clock`]).
+    clock: Clock,
 }
 
 /// Up to this many models, [`Pool::model`] scans instead of hashing.
@@ -295,6 +298,9 @@ impl<P, C> PoolBuilder<P, C> {
         if self.models.is_empty() {
             return Err(BuildError::Empty);
         }
+        // Read once: whether this runtime's clock is paused (tests) decides
+        // where every call of the pool reads the time.
+        let clock = Clock::detect();
         let mut models = Vec::with_capacity(self.models.len());
         let mut index = HashMap::with_capacity_and_hasher(
             self.models.len(),
@@ -353,6 +359,7 @@ impl<P, C> PoolBuilder<P, C> {
                 routes,
                 rr: AtomicUsize::new(0),
                 budget: RetryBudget::new(),
+                clock,
             });
         }
         let policy = self.policy.unwrap_or_default();
