@@ -75,7 +75,7 @@
 //! handed to the next one.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -85,6 +85,7 @@ use tokio::time::Instant;
 
 use crate::classify::{Cause, Verdict};
 use crate::policy::AdmissionPolicy;
+use crate::stripe::{self, Padded, STRIPES};
 
 /// The limit's value while the gate is open.
 const OPEN: u32 = u32::MAX;
@@ -352,8 +353,14 @@ pub(crate) fn describe(prefix: &str) {
 #[derive(Debug)]
 pub(crate) struct Gate {
     /// `limit << 32 | in_flight`; the limit is [`OPEN`] or [`DOWN`] in
-    /// those states.
+    /// those states. `in_flight` counts the attempts admitted through the
+    /// gate's lock (while it limited, or on its slow path).
     state: AtomicU64,
+    /// Attempts admitted while the gate was open, per thread stripe: the
+    /// open gate's enter and leave write only the calling thread's line,
+    /// so requests on several cores do not pass a shared line back and
+    /// forth on every call. In flight = `state`'s count + these.
+    open: [Padded<AtomicU32>; STRIPES],
     inner: Mutex<Inner>,
     metrics: GateMetrics,
     model: &'static str,
@@ -376,7 +383,13 @@ pub(crate) struct Permit<'g> {
     done: bool,
     /// The gate's epoch when it was admitted (limited permits only).
     epoch: u32,
+    /// Admitted by the open gate: the stripe of [`Gate::open`] it counts
+    /// in ([`NOT_STRIPED`]: counted in `state`).
+    stripe: u8,
 }
+
+/// [`Permit::stripe`] of a permit counted in the gate's `state`.
+const NOT_STRIPED: u8 = u8::MAX;
 
 impl Permit<'_> {
     /// Whether the caller should end this attempt's slot when its connect
@@ -409,8 +422,14 @@ impl Permit<'_> {
     #[inline(always)]
     pub(crate) fn finish(mut self, outcome: Outcome, policy: &AdmissionPolicy) {
         self.done = true;
-        self.gate
-            .leave(self.probe, self.holding, self.epoch(), outcome, policy);
+        self.gate.leave(
+            self.probe,
+            self.holding,
+            self.stripe,
+            self.epoch(),
+            outcome,
+            policy,
+        );
     }
 }
 
@@ -420,6 +439,7 @@ impl Drop for Permit<'_> {
             self.gate.leave(
                 self.probe,
                 self.holding,
+                self.stripe,
                 self.epoch(),
                 Outcome::Abandoned,
                 &AdmissionPolicy::default(),
@@ -453,6 +473,7 @@ impl Gate {
     pub(crate) fn new(metrics: GateMetrics, model: &'static str, provider: &'static str) -> Gate {
         Gate {
             state: AtomicU64::new(u64::from(OPEN) << 32),
+            open: Default::default(),
             inner: Mutex::new(Inner {
                 waiters: VecDeque::new(),
                 probing: false,
@@ -485,12 +506,26 @@ impl Gate {
         limit_of(self.state.load(Ordering::Relaxed)) == OPEN
     }
 
+    /// Attempts in flight, given a load of `state`.
+    fn in_flight(&self, word: u64) -> u32 {
+        self.open.iter().fold(in_flight_of(word), |n, Padded(c)| {
+            n.wrapping_add(c.load(Ordering::SeqCst))
+        })
+    }
+
     /// Admits an attempt now, or says it would have to wait (`None`).
-    /// Open gate: one atomic add.
+    /// Open gate: one atomic add on this thread's own line, and a load.
+    ///
+    /// The add comes first and both are sequentially consistent, like
+    /// [`Gate::set_limit`]'s store and the loads of [`Gate::in_flight`]
+    /// after it: an attempt that saw the gate open is counted by every sum
+    /// taken once the gate limits, and one that saw it limit backs out.
     #[inline(always)]
     pub(crate) fn try_enter(&self, now: Instant) -> Option<Permit<'_>> {
-        let prev = self.state.fetch_add(1, Ordering::AcqRel);
-        if limit_of(prev) == OPEN {
+        let stripe = stripe::index();
+        let Padded(count) = &self.open[stripe];
+        count.fetch_add(1, Ordering::SeqCst);
+        if limit_of(self.state.load(Ordering::SeqCst)) == OPEN {
             return Some(Permit {
                 gate: self,
                 probe: false,
@@ -498,16 +533,17 @@ impl Gate {
                 holding: true,
                 done: false,
                 epoch: 0,
+                stripe: stripe as u8,
             });
         }
+        count.fetch_sub(1, Ordering::SeqCst);
         self.try_enter_limited(now)
     }
 
     /// [`Gate::try_enter`] when the gate was not open: out of line, so the
-    /// open gate's path inlined into every call stays two instructions.
+    /// open gate's path inlined into every call stays a few instructions.
     #[inline(never)]
     fn try_enter_limited(&self, now: Instant) -> Option<Permit<'_>> {
-        self.state.fetch_sub(1, Ordering::AcqRel);
         let mut inner = self.lock();
         let admitted = if inner.waiters.is_empty() {
             self.admit_now(&mut inner, now)
@@ -643,6 +679,7 @@ impl Gate {
             holding: true,
             done: false,
             epoch: inner.epoch,
+            stripe: NOT_STRIPED,
         }
     }
 
@@ -652,9 +689,10 @@ impl Gate {
     /// limit is about, so it grows the limit now, not when the answer
     /// comes (an LLM generation may take minutes).
     fn release_slot(&self, epoch: Option<u32>, probe: bool, policy: &AdmissionPolicy) {
-        let prev = self.state.fetch_sub(1, Ordering::AcqRel);
+        let prev = self.state.fetch_sub(1, Ordering::SeqCst);
         let limit = limit_of(prev);
         if limit != OPEN || probe {
+            let in_flight = self.in_flight(prev);
             let now = Instant::now();
             let mut inner = self.lock();
             inner.settle(epoch);
@@ -664,7 +702,7 @@ impl Gate {
                 inner.probing = false;
             }
             if limit != OPEN {
-                self.on_reached(&mut inner, probe, limit, in_flight_of(prev), policy, now);
+                self.on_reached(&mut inner, probe, limit, in_flight, policy, now);
             }
             self.dispatch(&mut inner, now);
             self.publish(&inner);
@@ -684,8 +722,8 @@ impl Gate {
             self.state.fetch_add(1, Ordering::AcqRel);
             return Some(self.permit(inner, true));
         }
-        if limit == OPEN || in_flight_of(word) < limit {
-            self.state.fetch_add(1, Ordering::AcqRel);
+        if limit == OPEN || self.in_flight(word) < limit {
+            self.state.fetch_add(1, Ordering::SeqCst);
             return Some(self.permit(inner, false));
         }
         None
@@ -704,7 +742,7 @@ impl Gate {
                 }
                 inner.probing = true;
                 GRANTED_PROBE
-            } else if limit == OPEN || in_flight_of(word) < limit {
+            } else if limit == OPEN || self.in_flight(word) < limit {
                 GRANTED
             } else {
                 break;
@@ -728,7 +766,7 @@ impl Gate {
     fn set_limit(&self, limit: u32) {
         let _ = self
             .state
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
                 Some(u64::from(limit) << 32 | (w & IN_FLIGHT))
             });
     }
@@ -739,19 +777,29 @@ impl Gate {
         &self,
         probe: bool,
         holding: bool,
+        stripe: u8,
         epoch: Option<u32>,
         outcome: Outcome,
         policy: &AdmissionPolicy,
     ) {
-        let prev = if holding {
-            self.state.fetch_sub(1, Ordering::AcqRel)
+        let prev = if stripe != NOT_STRIPED {
+            // Admitted by the open gate (which holds until the end).
+            let Padded(count) = &self.open[usize::from(stripe)];
+            count.fetch_sub(1, Ordering::SeqCst);
+            self.state.load(Ordering::SeqCst)
+        } else if holding {
+            self.state.fetch_sub(1, Ordering::SeqCst)
         } else {
-            self.state.load(Ordering::Acquire)
+            self.state.load(Ordering::SeqCst)
         };
         if limit_of(prev) == OPEN && !outcome.is_failure() && !probe {
             return;
         }
-        self.leave_limited(probe, holding, epoch, outcome, policy, prev);
+        // What was in flight with this attempt still counted.
+        let in_flight = self
+            .in_flight(prev)
+            .wrapping_add(u32::from(stripe != NOT_STRIPED));
+        self.leave_limited(probe, holding, epoch, outcome, policy, in_flight);
     }
 
     /// [`Gate::leave`] past the open gate's success: the limit and the
@@ -764,9 +812,8 @@ impl Gate {
         epoch: Option<u32>,
         outcome: Outcome,
         policy: &AdmissionPolicy,
-        prev: u64,
+        in_flight: u32,
     ) {
-        let in_flight = in_flight_of(prev);
         let now = Instant::now();
         let mut inner = self.lock();
         if holding {
@@ -973,7 +1020,7 @@ impl Gate {
         }
         // Nobody waits and the limit is twice what is in flight: it no
         // longer limits anything.
-        let now_in_flight = in_flight_of(self.state.load(Ordering::Acquire));
+        let now_in_flight = self.in_flight(self.state.load(Ordering::SeqCst));
         if inner.waiters.is_empty() && u64::from(limit) >= 2 * u64::from(now_in_flight.max(1)) {
             self.open(inner);
         }
@@ -1013,7 +1060,7 @@ impl Gate {
             m.in_flight.set(0.0);
         } else {
             m.limit.set(f64::from(limit));
-            m.in_flight.set(f64::from(in_flight_of(word)));
+            m.in_flight.set(f64::from(self.in_flight(word)));
         }
     }
 
@@ -1025,7 +1072,7 @@ impl Gate {
         GateSnapshot {
             limit: (limit != OPEN && limit != DOWN).then_some(limit),
             down: limit == DOWN,
-            in_flight: in_flight_of(word),
+            in_flight: self.in_flight(word),
             waiting: inner.waiters.len(),
             probing: inner.probing,
         }
@@ -1045,4 +1092,62 @@ pub struct GateSnapshot {
     pub waiting: usize,
     /// Whether a probe is in flight.
     pub probing: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Threads entering and leaving at once, through the open gate's
+    /// stripes and the limited path as failures close and reopen it:
+    /// every slot comes back, and no count is left behind.
+    #[test]
+    fn concurrent_attempts_leave_nothing_in_flight() {
+        let gate = Gate::new(GateMetrics::new("t_", "m", "p"), "m", "p");
+        // Probes at once: a gate that goes down comes back within the run
+        // (no clock moves here; nothing waits).
+        let policy = AdmissionPolicy {
+            probe_delay: Duration::ZERO,
+            probe_max_delay: Duration::ZERO,
+            ..AdmissionPolicy::default()
+        };
+        let limited_seen = std::sync::atomic::AtomicBool::new(false);
+        let admitted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (gate, policy) = (&gate, &policy);
+                let (limited_seen, admitted) = (&limited_seen, &admitted);
+                s.spawn(move || {
+                    for i in 0..20_000u64 {
+                        let Some(permit) = gate.try_enter(Instant::now()) else {
+                            limited_seen.store(true, Ordering::Relaxed);
+                            continue;
+                        };
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                        if !gate.is_open() {
+                            limited_seen.store(true, Ordering::Relaxed);
+                        }
+                        let outcome = if (i + t) % 101 == 0 {
+                            Outcome::ConnectTimeout
+                        } else {
+                            Outcome::Reached
+                        };
+                        permit.finish(outcome, policy);
+                    }
+                });
+            }
+        });
+        let snap = gate.snapshot();
+        assert_eq!(snap.in_flight, 0, "{snap:?}");
+        assert_eq!(snap.waiting, 0);
+        assert!(!snap.probing);
+        assert!(
+            limited_seen.load(Ordering::Relaxed),
+            "the gate never limited"
+        );
+        // Most attempts went through (a limit of 1 still admits one at a
+        // time), through both paths.
+        assert!(admitted.load(Ordering::Relaxed) > 8_000, "{admitted:?}");
+        assert_eq!(gate.in_flight(gate.state.load(Ordering::SeqCst)), 0);
+    }
 }
