@@ -146,6 +146,15 @@ const SCAN_MODELS: usize = 8;
 /// assert_eq!((served.attempts(), served.rounds(), served.fell_back), (1, 1, false));
 /// # Ok(()) }
 /// ```
+///
+/// **Time.** A call reads the clock when it starts and when each attempt
+/// ends. The pool reads the CPU's time-stamp counter where it has an
+/// invariant one (about 10 ns against 27 ns for `clock_gettime` on a
+/// virtual machine), as `tokio::time::Instant`s anchored to tokio's clock,
+/// so deadlines and waits stay tokio timers. A pool built while tokio's
+/// clock is paused (`#[tokio::test(start_paused = true)]`,
+/// `tokio::time::pause()`) keeps tokio's clock for its whole life: build a
+/// pool that a test drives with paused time after pausing it.
 pub struct Pool<P, C = DefaultClassifier> {
     models: Vec<Model<P>>,
     /// How failed attempts are classified.
