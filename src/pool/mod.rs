@@ -418,6 +418,13 @@ impl<P, C> Pool<P, C> {
         &self.policy
     }
 
+    /// The prefix of every metric the pool exports (`retryctl_` unless
+    /// [`PoolBuilder::metrics_prefix`] set another), for an application's
+    /// own metrics beside them.
+    pub fn metrics_prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The configured model names, in the order they were added.
     pub fn models(&self) -> impl Iterator<Item = &str> {
         self.models.iter().map(|m| m.name)

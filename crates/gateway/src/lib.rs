@@ -318,8 +318,32 @@ impl Gateway {
             header_read_timeout: header_read_timeout(self.shared.request_timeout),
             drain: self.shutdown_timeout,
         };
+        let tasks = tokio::spawn(count_tasks(self.shared.pool.metrics_prefix().to_owned()));
         serve_connections(listener, router, connections, shutdown).await;
+        tasks.abort();
         Ok(())
+    }
+}
+
+/// Keeps `{prefix}runtime_alive_tasks` current while the gateway serves:
+/// the tasks its runtime holds (a connection, a stream, a timer of the
+/// policy watcher each), the number a leak grows. Read once a second, so a
+/// scrape sees it at most a second old.
+async fn count_tasks(prefix: String) {
+    let name = format!("{prefix}runtime_alive_tasks");
+    metrics::describe_gauge!(
+        name.clone(),
+        "Tasks alive in the gateway's tokio runtime (connections, streams, timers), read once a second."
+    );
+    let gauge = metrics::gauge!(name);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let alive = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        gauge.set(alive as f64);
     }
 }
 

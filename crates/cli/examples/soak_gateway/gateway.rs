@@ -155,6 +155,7 @@ impl Gateway {
             rss: field("VmRSS")? * 1024,
             fds,
             threads: field("Threads")?,
+            tasks: 0,
         })
     }
 
@@ -229,6 +230,9 @@ pub(crate) struct Process {
     pub(crate) rss: u64,
     pub(crate) fds: u64,
     pub(crate) threads: u64,
+    /// Tasks alive in the gateway's runtime, from its `/metrics`
+    /// (`retryctl_runtime_alive_tasks`); 0 where not scraped.
+    pub(crate) tasks: u64,
 }
 
 /// The figures of one `/metrics` scrape that the soak reads.
@@ -242,6 +246,8 @@ pub(crate) struct Metrics {
     pub(crate) attempts: BTreeMap<String, f64>,
     /// `retryctl_requests_total` by `reason`, all models.
     pub(crate) requests: BTreeMap<String, f64>,
+    /// `retryctl_runtime_alive_tasks`.
+    pub(crate) tasks: Option<f64>,
     /// Series in the scrape (lines that are not comments).
     pub(crate) series: usize,
     /// Series whose labels carry a name the soak sent as an unknown
@@ -279,6 +285,10 @@ impl Metrics {
                 "retryctl_requests_total" => (&mut m.requests, "reason"),
                 "retryctl_unknown_model_requests_total" => {
                     m.unknown_models += value;
+                    continue;
+                }
+                "retryctl_runtime_alive_tasks" => {
+                    m.tasks = Some(value);
                     continue;
                 }
                 _ => continue,

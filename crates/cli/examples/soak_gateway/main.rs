@@ -30,16 +30,17 @@
 //! * **Phases**: warm-up (a tenth of the run, at least one restart period
 //!   and 5 s; it ends with a 2 s unpaced burst, see [`BURST`]), 10 s at
 //!   rest, the rest of the load, 10 s at rest. The gateway's memory,
-//!   descriptors and threads are compared at the two rests, where they
-//!   are its own and not its connections'; the figures under load are
-//!   printed beside them.
+//!   descriptors, threads and runtime tasks (its
+//!   `retryctl_runtime_alive_tasks` gauge) are compared at the two rests,
+//!   where they are its own and not its connections'; the figures under
+//!   load are printed beside them.
 //!
 //! It prints a report (`report.rs`) and exits non-zero unless every
 //! request was answered, every failure falls in a fault window of the
 //! providers it names, unknown models got 404 and no metric series, the
 //! reloads were counted, the rate was reached after warm-up, and the
-//! gateway's memory, file descriptors and threads at rest stayed flat from
-//! warm-up to the end.
+//! gateway's memory, file descriptors, threads and tasks at rest stayed
+//! flat from warm-up to the end.
 
 mod faults;
 mod gateway;
@@ -232,6 +233,8 @@ fn settled(samples: &Samples, until: Duration) -> Process {
         rss: pick(|p| p.rss),
         fds: pick(|p| p.fds),
         threads: pick(|p| p.threads),
+        // Not sampled under load (a scrape per sample would be load).
+        tasks: 0,
     }
 }
 
@@ -241,6 +244,7 @@ fn peak(samples: &Samples) -> Process {
         rss: max(|p| p.rss),
         fds: max(|p| p.fds),
         threads: max(|p| p.threads),
+        tasks: 0,
     }
 }
 
@@ -337,10 +341,19 @@ async fn drive(
 }
 
 /// The gateway once the load has stopped and its clients have closed
-/// their connections, and [`REST`] has passed.
+/// their connections, and [`REST`] has passed: `/proc`, and the tasks its
+/// `/metrics` counts (read once a second, so after a second more).
 async fn at_rest(gateway: &tokio::sync::Mutex<Gateway>) -> Result<Process, Error> {
     tokio::time::sleep(REST).await;
-    gateway.lock().await.process()
+    let gateway = gateway.lock().await;
+    let mut process = gateway.process()?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A client of its own, closed before the next rest, so its
+    // connection is not one of the tasks counted then.
+    let client = reqwest::Client::new();
+    let tasks = gateway.metrics(&client).await?.tasks;
+    process.tasks = tasks.ok_or("no retryctl_runtime_alive_tasks in /metrics")? as u64;
+    Ok(process)
 }
 
 /// Directories, upstreams, policy and gateway, started.

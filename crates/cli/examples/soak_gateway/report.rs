@@ -26,6 +26,9 @@ pub(crate) const RSS_SLACK: u64 = 4 << 20;
 pub(crate) const RSS_SECOND_HALF_SLACK: u64 = 2 << 20;
 pub(crate) const FDS_SLACK: u64 = 8;
 pub(crate) const THREADS_SLACK: u64 = 2;
+/// Tasks at rest: the gauge's own, the metrics server's, the policy
+/// watcher's, and a connection or two closing.
+pub(crate) const TASKS_SLACK: u64 = 4;
 
 /// Attempt causes that only a closed port explains.
 const CONNECT_CAUSES: [&str; 3] = ["connect_refused", "connect", "connect_timeout"];
@@ -436,6 +439,13 @@ impl Run {
         row("resident memory", &|x| mib(x.rss));
         row("open file descriptors", &|x| x.fds.to_string());
         row("threads", &|x| x.threads.to_string());
+        row("runtime tasks (at rest)", &|x| {
+            if x.tasks == 0 {
+                "-".to_owned()
+            } else {
+                x.tasks.to_string()
+            }
+        });
         let line: Vec<String> = p
             .timeline
             .iter()
@@ -456,9 +466,6 @@ impl Run {
             self.tally.load_time.as_secs_f64(),
             self.cpu.as_secs_f64() / self.tally.load_time.as_secs_f64().max(1e-9) * 100.0,
             self.cpu.as_secs_f64() * 1e6 / self.tally.total_sent().max(1) as f64
-        );
-        println!(
-            "tasks: not exposed by the gateway (a task holding a connection holds its descriptor)"
         );
     }
 
@@ -534,6 +541,13 @@ impl Run {
                 p.warm_rest.threads,
                 p.end_rest.threads,
                 THREADS_SLACK,
+                |x| x.to_string(),
+            ),
+            growth(
+                "runtime tasks at rest, warm-up to end",
+                p.warm_rest.tasks,
+                p.end_rest.tasks,
+                TASKS_SLACK,
                 |x| x.to_string(),
             ),
             Check {

@@ -160,6 +160,16 @@ async fn cli_serves_with_metrics_and_stops_on_sigterm() {
         "retryctl_requests_total{{model=\"{MODEL}\",outcome=\"success_first_try\",reason=\"none\"}} 1"
     );
     assert!(text.contains(&served), "{text}");
+    // The runtime's live tasks: at least this gauge's own and the metrics
+    // server's; a handful with one keep-alive client.
+    let tasks: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("retryctl_runtime_alive_tasks "))
+        .unwrap_or_else(|| panic!("no task gauge in {text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((2.0..100.0).contains(&tasks), "{tasks}");
 
     let pid = child.id().expect("running").to_string();
     let status = std::process::Command::new("kill")
