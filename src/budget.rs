@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::clock::{Moment, nanos};
 use crate::policy::BudgetPolicy;
 use crate::stripe::{self, Padded};
 
@@ -105,7 +106,7 @@ impl Ring {
 /// length re-bases the epochs, which empties the budget once.
 #[derive(Debug)]
 pub struct RetryBudget {
-    origin: Instant,
+    origin: Moment,
     deposits: [Padded<Ring>; DEPOSIT_STRIPES],
     withdrawals: Padded<Ring>,
     /// Retry outcomes per slot: epoch (upper 32 bits), retries (16 bits),
@@ -139,18 +140,18 @@ impl RetryBudget {
     /// An empty budget whose window starts now.
     pub fn new() -> Self {
         RetryBudget {
-            origin: Instant::now(),
+            origin: Moment::now(),
             deposits: Default::default(),
             withdrawals: Default::default(),
             outcomes: Default::default(),
         }
     }
 
-    fn epoch(&self, now: Instant, policy: &BudgetPolicy) -> u32 {
+    fn epoch(&self, now: Moment, policy: &BudgetPolicy) -> u32 {
         // u64 arithmetic: a u128 division costs more than the rest of a
         // deposit. 2^64 ns is 584 years.
-        let slot = (policy.window.as_nanos() as u64 / SLOTS as u64).max(1);
-        let since = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        let slot = (nanos(policy.window) / SLOTS as u64).max(1);
+        let since = now.nanos_since(self.origin);
         // +1 so that epoch 0 (the zeroed slots) is never current.
         (since / slot + 1).min(u32::MAX as u64) as u32
     }
@@ -169,12 +170,12 @@ impl RetryBudget {
 
     /// Records one request: adds `ratio` of a retry to the budget.
     pub fn deposit(&self, now: Instant, policy: &BudgetPolicy) {
-        self.deposit_scaled(now, policy, 1.0);
+        self.deposit_scaled(Moment::of(now), policy, 1.0);
     }
 
     /// Records one request, adding `ratio x scale` of a retry (`scale`
     /// within 0..=1: see [`RetryBudget::scale`]).
-    pub(crate) fn deposit_scaled(&self, now: Instant, policy: &BudgetPolicy, scale: f64) {
+    pub(crate) fn deposit_scaled(&self, now: Moment, policy: &BudgetPolicy, scale: f64) {
         // Rounded to the nearest thousandth by adding a half and truncating
         // (the product is never negative; `as` saturates and maps NaN to 0):
         // `f64::round` is a call into libm on baseline x86-64, on every
@@ -187,7 +188,7 @@ impl RetryBudget {
     }
 
     /// Records whether a retry succeeded.
-    pub(crate) fn record_retry(&self, now: Instant, policy: &BudgetPolicy, succeeded: bool) {
+    pub(crate) fn record_retry(&self, now: Moment, policy: &BudgetPolicy, succeeded: bool) {
         let epoch = self.epoch(now, policy);
         let slot = &self.outcomes[epoch as usize % SLOTS];
         let mut cur = slot.load(Ordering::Relaxed);
@@ -207,7 +208,7 @@ impl RetryBudget {
     }
 
     /// Retries and successful retries over the window.
-    pub(crate) fn retry_outcomes(&self, now: Instant, policy: &BudgetPolicy) -> (u64, u64) {
+    pub(crate) fn retry_outcomes(&self, now: Moment, policy: &BudgetPolicy) -> (u64, u64) {
         let epoch = self.epoch(now, policy);
         let mut tries = 0u64;
         let mut wins = 0u64;
@@ -229,7 +230,7 @@ impl RetryBudget {
     /// trickle of retries, which is how the budget notices it came back.
     pub(crate) fn scale(
         &self,
-        now: Instant,
+        now: Moment,
         policy: &BudgetPolicy,
         min_success: f64,
         min_retries: u32,
@@ -245,6 +246,11 @@ impl RetryBudget {
     ///
     /// A disabled budget always grants.
     pub fn withdraw(&self, now: Instant, policy: &BudgetPolicy) -> bool {
+        self.withdraw_at(Moment::of(now), policy)
+    }
+
+    /// [`RetryBudget::withdraw`] at a reading of the pool's clock.
+    pub(crate) fn withdraw_at(&self, now: Moment, policy: &BudgetPolicy) -> bool {
         if !policy.enabled {
             return true;
         }
@@ -279,6 +285,11 @@ impl RetryBudget {
 
     /// Retries currently available (may be fractional).
     pub fn available(&self, now: Instant, policy: &BudgetPolicy) -> f64 {
+        self.available_at(Moment::of(now), policy)
+    }
+
+    /// [`RetryBudget::available`] at a reading of the pool's clock.
+    pub(crate) fn available_at(&self, now: Moment, policy: &BudgetPolicy) -> f64 {
         let epoch = self.epoch(now, policy);
         let Padded(withdrawals) = &self.withdrawals;
         let balance = self.deposited(epoch) + Self::reserve(policy) - withdrawals.sum(epoch, false);
@@ -351,7 +362,7 @@ mod tests {
     async fn scale_follows_the_retry_success_rate() {
         let p = policy(0.2, 0);
         let b = RetryBudget::new();
-        let t0 = Instant::now();
+        let t0 = Moment::now();
         assert_eq!(b.scale(t0, &p, 0.2, 10), 1.0, "no data: full ratio");
         for i in 0..20 {
             b.record_retry(t0, &p, i % 20 == 0); // 1 in 20 succeeds: 5%
@@ -362,7 +373,7 @@ mod tests {
         for _ in 0..10 {
             b.deposit_scaled(t0, &p, 0.25);
         }
-        assert_eq!(b.available(t0, &p), 0.5);
+        assert_eq!(b.available_at(t0, &p), 0.5);
         // the window moves on: outcomes expire, the full ratio returns
         assert_eq!(b.scale(t0 + Duration::from_secs(10), &p, 0.2, 10), 1.0);
     }

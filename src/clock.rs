@@ -8,10 +8,17 @@
 //! seventh of the success path. The time-stamp counter, read and scaled by
 //! [`quanta`], takes about 10 ns.
 //!
-//! Every reading is still a `tokio::time::Instant`, because deadlines, waits
-//! and attempt timeouts are tokio timers: a counter reading is turned into
-//! one as *anchor + counter ticks since the anchor*, where the anchor is a
-//! pair (counter, tokio instant) read together. The counter's calibrated
+//! A reading is a [`Moment`]: nanoseconds since one origin for the whole
+//! process, a `u64`. A request subtracts and compares readings several times
+//! (attempt durations, the budget's and the statistics' slots, deadlines);
+//! `Instant` arithmetic is a `timespec` subtraction with carries and checks,
+//! about 30 instructions each, where a `u64` takes one. A moment becomes a
+//! `tokio::time::Instant` only where a tokio timer is armed (a wait, an
+//! attempt that did not finish on its first poll).
+//!
+//! Readings follow tokio's clock: a counter reading is *anchor + counter
+//! ticks since the anchor*, where the anchor is a pair (counter, tokio's
+//! clock as a moment) read together. The counter's calibrated
 //! rate is off by some parts per million, so each thread takes a new
 //! anchor once a second ([`RESYNC`]): a reading is never more than a few
 //! microseconds from tokio's, so a timer armed from it fires when it should.
@@ -25,6 +32,7 @@
 //! which would only add its scaling).
 
 use std::cell::Cell;
+use std::ops::{Add, Sub};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -60,10 +68,96 @@ fn invariant_tsc() -> bool {
     false
 }
 
+/// A reading of the pool's clock: nanoseconds since the process's origin
+/// (2^64 ns is 584 years). Differences saturate at zero, as
+/// `Instant::saturating_duration_since` does; sums saturate at the end of
+/// time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Moment(u64);
+
+/// The instant every [`Moment`] counts from: a day before the process's
+/// first reading. tokio's paused clocks (in tests) start at the real time
+/// their runtime was built, which may be before the first reading; a day
+/// of margin keeps every one of them after the origin.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(|| {
+        let now = std::time::Instant::now();
+        let day = Duration::from_secs(86_400);
+        Instant::from_std(now.checked_sub(day).unwrap_or(now))
+    })
+}
+
+/// `d` in nanoseconds, saturating (`Duration::as_nanos` is a `u128`
+/// product).
+#[inline]
+pub(crate) fn nanos(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
+}
+
+impl Moment {
+    /// tokio's clock now, as a moment.
+    pub(crate) fn now() -> Moment {
+        Moment::of(Instant::now())
+    }
+
+    /// `instant` as a moment (the origin, for an instant before it).
+    pub(crate) fn of(instant: Instant) -> Moment {
+        Moment(nanos(instant.saturating_duration_since(origin())))
+    }
+
+    /// This moment as a tokio instant, for a timer.
+    pub(crate) fn instant(self) -> Instant {
+        let o = origin();
+        o.checked_add(Duration::from_nanos(self.0))
+            .unwrap_or(o + Duration::from_secs(86_400 * 365 * 30))
+    }
+
+    /// Nanoseconds from `earlier` to this moment (zero if `earlier` is
+    /// later).
+    #[inline]
+    pub(crate) fn nanos_since(self, earlier: Moment) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// The time from `earlier` to this moment (zero if `earlier` is later).
+    #[inline]
+    pub(crate) fn saturating_duration_since(self, earlier: Moment) -> Duration {
+        Duration::from_nanos(self.nanos_since(earlier))
+    }
+
+    /// This moment plus `d`, `None` past the end of time.
+    #[inline]
+    pub(crate) fn checked_add(self, d: Duration) -> Option<Moment> {
+        let d = u64::try_from(d.as_nanos()).ok()?;
+        self.0.checked_add(d).map(Moment)
+    }
+}
+
+impl Add<Duration> for Moment {
+    type Output = Moment;
+
+    #[inline]
+    fn add(self, d: Duration) -> Moment {
+        Moment(self.0.saturating_add(nanos(d)))
+    }
+}
+
+impl Sub for Moment {
+    type Output = Duration;
+
+    #[inline]
+    fn sub(self, earlier: Moment) -> Duration {
+        self.saturating_duration_since(earlier)
+    }
+}
+
 thread_local! {
-    /// This thread's anchor: a counter reading and tokio's instant read
-    /// with it. `None` until the thread's first reading.
-    static ANCHOR: Cell<Option<(u64, Instant)>> = const { Cell::new(None) };
+    /// This thread's anchor: a counter reading and tokio's clock read with
+    /// it. `None` until the thread's first reading.
+    static ANCHOR: Cell<Option<(u64, Moment)>> = const { Cell::new(None) };
 }
 
 /// Where a pool's readings come from. Chosen once, when the pool is built.
@@ -105,26 +199,26 @@ impl Clock {
         self.counter.is_some()
     }
 
-    /// Now, as a tokio instant.
+    /// Now.
     #[inline]
-    pub(crate) fn now(self) -> Instant {
+    pub(crate) fn now(self) -> Moment {
         match self.counter {
-            None => Instant::now(),
+            None => Moment::now(),
             Some(c) => counter_now(c),
         }
     }
 }
 
-/// A counter reading as a tokio instant, from this thread's anchor.
+/// A counter reading as a moment, from this thread's anchor.
 #[inline]
-fn counter_now(counter: &quanta::Clock) -> Instant {
+fn counter_now(counter: &quanta::Clock) -> Moment {
     let raw = counter.raw();
     ANCHOR.with(|anchor| match anchor.get() {
-        Some((at, instant)) => {
+        Some((at, moment)) => {
             // Zero if this thread moved to a core whose counter is behind.
             let since = counter.delta_as_nanos(at, raw);
             if since < RESYNC_NANOS {
-                instant + Duration::from_nanos(since)
+                Moment(moment.0 + since)
             } else {
                 take_anchor(counter, anchor)
             }
@@ -142,11 +236,11 @@ const RESYNC_NANOS: u64 = RESYNC.as_nanos() as u64;
 /// then the last pair).
 #[cold]
 #[inline(never)]
-fn take_anchor(counter: &quanta::Clock, anchor: &Cell<Option<(u64, Instant)>>) -> Instant {
-    let mut pair = (0, Instant::now());
+fn take_anchor(counter: &quanta::Clock, anchor: &Cell<Option<(u64, Moment)>>) -> Moment {
+    let mut pair = (0, Moment::now());
     for _ in 0..3 {
         let before = counter.raw();
-        let now = Instant::now();
+        let now = Moment::now();
         let after = counter.raw();
         pair = (after, now);
         if counter.delta_as_nanos(before, after) < ANCHOR_WIDTH_NANOS {
@@ -187,9 +281,9 @@ mod tests {
         // around it, give or take the calibration's error over the anchor's
         // second. (A preempted thread only widens the bracket.)
         let bracket = || {
-            let before = Instant::now();
+            let before = Moment::now();
             let ours = clock.now();
-            (before, ours, Instant::now())
+            (before, ours, Moment::now())
         };
         let slack = Duration::from_micros(200);
         for _ in 0..1000 {
@@ -202,7 +296,7 @@ mod tests {
         // Over a few milliseconds (busy: the point is the real clock),
         // counter readings move as much as tokio's.
         let (b1, o1, a1) = bracket();
-        while Instant::now() - a1 < Duration::from_millis(5) {
+        while Moment::now() - a1 < Duration::from_millis(5) {
             std::hint::spin_loop();
         }
         let (b2, o2, a2) = bracket();

@@ -21,7 +21,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use crate::clock::{Moment, nanos};
 
 use crate::policy::HealthPolicy;
 
@@ -41,7 +41,7 @@ pub(crate) enum HealthEvent {
 /// The health of one provider for one model.
 #[derive(Debug)]
 pub(crate) struct ProviderHealth {
-    origin: Instant,
+    origin: Moment,
     consecutive: AtomicU32,
     demoted: AtomicBool,
     probing: AtomicBool,
@@ -68,14 +68,10 @@ pub struct HealthSnapshot {
     pub recoveries: u64,
 }
 
-fn nanos(d: Duration) -> u64 {
-    d.as_nanos().min(u64::MAX as u128) as u64
-}
-
 impl ProviderHealth {
     pub(crate) fn new() -> Self {
         ProviderHealth {
-            origin: Instant::now(),
+            origin: Moment::now(),
             consecutive: AtomicU32::new(0),
             demoted: AtomicBool::new(false),
             probing: AtomicBool::new(false),
@@ -86,8 +82,8 @@ impl ProviderHealth {
         }
     }
 
-    fn since_origin(&self, now: Instant) -> u64 {
-        nanos(now.saturating_duration_since(self.origin))
+    fn since_origin(&self, now: Moment) -> u64 {
+        now.nanos_since(self.origin)
     }
 
     pub(crate) fn is_demoted(&self) -> bool {
@@ -97,7 +93,7 @@ impl ProviderHealth {
     /// Records a failed request (the caller guarantees once per request).
     pub(crate) fn on_failure(
         &self,
-        now: Instant,
+        now: Moment,
         policy: &HealthPolicy,
         was_probe: bool,
     ) -> HealthEvent {
@@ -163,7 +159,7 @@ impl ProviderHealth {
 
     /// Claims the probe slot if the provider is demoted and its cool-down
     /// has passed. At most one probe is in flight per provider.
-    pub(crate) fn try_start_probe(&self, now: Instant) -> bool {
+    pub(crate) fn try_start_probe(&self, now: Moment) -> bool {
         self.is_demoted()
             && self.since_origin(now) >= self.next_probe.load(Ordering::Acquire)
             && self
@@ -177,7 +173,7 @@ impl ProviderHealth {
         self.probing.store(false, Ordering::Release);
     }
 
-    pub(crate) fn snapshot(&self, now: Instant) -> HealthSnapshot {
+    pub(crate) fn snapshot(&self, now: Moment) -> HealthSnapshot {
         let demoted = self.is_demoted();
         let next_probe_in = demoted.then(|| {
             let due = self.next_probe.load(Ordering::Acquire);
@@ -214,7 +210,7 @@ mod tests {
     async fn demotes_at_threshold_and_success_recovers() {
         let h = ProviderHealth::new();
         let p = policy();
-        let now = Instant::now();
+        let now = Moment::now();
         assert_eq!(h.on_failure(now, &p, false), HealthEvent::Unchanged);
         assert_eq!(h.on_failure(now, &p, false), HealthEvent::Unchanged);
         assert_eq!(h.on_failure(now, &p, false), HealthEvent::Demoted);
@@ -234,7 +230,7 @@ mod tests {
     async fn probe_waits_for_cooldown_and_failed_probes_double_it() {
         let h = ProviderHealth::new();
         let p = policy();
-        let t0 = Instant::now();
+        let t0 = Moment::now();
         for _ in 0..3 {
             h.on_failure(t0, &p, false);
         }

@@ -27,8 +27,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::clock::Moment;
 use hdrhistogram::Histogram;
-use tokio::time::Instant;
 
 use crate::stats::REFRESH;
 
@@ -52,7 +52,7 @@ struct Slot {
 /// Recent recoveries of one route.
 #[derive(Debug)]
 pub(crate) struct RecoveryStats {
-    origin: Instant,
+    origin: Moment,
     /// When the current recovery started (nanoseconds since `origin`, plus
     /// one); 0 while the route is not failing.
     failing_since: AtomicU64,
@@ -71,7 +71,7 @@ pub(crate) struct RecoveryStats {
 impl RecoveryStats {
     pub(crate) fn new() -> Self {
         RecoveryStats {
-            origin: Instant::now(),
+            origin: Moment::now(),
             failing_since: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             slots: Mutex::new(std::array::from_fn(|_| Slot {
@@ -86,12 +86,12 @@ impl RecoveryStats {
         }
     }
 
-    fn nanos(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.origin).as_nanos() as u64
+    fn nanos(&self, now: Moment) -> u64 {
+        now.nanos_since(self.origin)
     }
 
     /// A transient failure ended at `now`.
-    pub(crate) fn on_failure(&self, now: Instant) {
+    pub(crate) fn on_failure(&self, now: Moment) {
         let at = self.nanos(now).saturating_add(1);
         let _ = self
             .failing_since
@@ -100,7 +100,7 @@ impl RecoveryStats {
     }
 
     /// A success ended at `now`: ends the recovery in progress, if any.
-    pub(crate) fn on_success(&self, now: Instant) {
+    pub(crate) fn on_success(&self, now: Moment) {
         if self.failing_since.load(Ordering::Relaxed) == 0 {
             return;
         }
@@ -128,7 +128,7 @@ impl RecoveryStats {
     /// The `q` quantile of the recoveries in the window, weighted by their
     /// failures, if at least `min_samples` failures were recorded.
     /// Recomputed at most once per [`REFRESH`] (or when `q` changes).
-    pub(crate) fn quantile(&self, now: Instant, q: f64, min_samples: u32) -> Option<Duration> {
+    pub(crate) fn quantile(&self, now: Moment, q: f64, min_samples: u32) -> Option<Duration> {
         let at = self.nanos(now);
         let last = self.cached_at.load(Ordering::Acquire);
         let stale = last == u64::MAX
@@ -187,7 +187,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn recoveries_are_weighted_by_their_failures() {
         let r = RecoveryStats::new();
-        let t0 = Instant::now();
+        let t0 = Moment::now();
         // ten one-off failures that end 5 ms later
         for k in 0..10u64 {
             let t = t0 + Duration::from_secs(k);
@@ -216,7 +216,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_success_without_failures_records_nothing_and_old_ones_expire() {
         let r = RecoveryStats::new();
-        let t0 = Instant::now();
+        let t0 = Moment::now();
         r.on_success(t0);
         assert_eq!(r.quantile(t0, 0.9, 1), None);
         r.on_failure(t0);

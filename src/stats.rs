@@ -37,8 +37,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::clock::Moment;
 use hdrhistogram::Histogram;
-use tokio::time::Instant;
 
 use crate::classify::Cause;
 
@@ -96,7 +96,7 @@ struct Shard(Mutex<[Slot; SLOTS]>);
 /// Windowed statistics of one route.
 #[derive(Debug)]
 pub(crate) struct RouteStats {
-    origin: Instant,
+    origin: Moment,
     shards: [Shard; SHARDS],
     /// Cached percentiles (microseconds) and sample count, and when they
     /// were computed (nanoseconds since `origin`; `u64::MAX`: never).
@@ -109,7 +109,7 @@ pub(crate) struct RouteStats {
 impl RouteStats {
     pub(crate) fn new() -> Self {
         RouteStats {
-            origin: Instant::now(),
+            origin: Moment::now(),
             shards: std::array::from_fn(|_| {
                 Shard(Mutex::new(std::array::from_fn(|_| Slot::new())))
             }),
@@ -120,13 +120,13 @@ impl RouteStats {
         }
     }
 
-    fn epoch(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.origin).as_nanos() as u64 / SLOT.as_nanos() as u64
+    fn epoch(&self, now: Moment) -> u64 {
+        now.nanos_since(self.origin) / SLOT.as_nanos() as u64
     }
 
     /// Records one attempt that ended at `now` after `elapsed`, with its
     /// cause (`None` for a success).
-    pub(crate) fn record(&self, now: Instant, elapsed: Duration, cause: Option<Cause>) {
+    pub(crate) fn record(&self, now: Moment, elapsed: Duration, cause: Option<Cause>) {
         let epoch = self.epoch(now);
         let micros = (elapsed.as_micros() as u64).clamp(1, MAX_MICROS);
         let result = result_index(cause);
@@ -163,10 +163,10 @@ impl RouteStats {
     /// succeeded in the window. Recomputed at most once per [`REFRESH`].
     pub(crate) fn recent_latency(
         &self,
-        now: Instant,
+        now: Moment,
         min_samples: u32,
     ) -> Option<(Duration, Duration)> {
-        let at = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        let at = now.nanos_since(self.origin);
         let last = self.cached_at.load(Ordering::Acquire);
         let stale = last == u64::MAX || at.saturating_sub(last) >= REFRESH.as_nanos() as u64;
         if stale
@@ -191,7 +191,7 @@ impl RouteStats {
     }
 
     /// Merges the live slots of every shard.
-    pub(crate) fn snapshot(&self, now: Instant) -> WindowStats {
+    pub(crate) fn snapshot(&self, now: Moment) -> WindowStats {
         let epoch = self.epoch(now);
         let mut latency = new_histogram();
         let mut counts = [0u64; RESULTS];
@@ -277,7 +277,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn percentiles_and_counts_over_the_window() {
         let s = RouteStats::new();
-        let now = Instant::now();
+        let now = Moment::now();
         for ms in 1..=100u64 {
             s.record(now, Duration::from_millis(ms), None);
         }
@@ -301,7 +301,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn old_slots_fall_out_of_the_window() {
         let s = RouteStats::new();
-        let t0 = Instant::now();
+        let t0 = Moment::now();
         s.record(t0, Duration::from_millis(10), None);
         assert_eq!(s.snapshot(t0 + Duration::from_secs(59)).attempts, 1);
         assert_eq!(s.snapshot(t0 + Duration::from_secs(60)).attempts, 0);
@@ -319,7 +319,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn recent_latency_is_cached_and_needs_enough_samples() {
         let s = RouteStats::new();
-        let t0 = Instant::now();
+        let t0 = Moment::now();
         for _ in 0..10 {
             s.record(t0, Duration::from_millis(100), None);
         }
@@ -344,7 +344,7 @@ mod tests {
             .unwrap();
         let _g = rt.enter();
         let s = std::sync::Arc::new(RouteStats::new());
-        let now = Instant::now();
+        let now = Moment::now();
         let hs: Vec<_> = (0..2)
             .map(|_| {
                 let s = s.clone();

@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
+use crate::clock::Moment;
 use metrics::{Counter, Gauge};
-use tokio::time::Instant;
 
 use super::order::{self, LatencyRule, Order, OrderDecision, ProbeGuard};
 use super::shadow::ShadowRoute;
@@ -82,7 +82,7 @@ impl<P> Route<P> {
     pub(super) fn record_recovery(
         &self,
         policy: &Policy,
-        now: Instant,
+        now: Moment,
         class: Option<Classification>,
     ) {
         if policy.delay != RetryDelay::Auto {
@@ -118,7 +118,7 @@ pub(crate) fn describe(prefix: &str) {
 impl<P> Model<P> {
     /// Deposits a new request into the retry budget: the full ratio, or
     /// with `adaptive.budget` the ratio scaled by how well retries do.
-    pub(super) fn deposit(&self, now: Instant, policy: &Policy) {
+    pub(super) fn deposit(&self, now: Moment, policy: &Policy) {
         let adaptive = &policy.adaptive;
         if adaptive.budget {
             let scale = self.budget.scale(
@@ -130,7 +130,7 @@ impl<P> Model<P> {
             self.budget.deposit_scaled(now, &policy.budget, scale);
             self.metrics.budget_scale(scale);
         } else {
-            self.budget.deposit(now, &policy.budget);
+            self.budget.deposit_scaled(now, &policy.budget, 1.0);
         }
     }
 
@@ -138,7 +138,7 @@ impl<P> Model<P> {
     /// [`order`]), then, with `adaptive.latency_order`, latency.
     pub(super) fn plan(
         &self,
-        now: Instant,
+        now: Moment,
         adaptive: &AdaptivePolicy,
     ) -> (Order, Option<ProbeGuard<'_>>) {
         let healths = self.routes.iter().map(|r| &r.health);
@@ -170,7 +170,7 @@ impl<P> Model<P> {
     /// With `delay = "auto"`, the learned delay of a transient retry of
     /// provider `i` (`None`: use the fixed delay or the fallback, see
     /// [`Policy::base_delay`]). Counts the delay's source either way.
-    pub(super) fn learned_delay(&self, i: u8, policy: &Policy, now: Instant) -> Option<Duration> {
+    pub(super) fn learned_delay(&self, i: u8, policy: &Policy, now: Moment) -> Option<Duration> {
         let a = &policy.adaptive;
         let learned = match policy.delay {
             RetryDelay::Fixed(_) => None,

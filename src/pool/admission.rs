@@ -79,9 +79,9 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::clock::Moment;
 use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use crate::classify::{Cause, Verdict};
 use crate::policy::AdmissionPolicy;
@@ -176,7 +176,7 @@ struct Inner {
     /// A probe is in flight.
     probing: bool,
     /// When the next probe may start (while down).
-    probe_at: Instant,
+    probe_at: Moment,
     /// The wait after the next failed probe.
     probe_backoff: Duration,
     /// Above this limit, growth is additive; below it, slow start.
@@ -186,7 +186,7 @@ struct Inner {
     /// The attempts in flight at the last connection-level failure: the
     /// limit does not grow back to it before `hold_until`.
     ceiling: u32,
-    hold_until: Instant,
+    hold_until: Moment,
     /// The last failure was overload (a connect timeout), not
     /// refusal: recovery slow-starts only up to `threshold`, then grows
     /// additively, instead of doubling until the gate opens.
@@ -463,7 +463,7 @@ impl Drop for WaitGuard<'_> {
             let mut inner = gate.lock();
             gate.abandon_wait(&mut inner, &self.waiter);
             gate.metrics.event(Event::Cancelled);
-            gate.dispatch(&mut inner, Instant::now());
+            gate.dispatch(&mut inner, Moment::now());
             gate.publish(&inner);
         }
     }
@@ -477,12 +477,12 @@ impl Gate {
             inner: Mutex::new(Inner {
                 waiters: VecDeque::new(),
                 probing: false,
-                probe_at: Instant::now(),
+                probe_at: Moment::now(),
                 probe_backoff: Duration::ZERO,
                 threshold: OPEN,
                 credit: 0,
                 ceiling: OPEN,
-                hold_until: Instant::now(),
+                hold_until: Moment::now(),
                 overloaded: false,
                 epoch: 0,
                 current: 0,
@@ -521,7 +521,7 @@ impl Gate {
     /// after it: an attempt that saw the gate open is counted by every sum
     /// taken once the gate limits, and one that saw it limit backs out.
     #[inline(always)]
-    pub(crate) fn try_enter(&self, now: Instant) -> Option<Permit<'_>> {
+    pub(crate) fn try_enter(&self, now: Moment) -> Option<Permit<'_>> {
         let stripe = stripe::index();
         let Padded(count) = &self.open[stripe];
         count.fetch_add(1, Ordering::SeqCst);
@@ -543,7 +543,7 @@ impl Gate {
     /// [`Gate::try_enter`] when the gate was not open: out of line, so the
     /// open gate's path inlined into every call stays a few instructions.
     #[inline(never)]
-    fn try_enter_limited(&self, now: Instant) -> Option<Permit<'_>> {
+    fn try_enter_limited(&self, now: Moment) -> Option<Permit<'_>> {
         let mut inner = self.lock();
         let admitted = if inner.waiters.is_empty() {
             self.admit_now(&mut inner, now)
@@ -560,9 +560,9 @@ impl Gate {
     pub(crate) async fn enter(
         &self,
         policy: &AdmissionPolicy,
-        until: Instant,
+        until: Moment,
     ) -> Result<Permit<'_>, Refused> {
-        let now = Instant::now();
+        let now = Moment::now();
         if let Some(permit) = self.try_enter(now) {
             return Ok(permit);
         }
@@ -593,7 +593,7 @@ impl Gate {
         };
         let result = self.wait(&guard.waiter, until).await;
         guard.armed = false;
-        let waited = Instant::now().saturating_duration_since(now);
+        let waited = Moment::now().saturating_duration_since(now);
         self.metrics.wait.record(waited.as_secs_f64());
         if result.is_ok() {
             self.metrics.event(Event::AdmittedAfterWait);
@@ -603,11 +603,11 @@ impl Gate {
         result
     }
 
-    async fn wait(&self, waiter: &Arc<Waiter>, until: Instant) -> Result<Permit<'_>, Refused> {
+    async fn wait(&self, waiter: &Arc<Waiter>, until: Moment) -> Result<Permit<'_>, Refused> {
         loop {
             let wake = {
                 let mut inner = self.lock();
-                let now = Instant::now();
+                let now = Moment::now();
                 if let Some(permit) = self.take_grant(&mut inner, waiter) {
                     return Ok(permit);
                 }
@@ -631,9 +631,9 @@ impl Gate {
             let until = wake.map_or(until, |w| w.min(until));
             tokio::select! {
                 _ = waiter.notify.notified() => {}
-                _ = tokio::time::sleep_until(until) => {
+                _ = tokio::time::sleep_until(until.instant()) => {
                     let mut inner = self.lock();
-                    self.dispatch(&mut inner, Instant::now());
+                    self.dispatch(&mut inner, Moment::now());
                     self.publish(&inner);
                 }
             }
@@ -693,7 +693,7 @@ impl Gate {
         let limit = limit_of(prev);
         if limit != OPEN || probe {
             let in_flight = self.in_flight(prev);
-            let now = Instant::now();
+            let now = Moment::now();
             let mut inner = self.lock();
             inner.settle(epoch);
             if probe {
@@ -711,7 +711,7 @@ impl Gate {
 
     /// Admits one attempt if the state allows it now (the caller checked
     /// that nobody waits ahead of it).
-    fn admit_now(&self, inner: &mut Inner, now: Instant) -> Option<Permit<'_>> {
+    fn admit_now(&self, inner: &mut Inner, now: Moment) -> Option<Permit<'_>> {
         let word = self.state.load(Ordering::Acquire);
         let limit = limit_of(word);
         if limit == DOWN {
@@ -731,7 +731,7 @@ impl Gate {
 
     /// Grants free slots (or a due probe) to the waiters at the head of
     /// the queue.
-    fn dispatch(&self, inner: &mut Inner, now: Instant) {
+    fn dispatch(&self, inner: &mut Inner, now: Moment) {
         while let Some(head) = inner.waiters.front() {
             let word = self.state.load(Ordering::Acquire);
             let limit = limit_of(word);
@@ -814,7 +814,7 @@ impl Gate {
         policy: &AdmissionPolicy,
         in_flight: u32,
     ) {
-        let now = Instant::now();
+        let now = Moment::now();
         let mut inner = self.lock();
         if holding {
             inner.settle(epoch);
@@ -856,7 +856,7 @@ impl Gate {
         limit: u32,
         in_flight: u32,
         policy: &AdmissionPolicy,
-        now: Instant,
+        now: Moment,
     ) {
         if limit == DOWN {
             if probe {
@@ -939,7 +939,7 @@ impl Gate {
         limit: u32,
         in_flight: u32,
         policy: &AdmissionPolicy,
-        now: Instant,
+        now: Moment,
     ) {
         if limit == DOWN {
             if !probe {
@@ -1043,7 +1043,7 @@ impl Gate {
         if limit_of(self.state.load(Ordering::Acquire)) != OPEN {
             self.open(&mut inner);
         }
-        self.dispatch(&mut inner, Instant::now());
+        self.dispatch(&mut inner, Moment::now());
         self.publish(&inner);
     }
 
@@ -1119,7 +1119,7 @@ mod tests {
                 let (limited_seen, admitted) = (&limited_seen, &admitted);
                 s.spawn(move || {
                     for i in 0..20_000u64 {
-                        let Some(permit) = gate.try_enter(Instant::now()) else {
+                        let Some(permit) = gate.try_enter(Moment::now()) else {
                             limited_seen.store(true, Ordering::Relaxed);
                             continue;
                         };

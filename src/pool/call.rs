@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 use tokio::time::Instant;
+
+use crate::clock::Moment;
 use tokio::time::error::Elapsed;
 
 use super::admission::{self, Outcome, Permit, Refused};
@@ -149,9 +151,9 @@ enum Admit<'a> {
 /// How one attempt ended.
 enum Attempted<T> {
     /// Success, when the attempt ended and how long it took.
-    Served(T, Instant, Duration),
+    Served(T, Moment, Duration),
     /// Failure, and when the attempt ended.
-    Failed(Verdict, Instant),
+    Failed(Verdict, Moment),
     /// The call's deadline ended the attempt.
     Expired,
 }
@@ -159,9 +161,9 @@ enum Attempted<T> {
 /// An attempt under way: what `record` needs from its start.
 struct Begun {
     /// When it started.
-    now: Instant,
+    now: Moment,
     /// Its time limit.
-    until: Instant,
+    until: Moment,
     /// The limit is the adaptive one (from the provider's recent p99).
     adaptive: bool,
     /// It carries the provider's health probe.
@@ -185,12 +187,12 @@ struct Call<'a, P, E> {
     classifier: &'a (dyn Classifier<E> + Sync),
     resolved: &'a ModelPolicy,
     policy: &'a Policy,
-    start: Instant,
-    deadline: Instant,
+    start: Moment,
+    deadline: Moment,
     /// The latest clock reading: each attempt's end is the next step's
     /// "now" (the bookkeeping between them takes microseconds), so a call
     /// reads the clock once per attempt, plus once per wait.
-    latest: Instant,
+    latest: Moment,
     /// The provider tried first (a success elsewhere is a fallback).
     first: u8,
     /// Providers already attempted, and those whose failure was counted
@@ -210,7 +212,7 @@ struct Call<'a, P, E> {
     pending: SmallVec<[(u8, Classification); 8]>,
     /// When the round being retried ended: its retries' waits count from
     /// here.
-    round_end: Instant,
+    round_end: Moment,
 }
 
 impl<P, C> Pool<P, C> {
@@ -288,6 +290,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         let start = m.clock.now();
         let deadline = options
             .deadline
+            .map(Moment::of)
             .or_else(|| options.timeout.and_then(|t| start.checked_add(t)))
             .or_else(|| start.checked_add(policy.timeouts.request))
             .unwrap_or(start + Duration::from_secs(86_400));
@@ -395,15 +398,15 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                                         + CONNECT_MARGIN,
                                 )
                                 .map_or(begun.until, |t| t.min(begun.until));
-                            match tokio::time::timeout_at(connected, fut.as_mut()).await {
+                            match tokio::time::timeout_at(connected.instant(), fut.as_mut()).await {
                                 Ok(output) => Ok(output),
                                 Err(_) => {
                                     p.connected(&self.policy.admission);
-                                    tokio::time::timeout_at(begun.until, fut).await
+                                    tokio::time::timeout_at(begun.until.instant(), fut).await
                                 }
                             }
                         }
-                        None => tokio::time::timeout_at(begun.until, fut).await,
+                        None => tokio::time::timeout_at(begun.until.instant(), fut).await,
                     },
                 };
                 let paid = matches!(step, Step::Timed(_));
@@ -528,7 +531,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             self.stopped = Some(FailReason::RetryCannotFinish { wait: r.wait, p50 });
             return false;
         }
-        if !m.budget.withdraw(self.latest, &policy.budget) {
+        if !m.budget.withdraw_at(self.latest, &policy.budget) {
             tracing::warn!(
                 target: "retryctl",
                 model = m.name,
@@ -546,7 +549,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         self.report.rounds = self.report.rounds.max(round);
         let before = self.latest;
         if ready > before {
-            tokio::time::sleep_until(ready).await;
+            tokio::time::sleep_until(ready.instant()).await;
             self.latest = self.m.clock.now();
             let waited = self.latest - before;
             self.report.waited += waited;
@@ -620,9 +623,8 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         if now >= deadline {
             return None;
         }
-        // Instants, not durations: an `Instant` sum is cheaper than the
-        // subtraction a remaining-time `Duration` needs, and the limit as a
-        // duration is only needed when the attempt times out.
+        // Moments, not durations: the limit as a duration is only needed
+        // when the attempt times out.
         let fixed = now
             .checked_add(policy.timeouts.attempt)
             .map_or(deadline, |end| end.min(deadline));
@@ -907,9 +909,9 @@ fn cannot_finish<P>(
     m: &Model<P>,
     i: u8,
     policy: &Policy,
-    now: Instant,
-    ready: Instant,
-    deadline: Instant,
+    now: Moment,
+    ready: Moment,
+    deadline: Moment,
 ) -> Option<Duration> {
     if !policy.adaptive.deadline_aware {
         return None;
@@ -923,7 +925,7 @@ fn cannot_finish<P>(
 
 /// With `adaptive.attempt_timeout`: the attempt limit derived from the
 /// provider's recent p99, when there are enough samples.
-fn adaptive_limit<P>(route: &super::Route<P>, policy: &Policy, now: Instant) -> Option<Duration> {
+fn adaptive_limit<P>(route: &super::Route<P>, policy: &Policy, now: Moment) -> Option<Duration> {
     let a = &policy.adaptive;
     if !a.attempt_timeout {
         return None;

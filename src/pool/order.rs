@@ -21,8 +21,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::clock::Moment;
 use smallvec::SmallVec;
-use tokio::time::Instant;
 
 use crate::health::ProviderHealth;
 
@@ -129,7 +129,7 @@ pub(super) fn by_latency(order: &mut Order, rule: &LatencyRule<'_>) -> OrderDeci
 pub(super) fn plan<'a>(
     healths: impl ExactSizeIterator<Item = &'a ProviderHealth> + Clone,
     rr: &AtomicUsize,
-    now: Instant,
+    now: Moment,
     latency: Option<&LatencyRule<'_>>,
 ) -> (Order, Option<ProbeGuard<'a>>, Option<OrderDecision>) {
     let n = healths.len();
@@ -180,7 +180,7 @@ mod tests {
     use super::*;
     use crate::policy::HealthPolicy;
 
-    fn demote(h: &ProviderHealth, now: Instant) {
+    fn demote(h: &ProviderHealth, now: Moment) {
         let p = HealthPolicy {
             demote_after: 1,
             ..HealthPolicy::default()
@@ -193,7 +193,7 @@ mod tests {
     async fn rotates_healthy_and_puts_demoted_last() {
         let hs: Vec<_> = (0..3).map(|_| ProviderHealth::new()).collect();
         let rr = AtomicUsize::new(0);
-        let now = Instant::now();
+        let now = Moment::now();
         let orders: Vec<Vec<u8>> = (0..3)
             .map(|_| plan(hs.iter(), &rr, now, None).0.to_vec())
             .collect();
@@ -209,7 +209,7 @@ mod tests {
     async fn due_probe_goes_first_once() {
         let hs: Vec<_> = (0..2).map(|_| ProviderHealth::new()).collect();
         let rr = AtomicUsize::new(0);
-        let now = Instant::now();
+        let now = Moment::now();
         demote(&hs[1], now);
         let (order, probe, _) = plan(hs.iter(), &rr, now, None);
         assert_eq!(order.to_vec(), vec![0, 1]);
@@ -230,7 +230,7 @@ mod tests {
     async fn all_demoted_are_still_tried() {
         let hs: Vec<_> = (0..3).map(|_| ProviderHealth::new()).collect();
         let rr = AtomicUsize::new(0);
-        let now = Instant::now();
+        let now = Moment::now();
         for h in &hs {
             demote(h, now);
         }
@@ -308,7 +308,7 @@ mod tests {
     async fn latency_orders_healthy_providers_only() {
         let hs: Vec<_> = (0..3).map(|_| ProviderHealth::new()).collect();
         let rr = AtomicUsize::new(0);
-        let now = Instant::now();
+        let now = Moment::now();
         demote(&hs[1], now);
         // provider 0 is slow, 1 demoted (and fastest), 2 fast
         let f = rule(&[Some(900), Some(1), Some(20)]);

@@ -54,9 +54,9 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
+use crate::clock::Moment;
 use metrics::Counter;
 use smallvec::SmallVec;
-use tokio::time::Instant;
 
 use super::outcome::{FailReason, Report};
 use super::schedule::backoff;
@@ -198,7 +198,7 @@ pub(crate) struct ShadowRoute {
     /// Consecutive failed requests, counted as the candidate's health would.
     failed: AtomicU32,
     /// When the candidate's retries of failed requests would have started.
-    pending: Mutex<VecDeque<Instant>>,
+    pending: Mutex<VecDeque<Moment>>,
     pending_len: AtomicUsize,
 }
 
@@ -206,7 +206,7 @@ impl ShadowRoute {
     /// An attempt on this route that started at `started` ended with
     /// `class` (`None`: success): decides the pending saves due by then.
     /// Returns (saved, retried in vain).
-    fn resolve(&self, started: Instant, class: Option<Classification>) -> (u64, u64) {
+    fn resolve(&self, started: Moment, class: Option<Classification>) -> (u64, u64) {
         if self.pending_len.load(Ordering::Relaxed) == 0 {
             return (0, 0);
         }
@@ -226,7 +226,7 @@ impl ShadowRoute {
         if class.is_none() { (due, 0) } else { (0, due) }
     }
 
-    fn push(&self, at: Instant) {
+    fn push(&self, at: Moment) {
         let mut pending = match self.pending.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -244,7 +244,7 @@ impl ShadowRoute {
 impl<P> Model<P> {
     /// Decides the shadow's pending saves on route `i` after an attempt
     /// that started at `started` ended with `class` (`None`: success).
-    pub(super) fn resolve_shadow(&self, i: u8, started: Instant, class: Option<Classification>) {
+    pub(super) fn resolve_shadow(&self, i: u8, started: Moment, class: Option<Classification>) {
         let Some(route) = self.routes.get(usize::from(i)) else {
             return;
         };
@@ -267,7 +267,7 @@ pub(super) enum Ended<'a> {
 /// first retry the candidate would not have made.
 pub(super) struct ShadowCall {
     active: Arc<ActivePolicy>,
-    deadline: Instant,
+    deadline: Moment,
     max_rounds: u32,
     budget: BudgetPolicy,
     stopped: Option<Decision>,
@@ -280,11 +280,11 @@ impl ShadowCall {
         m: &Model<P>,
         active: &Arc<ActivePolicy>,
         policy: &ModelPolicy,
-        start: Instant,
-        deadline: Instant,
+        start: Moment,
+        deadline: Moment,
     ) -> Option<ShadowCall> {
         let cand = policy.shadow()?;
-        m.shadow.budget.deposit(start, &cand.budget);
+        m.shadow.budget.deposit_scaled(start, &cand.budget, 1.0);
         Some(ShadowCall {
             active: active.clone(),
             deadline,
@@ -302,7 +302,7 @@ impl ShadowCall {
         }
         if round > self.max_rounds {
             self.stopped = Some(Decision::WouldNotRetry);
-        } else if !m.shadow.budget.withdraw(Instant::now(), &self.budget) {
+        } else if !m.shadow.budget.withdraw_at(Moment::now(), &self.budget) {
             self.stopped = Some(Decision::WouldRefuseBudget);
         }
     }
@@ -314,7 +314,7 @@ impl ShadowCall {
             return;
         };
         let st = &m.shadow;
-        let now = Instant::now();
+        let now = Moment::now();
         let index = |name: &str| m.routes.iter().position(|r| r.name == name);
         let rounds = report.rounds;
         let decision = match (self.stopped, &ended) {
@@ -334,7 +334,9 @@ impl ShadowCall {
                 let would = rounds < cand.max_rounds
                     && !retry.is_empty()
                     && now + wait < self.deadline
-                    && retry.iter().all(|_| st.budget.withdraw(now, &cand.budget));
+                    && retry
+                        .iter()
+                        .all(|_| st.budget.withdraw_at(now, &cand.budget));
                 if would {
                     for &i in &retry {
                         m.routes[i].adaptive.shadow.push(now + wait);
