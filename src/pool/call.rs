@@ -470,7 +470,8 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         let policy = self.policy;
         let round_end = self.latest;
         let learned = |i: u8| m.learned_delay(i, policy, round_end);
-        let (plan, too_long) = schedule(policy, round, &self.pending, &learned);
+        let mut plan = SmallVec::new();
+        let too_long = schedule(policy, round, &self.pending, &learned, &mut plan);
         if let Some(retry_after) = too_long {
             m.metrics.skipped(Skip::RetryAfter);
             self.stopped = Some(FailReason::RetryAfterTooLong { retry_after });
@@ -489,7 +490,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             "retrying after transient failure"
         );
         self.round_end = round_end;
-        steps.extend(plan.into_iter().map(Step::Timed));
+        steps.extend(plan.iter().map(|&r| Step::Timed(r)));
         Ok(())
     }
 }

@@ -40,8 +40,10 @@ pub(super) fn jittered(wait: Duration, jitter: f64) -> Duration {
 }
 
 /// The waits before retry number `retry` (1-based) of the given providers,
-/// in the order they become due; providers whose Retry-After exceeds the
-/// policy's cap are left out and reported. `learned` gives a transient
+/// into `out` in the order they become due (written in place: a plan
+/// returned by value is a copy of its whole inline array, several times
+/// over); providers whose Retry-After exceeds the policy's cap are left
+/// out, and the longest of theirs is returned. `learned` gives a transient
 /// provider's own delay (`delay = "auto"`); without one, transient
 /// providers share one wait.
 pub(super) fn schedule(
@@ -49,18 +51,19 @@ pub(super) fn schedule(
     retry: u32,
     pending: &[(u8, Classification)],
     learned: &dyn Fn(u8) -> Option<Duration>,
-) -> (SmallVec<[Retry; 8]>, Option<Duration>) {
+    out: &mut SmallVec<[Retry; 8]>,
+) -> Option<Duration> {
     let transient = jittered(
         backoff(policy.base_delay(), policy.backoff, retry, policy.max_delay),
         policy.jitter,
     );
     let mut too_long = None;
-    let mut out: SmallVec<[Retry; 8]> = SmallVec::new();
+    out.clear();
     for &(index, class) in pending {
         let wait = match class {
             Classification::RateLimited { retry_after } => {
                 if let Some(ra) = retry_after.filter(|ra| *ra > policy.max_retry_after) {
-                    too_long = Some(ra);
+                    too_long = too_long.max(Some(ra));
                     continue;
                 }
                 let own = jittered(
@@ -86,7 +89,7 @@ pub(super) fn schedule(
     }
     // Stable: equal waits keep the round's provider order.
     out.sort_by_key(|r| r.wait);
-    (out, too_long)
+    too_long
 }
 
 #[cfg(test)]
@@ -138,7 +141,8 @@ mod tests {
             ),
             (3, Classification::RateLimited { retry_after: None }),
         ];
-        let (plan, too_long) = schedule(&policy, 1, &pending, &|_| None);
+        let mut plan = SmallVec::new();
+        let too_long = schedule(&policy, 1, &pending, &|_| None, &mut plan);
         let got: Vec<_> = plan.iter().map(|r| (r.index, r.wait.as_millis())).collect();
         assert_eq!(got, vec![(1, 500), (3, 1000), (0, 3000)]);
         assert_eq!(too_long, Some(Duration::from_secs(600)));
