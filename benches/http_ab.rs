@@ -1,5 +1,6 @@
-//! Loopback HTTP, A/B interleaved: plain `reqwest`, the pool, and
-//! `reqwest-middleware` + `reqwest-retry`, in short alternating blocks.
+//! Loopback HTTP, A/B interleaved: plain `reqwest` (without and with a
+//! per-request timeout), the pool, and `reqwest-middleware` +
+//! `reqwest-retry`, in short alternating blocks.
 //!
 //! On a shared 2-core machine a neighbour's build moves a 45 us loopback
 //! request by tens of percent within seconds, and criterion measures one
@@ -19,7 +20,7 @@ use reqwest_retry::{RetryTransientMiddleware, policies::ExponentialBackoff};
 use retryctl::policy::Policy;
 use retryctl::upstream;
 
-use common::{REQUEST, http_plain, http_pool, runtime, start_server, upkeep};
+use common::{REQUEST, http_plain, http_plain_timeout, http_pool, runtime, start_server, upkeep};
 
 const ROUNDS: usize = 200;
 const BLOCK: u32 = 200;
@@ -51,23 +52,30 @@ fn main() {
         .with(RetryTransientMiddleware::new_with_policy(retry))
         .build();
 
-    const NAMES: [&str; 3] = ["plain_reqwest", "pool_1p", "reqwest_middleware_retry"];
+    const NAMES: [&str; 4] = [
+        "plain_reqwest",
+        "plain_reqwest_timeout",
+        "pool_1p",
+        "reqwest_middleware_retry",
+    ];
     // per_request[variant][round], in microseconds
-    let mut per_request = [Vec::new(), Vec::new(), Vec::new()];
+    let mut per_request: [Vec<f64>; 4] = Default::default();
     rt.block_on(async {
         for _ in 0..WARM_UP {
             http_plain(&client, &url).await;
+            http_plain_timeout(&client, &url).await;
             http_pool(&pool).await;
             middleware(&with_retry, &url).await;
         }
         for round in 0..ROUNDS {
-            for k in 0..3 {
-                let variant = (round + k) % 3;
+            for k in 0..NAMES.len() {
+                let variant = (round + k) % NAMES.len();
                 let start = Instant::now();
                 for _ in 0..BLOCK {
                     match variant {
                         0 => http_plain(&client, &url).await,
-                        1 => http_pool(&pool).await,
+                        1 => http_plain_timeout(&client, &url).await,
+                        2 => http_pool(&pool).await,
                         _ => middleware(&with_retry, &url).await,
                     };
                 }

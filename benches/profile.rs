@@ -11,7 +11,8 @@
 //! `success_no_admission` (the same without the admission gate),
 //! `success_no_metrics`, `retry` (refused once, zero delay), `tower` (tower's
 //! `Retry` with `TpsBudget`, success), `direct`, and loopback HTTP through
-//! reqwest, `http_plain` and `http_pool` (only the calling thread's
+//! reqwest, `http_plain`, `http_plain_timeout` (plain reqwest with the
+//! per-request timeout the pool applies to an attempt) and `http_pool` (only the calling thread's
 //! instructions are collected: the server's thread is not in the region). Instructions per call are
 //! the difference between two runs (e.g. 20,000 and 40,000 calls) / 20,000:
 //! noise-free, unlike times on a shared machine.
@@ -31,9 +32,9 @@ use tower::retry::Retry;
 use tower::{Service, ServiceExt, service_fn};
 
 use common::{
-    HttpProvider, TowerPolicy, default_policy, http_plain, http_pool, pool, pool_call,
-    pool_call_refused_once, pool_without_metrics, runtime, start_server, upkeep, upstream,
-    zero_delay_policy,
+    HttpProvider, TowerPolicy, default_policy, http_plain, http_plain_timeout, http_pool, pool,
+    pool_call, pool_call_refused_once, pool_without_metrics, runtime, start_server, upkeep,
+    upstream, zero_delay_policy,
 };
 
 /// The pools of every case, built and warmed up outside the profiled region.
@@ -74,6 +75,7 @@ fn setup(rt: &tokio::runtime::Runtime) -> Pools {
             black_box(pool_call(&pools.quiet).await);
             black_box(pool_call_refused_once(&pools.retry).await);
             black_box(http_plain(&pools.client, &pools.url).await);
+            black_box(http_plain_timeout(&pools.client, &pools.url).await);
             black_box(http_pool(&pools.http).await);
         }
     });
@@ -125,6 +127,11 @@ fn measured_calls(
             "http_plain" => {
                 for _ in 0..calls {
                     black_box(http_plain(&pools.client, &pools.url).await);
+                }
+            }
+            "http_plain_timeout" => {
+                for _ in 0..calls {
+                    black_box(http_plain_timeout(&pools.client, &pools.url).await);
                 }
             }
             "http_pool" => {

@@ -293,6 +293,23 @@ pub async fn http_plain(client: &reqwest::Client, url: &str) -> usize {
     response.bytes().await.expect("body").len()
 }
 
+/// [`http_plain`] with a per-request timeout, as a production client sets
+/// one: the default policy's `timeouts.attempt`, which the pool applies to
+/// each attempt. reqwest arms a tokio timer for it, as the pool does; this
+/// is the baseline for what the pool adds beyond the timer.
+pub async fn http_plain_timeout(client: &reqwest::Client, url: &str) -> usize {
+    let timeout = retryctl::policy::Policy::default().timeouts.attempt;
+    let response = client
+        .post(url)
+        .timeout(timeout)
+        .body(REQUEST)
+        .send()
+        .await
+        .expect("sent");
+    let response = upstream::check(response).await.expect("2xx");
+    response.bytes().await.expect("body").len()
+}
+
 /// The same request through the pool (the body is read after it returns).
 pub async fn http_pool(pool: &Pool<HttpProvider>) -> usize {
     let served = pool
