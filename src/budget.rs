@@ -15,9 +15,10 @@
 //!
 //! Unlike tower's `TpsBudget`, which takes a mutex and reads the clock on
 //! every call, [`RetryBudget`] is rings of atomic slots and uses the clock
-//! reading the request already took: a deposit is one compare-and-swap on
-//! the calling thread's own stripe of slots (`crate::stripe`), so requests
-//! on different cores never contend for it. Withdrawals, one per retry, sum
+//! reading the request already took: a deposit is a load and a store on
+//! the calling thread's own stripe of slots (`crate::stripe`; a
+//! compare-and-swap on the stripe threads share beyond the first eight),
+//! so requests on different cores never contend for it. Withdrawals, one per retry, sum
 //! the stripes and serialise on one ledger, which keeps the budget exact.
 //!
 //! ```
@@ -43,17 +44,12 @@ use tokio::time::Instant;
 
 use crate::clock::{Moment, nanos};
 use crate::policy::BudgetPolicy;
-use crate::stripe::{self, Padded};
+use crate::stripe::{Padded, STRIPES, Stripe};
 
 /// Slots in the sliding window: the window moves in steps of `window / 10`.
 const SLOTS: usize = 10;
 /// Fixed-point scale: balances are kept in thousandths of a retry.
 const MILLI: i64 = 1000;
-
-/// How many stripes deposits spread over (of [`stripe::STRIPES`]): a
-/// withdrawal reads every slot of every stripe, so fewer stripes keep the
-/// retry path short; 4 covers the cores a gateway process usually has.
-const DEPOSIT_STRIPES: usize = 4;
 
 /// A ring of slots, each packing a slot's epoch (upper 32 bits) and a
 /// count in thousandths of a retry (lower 32 bits, saturating), so a slot
@@ -62,19 +58,14 @@ const DEPOSIT_STRIPES: usize = 4;
 struct Ring([AtomicU64; SLOTS]);
 
 impl Ring {
-    /// Adds `delta` thousandths to the slot of `epoch`.
-    fn add(&self, epoch: u32, delta: u32) {
-        let slot = &self.0[epoch as usize % SLOTS];
-        let mut cur = slot.load(Ordering::Relaxed);
-        loop {
+    /// Adds `delta` thousandths to the slot of `epoch`, in a ring of
+    /// `stripe`.
+    fn add(&self, stripe: Stripe, epoch: u32, delta: u32) {
+        stripe.update(&self.0[epoch as usize % SLOTS], true, |cur| {
             let (e, v) = unpack(cur);
             let base = if e == epoch { v } else { 0 };
-            let next = pack(epoch, base.saturating_add(delta));
-            match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return,
-                Err(actual) => cur = actual,
-            }
-        }
+            pack(epoch, base.saturating_add(delta))
+        });
     }
 
     /// The sum of the slots live at `epoch` (the window ending there),
@@ -107,7 +98,7 @@ impl Ring {
 #[derive(Debug)]
 pub struct RetryBudget {
     origin: Moment,
-    deposits: [Padded<Ring>; DEPOSIT_STRIPES],
+    deposits: [Padded<Ring>; STRIPES],
     withdrawals: Padded<Ring>,
     /// Retry outcomes per slot: epoch (upper 32 bits), retries (16 bits),
     /// successful retries (16 bits), saturating.
@@ -182,8 +173,9 @@ impl RetryBudget {
         // request.
         let delta = (policy.ratio * scale.clamp(0.0, 1.0) * MILLI as f64 + 0.5) as u32;
         if delta >= 1 {
-            let Padded(ring) = &self.deposits[stripe::index() % DEPOSIT_STRIPES];
-            ring.add(self.epoch(now, policy), delta);
+            let stripe = Stripe::current();
+            let Padded(ring) = &self.deposits[stripe.index()];
+            ring.add(stripe, self.epoch(now, policy), delta);
         }
     }
 

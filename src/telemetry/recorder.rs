@@ -34,7 +34,7 @@ use metrics::{
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use super::buckets_for;
-use crate::stripe::{self, Padded, STRIPES};
+use crate::stripe::{Padded, STRIPES, Stripe};
 
 /// A monotonic counter striped over [`STRIPES`] cache lines.
 #[derive(Debug, Default)]
@@ -52,9 +52,8 @@ impl StripedCounter {
 
 impl CounterFn for StripedCounter {
     fn increment(&self, value: u64) {
-        self.stripes[stripe::index()]
-            .0
-            .fetch_add(value, Ordering::Relaxed);
+        let stripe = Stripe::current();
+        stripe.add(&self.stripes[stripe.index()].0, value);
     }
 
     /// Raises the counter to `value` (never lowers it), as Prometheus's
@@ -169,17 +168,15 @@ impl HistogramFn for BucketHistogram {
             return;
         }
         let i = self.bucket(value);
-        let Padded(stripe) = &self.stripes[stripe::index()];
-        stripe.counts[i].fetch_add(count as u64, Ordering::Relaxed);
+        let at = Stripe::current();
+        let Padded(stripe) = &self.stripes[at.index()];
+        at.add(&stripe.counts[i], count as u64);
         let add = value * count as f64;
-        // There is no atomic f64 add; on its own stripe this load and store
-        // race only with another thread that drew the same stripe, so a
-        // compare-and-swap loop keeps the sum exact then.
-        let _ = stripe
-            .sum
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + add).to_bits())
-            });
+        // There is no atomic f64 add: a load and a store on an owned
+        // stripe, a compare-and-swap loop on the shared one.
+        at.update(&stripe.sum, false, |bits| {
+            (f64::from_bits(bits) + add).to_bits()
+        });
     }
 }
 
