@@ -169,6 +169,7 @@ impl AttemptFailure {
                 retry_after,
                 body: redactor.redact(&body),
             },
+            other => other,
         })
     }
 
