@@ -3,14 +3,18 @@
 //! Classification looks at error *kinds* first and text last:
 //!
 //! 1. an HTTP status (429 is rate-limited, 5xx transient, 4xx the client's);
-//! 2. `reqwest::Error` flags: a connect failure or a connect timeout is
-//!    transient (the upstream never saw the request); a timeout after the
-//!    request was accepted is a *response* timeout, not retried by default;
-//!    a request that could not be built (bad URL, scheme or header) is the
+//! 2. `reqwest::Error` flags, or the connect flag of hyper-util's legacy
+//!    client error (`hyper_util::client::legacy::Error`, feature
+//!    `hyper-client`): a connect failure or a connect timeout is transient
+//!    (the upstream never saw the request); a timeout after the request
+//!    was accepted is a *response* timeout, not retried by default; a
+//!    request that could not be built (bad URL, scheme or header) is the
 //!    caller's bug: permanent, and never held against the provider;
 //! 3. `std::io::ErrorKind`s and hyper's flags found by walking the
 //!    `source()` chain: every send-time failure displays as "error sending
-//!    request for url (...)", the cause is only in the chain;
+//!    request for url (...)" (reqwest) or "client error (Connect)",
+//!    "client error (SendRequest)" (hyper-util), the cause is only in the
+//!    chain;
 //! 4. for opaque errors only ([`Rules::text`]): reqwest's own message
 //!    forms, then the policy's keywords, matched ASCII-case-insensitively
 //!    on the raw text of the whole chain.
@@ -18,8 +22,8 @@
 //! Gateways classify their own error types by implementing [`Classify`],
 //! usually by delegating to [`Rules::error_chain`] or [`Rules::status`].
 //! An HTTP response is classified with its status and Retry-After through
-//! `Classify for reqwest::Response`, or with its body too through
-//! [`upstream::check`](crate::upstream::check).
+//! `Classify for reqwest::Response` (or `http::Response<B>`), or with its
+//! body too through `upstream::check`.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -287,10 +291,12 @@ impl fmt::Display for Verdict {
 
 /// Implemented by error types the pool can classify.
 ///
-/// Implementations exist for [`reqwest::Error`], [`std::io::Error`],
-/// [`reqwest::StatusCode`], [`str`]/[`String`] (opaque text),
-/// boxed errors, and, in [`crate::upstream`], [`reqwest::Response`]
-/// (status and headers) and [`UpstreamError`](crate::upstream::UpstreamError).
+/// Implementations exist for [`std::io::Error`], [`str`]/[`String`]
+/// (opaque text) and boxed errors; with the `reqwest` feature for
+/// `reqwest::Error`, with the `hyper-client` feature for
+/// `hyper_util::client::legacy::Error`, with either for `http::StatusCode`,
+/// and, in `retryctl::upstream`, for `reqwest::Response` or
+/// `http::Response<B>` (status and headers) and `UpstreamError`.
 pub trait Classify {
     /// Classifies `self` under the policy's `rules`.
     fn classify(&self, rules: &Rules) -> Verdict;
@@ -402,6 +408,7 @@ impl Rules {
     ///    | `HTTP status client error (429 ...`, `... server error (503 ...` | that status, as [`Rules::status`] with the text as body |
     ///    | `client error (Connect): ...` (a failed connect) | transient: `connect_refused` ("connection refused"), `connect_timeout` ("timed out", "deadline has elapsed"), else `connect` |
     ///    | `client error (Canceled): ...` (handed back unsent) | transient (`not_sent`) |
+    ///    | `client error (UserUnsupportedVersion)`, `(UserAbsoluteUriRequired)`, `(UserUnsupportedRequestMethod)` (hyper-util refused the request) | permanent (`invalid_request`) |
     ///    | `error sending request [for url (...)]: operation timed out` (reqwest's own timer) | [`Rules::response_timeout`] |
     ///
     ///    These are the texts of reqwest 0.13 and hyper-util 0.1, checked
@@ -467,6 +474,15 @@ impl Rules {
         }
         if find_form(text, "client error (canceled)").is_some() {
             return Some(Verdict::transient(Cause::NotSent));
+        }
+        // hyper-util's `UserUnsupportedVersion`, `UserAbsoluteUriRequired`,
+        // `UserUnsupportedRequestMethod`: a request the client refused to
+        // send, like reqwest's builder errors.
+        if find_form(text, "client error (user").is_some() {
+            return Some(Verdict::new(
+                Classification::Permanent,
+                Cause::InvalidRequest,
+            ));
         }
         let detail = after_form(text, "error sending request")?;
         detail
@@ -539,14 +555,19 @@ impl Rules {
     }
 
     /// Classifies any error by walking its `source()` chain: a
-    /// `reqwest::Error`, an `io::Error` or a hyper error anywhere in the
-    /// chain decides; otherwise the keywords on the whole chain's text.
+    /// `reqwest::Error`, a hyper-util legacy client error, an `io::Error`
+    /// or a hyper error anywhere in the chain decides; otherwise the
+    /// keywords on the whole chain's text.
     pub fn error_chain(&self, err: &(dyn StdError + 'static)) -> Verdict {
         let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
         while let Some(e) = cur {
             #[cfg(feature = "reqwest")]
             if let Some(r) = e.downcast_ref::<reqwest::Error>() {
                 return self.reqwest(r);
+            }
+            #[cfg(feature = "hyper-client")]
+            if let Some(h) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+                return self.hyper_client(h);
             }
             if let Some(v) = self.kind_of(e) {
                 return v;
@@ -561,7 +582,7 @@ impl Rules {
         if let Some(io) = e.downcast_ref::<io::Error>() {
             return self.io_kind(io.kind());
         }
-        #[cfg(feature = "reqwest")]
+        #[cfg(any(feature = "reqwest", feature = "hyper-client"))]
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_canceled() {
                 return Some(Verdict::transient(Cause::NotSent));
@@ -577,7 +598,7 @@ impl Rules {
     }
 
     /// The first io kind or hyper flag below `err` that means something.
-    #[cfg(feature = "reqwest")]
+    #[cfg(any(feature = "reqwest", feature = "hyper-client"))]
     fn cause_below(&self, err: &(dyn StdError + 'static)) -> Option<Verdict> {
         let mut cur = next_in_chain(err);
         while let Some(e) = cur {
@@ -604,11 +625,7 @@ impl Rules {
             if err.is_timeout() {
                 return Verdict::transient(Cause::ConnectTimeout);
             }
-            return match self.cause_below(err) {
-                Some(v) if matches!(v.cause, Cause::ConnectRefused | Cause::Reset) => v,
-                Some(v) if v.cause == Cause::Timeout => Verdict::transient(Cause::ConnectTimeout),
-                _ => Verdict::transient(Cause::Connect),
-            };
+            return self.connect_failure(err);
         }
         // A timeout while waiting for headers or reading the body: the
         // upstream had the request. Checked before decode, which reqwest
@@ -627,6 +644,87 @@ impl Rules {
         }
         self.text(&chain_text(err))
     }
+
+    /// A connect that failed, by what is below it: refused (or reset in
+    /// the handshake) as found, an OS or connector timeout as a connect
+    /// timeout, anything else (DNS, unreachable, TLS) as `connect`. All
+    /// transient: the upstream never saw the request.
+    #[cfg(any(feature = "reqwest", feature = "hyper-client"))]
+    fn connect_failure(&self, err: &(dyn StdError + 'static)) -> Verdict {
+        match self.cause_below(err) {
+            Some(v) if matches!(v.cause, Cause::ConnectRefused | Cause::Reset) => v,
+            Some(v) if v.cause == Cause::Timeout => Verdict::transient(Cause::ConnectTimeout),
+            _ => Verdict::transient(Cause::Connect),
+        }
+    }
+
+    /// Classifies an error of hyper-util's legacy client (what
+    /// `Client::request` fails with), as [`Rules::reqwest`] classifies
+    /// reqwest's (which wraps this same error), step for step:
+    ///
+    /// * a connect error (`is_connect`): a timeout anywhere below it
+    ///   (`HttpConnector::set_connect_timeout` leaves an `io::Error` of
+    ///   kind `TimedOut`) is `connect_timeout`, refused is
+    ///   `connect_refused`, anything else (DNS, unreachable, TLS)
+    ///   `connect`; all transient: the upstream never saw the request;
+    /// * a timeout anywhere below a send error (an `io::Error` of kind
+    ///   `TimedOut` on the established connection, hyper's own timer): a
+    ///   response timeout, as reqwest's `is_timeout` makes it;
+    /// * otherwise the first io kind or hyper flag in the chain: a reset
+    ///   or a connection closed mid-message is `reset`, a request handed
+    ///   back unsent (a pooled connection went away) `not_sent`;
+    /// * otherwise the text of the chain (a request the client refused to
+    ///   send, `client error (User...)`, is the caller's: permanent).
+    #[cfg(feature = "hyper-client")]
+    pub fn hyper_client(&self, err: &hyper_util::client::legacy::Error) -> Verdict {
+        if err.is_connect() {
+            if timed_out(err) {
+                return Verdict::transient(Cause::ConnectTimeout);
+            }
+            return self.connect_failure(err);
+        }
+        if timed_out(err) {
+            return self.response_timeout();
+        }
+        if let Some(v) = self.cause_below(err) {
+            return v;
+        }
+        self.text(&chain_text(err))
+    }
+
+    /// Classifies a failed read of a hyper response body (the response
+    /// head had arrived), as [`Rules::reqwest`] classifies a reqwest body
+    /// error: a timeout anywhere in it is a response timeout, then its
+    /// own flags and the io kind below it (a reset, or a body cut short,
+    /// is `reset`), else transient with cause `body`.
+    #[cfg(feature = "hyper-client")]
+    pub fn hyper_body(&self, err: &hyper::Error) -> Verdict {
+        if timed_out(err) {
+            return self.response_timeout();
+        }
+        self.kind_of(err)
+            .or_else(|| self.cause_below(err))
+            .unwrap_or(Verdict::transient(Cause::Body))
+    }
+}
+
+/// Whether `err` or an error below it is a timeout: an `io::Error` of kind
+/// `TimedOut` or a hyper timeout (what reqwest's `is_timeout` looks for
+/// besides its own timer's error).
+#[cfg(feature = "hyper-client")]
+pub(crate) fn timed_out(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+            || e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        cur = next_in_chain(e);
+    }
+    false
 }
 
 /// Whether `text` ends with reqwest's bare message of a failed send or
@@ -717,8 +815,20 @@ impl Classify for io::Error {
     }
 }
 
-#[cfg(feature = "reqwest")]
-impl Classify for reqwest::StatusCode {
+#[cfg(feature = "hyper-client")]
+impl Classify for hyper_util::client::legacy::Error {
+    fn classify(&self, rules: &Rules) -> Verdict {
+        rules.hyper_client(self)
+    }
+
+    /// Its `Display` is only the kind ("client error (Connect)").
+    fn error_source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source()
+    }
+}
+
+#[cfg(any(feature = "reqwest", feature = "hyper-client"))]
+impl Classify for http::StatusCode {
     fn classify(&self, rules: &Rules) -> Verdict {
         rules.status(self.as_u16(), None, "")
     }

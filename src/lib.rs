@@ -10,7 +10,8 @@
 //!   rounds, with no wait between *different* providers and a jittered
 //!   wait before retrying the *same* one;
 //! * every failed attempt is [classified](Classify) from error kinds first
-//!   (HTTP status, reqwest flags, io kinds in the `source()` chain) and from
+//!   (HTTP status, reqwest's or hyper-util's flags, io kinds in the
+//!   `source()` chain) and from
 //!   keywords only for opaque text;
 //! * retries are paid from a lock-free [`RetryBudget`] and never wait past
 //!   the request's deadline;
@@ -73,7 +74,7 @@ pub mod telemetry;
 pub mod toml_error;
 #[cfg(feature = "tower")]
 pub mod tower;
-#[cfg(feature = "reqwest")]
+#[cfg(any(feature = "reqwest", feature = "hyper-client"))]
 pub mod upstream;
 
 /// The README's examples, compiled and run as doc tests.

@@ -12,9 +12,10 @@ use super::validate::{check_duration, secs};
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// TCP connect limit for HTTP clients built by
-    /// [`upstream::client_builder`](crate::upstream::client_builder). It must
-    /// be set below `attempt`: without it, a stalled connect is
-    /// indistinguishable from a slow response and is not retried.
+    /// `upstream::client_builder` (reqwest) or `upstream::http_connector`
+    /// (hyper-util). It must be set below `attempt`: without it, a stalled
+    /// connect is indistinguishable from a slow response and is not
+    /// retried.
     #[serde(with = "humantime_serde")]
     pub connect: Duration,
     /// Limit for one attempt: until the operation returns (response headers).

@@ -21,14 +21,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, USER_AGENT};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
 
+use super::client::UpstreamClient;
 use super::redact::{self, Redactor};
 use super::request;
 use super::stream;
 use retryctl::upstream::{self, BODY_SNIPPET_LIMIT, UpstreamError};
 use retryctl::{Cause, Classification, Classify, Rules, Verdict};
+
+/// What the gateway calls itself upstream (reqwest sent the same).
+const USER_AGENT_TEXT: &str = concat!("retryctl/", env!("CARGO_PKG_VERSION"));
 
 /// The OpenAI-compatible endpoints the gateway serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,24 +70,27 @@ impl Endpoint {
     }
 }
 
-/// A provider's URL for each endpoint, parsed once: an attempt clones
-/// one instead of formatting and parsing a string (the URL parser was ~5%
-/// of the gateway's CPU time under load).
+/// A provider's URI for each endpoint, built once: an attempt clones one
+/// (a few reference counts) instead of formatting and parsing a string
+/// (the URL parser was ~5% of the gateway's CPU time under load).
 #[derive(Clone, Debug)]
-pub(crate) struct EndpointUrls([reqwest::Url; 3]);
+pub(crate) struct EndpointUrls([Uri; 3]);
 
 impl EndpointUrls {
     /// The base URL (trailing slashes trimmed) followed by each endpoint's
-    /// path.
-    pub(crate) fn new(base: &reqwest::Url) -> Result<EndpointUrls, String> {
+    /// path. The base is the configuration's parsed (and normalized)
+    /// `Url`, so its text is a valid URI.
+    pub(crate) fn new(base: &url::Url) -> Result<EndpointUrls, String> {
         let base = base.as_str().trim_end_matches('/');
         let [a, b, c] = Endpoint::ALL.map(|e| {
-            reqwest::Url::parse(&format!("{base}{}", e.suffix())).map_err(|e| e.to_string())
+            format!("{base}{}", e.suffix())
+                .parse::<Uri>()
+                .map_err(|e| e.to_string())
         });
         Ok(EndpointUrls([a?, b?, c?]))
     }
 
-    fn get(&self, endpoint: Endpoint) -> &reqwest::Url {
+    fn get(&self, endpoint: Endpoint) -> &Uri {
         &self.0[endpoint.index()]
     }
 }
@@ -89,7 +98,7 @@ impl EndpointUrls {
 /// One provider of one model, as the pool hands it to an attempt.
 #[derive(Debug)]
 pub(crate) struct Provider {
-    pub(crate) client: reqwest::Client,
+    pub(crate) client: UpstreamClient,
     /// Where each endpoint is.
     pub(crate) urls: EndpointUrls,
     /// `Bearer <key>`, marked sensitive.
@@ -126,7 +135,7 @@ pub(crate) enum Upstreamed {
         /// it in the same reads.
         head: Bytes,
         /// The rest of the stream.
-        rest: reqwest::Response,
+        rest: Incoming,
     },
 }
 
@@ -134,8 +143,7 @@ pub(crate) enum Upstreamed {
 /// log lines never carry an upstream URL, address or key either.
 #[derive(Debug)]
 pub(crate) enum AttemptFailure {
-    /// Transport failure (URL stripped) or a failing status (body
-    /// redacted).
+    /// Transport failure or a failing status (body redacted).
     Upstream(UpstreamError),
     /// The stream's first event reported an error.
     ErrorEvent {
@@ -153,13 +161,15 @@ pub(crate) enum AttemptFailure {
 }
 
 impl AttemptFailure {
-    fn transport(e: reqwest::Error) -> Self {
-        AttemptFailure::Upstream(UpstreamError::Transport(e.without_url()))
+    /// The client's error: the request was not sent or no response head
+    /// came back. hyper-util's errors carry no URL (reqwest's did, and
+    /// lost it to `without_url`); their text is redacted when displayed.
+    fn request(e: hyper_util::client::legacy::Error) -> Self {
+        AttemptFailure::Upstream(UpstreamError::Request(e))
     }
 
     fn upstream(e: UpstreamError, redactor: &Redactor) -> Self {
         AttemptFailure::Upstream(match e {
-            UpstreamError::Transport(e) => UpstreamError::Transport(e.without_url()),
             UpstreamError::Status {
                 status,
                 retry_after,
@@ -169,6 +179,7 @@ impl AttemptFailure {
                 retry_after,
                 body: redactor.redact(&body),
             },
+            other => other,
         })
     }
 
@@ -184,15 +195,15 @@ impl AttemptFailure {
         AttemptFailure::ErrorEvent { status, data }
     }
 
-    pub(crate) fn body_error(e: reqwest::Error) -> Self {
-        AttemptFailure::transport(e)
+    pub(crate) fn body_error(e: hyper::Error) -> Self {
+        AttemptFailure::Upstream(UpstreamError::Body(e))
     }
 
-    /// Whether this is a timeout of any kind.
+    /// Whether this is a timeout of any kind (a connect timeout included).
     pub(crate) fn is_timeout(&self) -> bool {
         match self {
             AttemptFailure::TimedOut(_) => true,
-            AttemptFailure::Upstream(UpstreamError::Transport(e)) => e.is_timeout(),
+            AttemptFailure::Upstream(e) => e.is_timeout(),
             _ => false,
         }
     }
@@ -201,11 +212,14 @@ impl AttemptFailure {
 impl fmt::Display for AttemptFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AttemptFailure::Upstream(UpstreamError::Transport(e)) => {
-                // The whole chain: the top level alone says only "error
-                // sending request".
+            AttemptFailure::Upstream(e @ UpstreamError::Status { .. }) => {
+                f.write_str(&redact::redact(&e.to_string()))
+            }
+            AttemptFailure::Upstream(e) => {
+                // The whole chain: the top level alone says only "client
+                // error (Connect)".
                 let mut text = e.to_string();
-                let mut cur = std::error::Error::source(e);
+                let mut cur = e.error_source();
                 while let Some(inner) = cur {
                     text.push_str(": ");
                     text.push_str(&inner.to_string());
@@ -213,7 +227,6 @@ impl fmt::Display for AttemptFailure {
                 }
                 f.write_str(&redact::redact(&text))
             }
-            AttemptFailure::Upstream(e) => f.write_str(&redact::redact(&e.to_string())),
             AttemptFailure::ErrorEvent { status, data } => {
                 f.write_str("the stream's first event is an error")?;
                 if let Some(s) = status {
@@ -269,31 +282,37 @@ impl Provider {
             (Some(name), Some(span)) => request::rewrite_model(&job.body, span, name),
             _ => job.body.clone(),
         };
-        let accept = if job.stream {
+        let accept = HeaderValue::from_static(if job.stream {
             "text/event-stream"
         } else {
             "application/json"
-        };
-        let mut builder = self
-            .client
-            .post(self.urls.get(job.endpoint).clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT, accept)
-            .body(body);
+        });
+        let mut headers = HeaderMap::with_capacity(5);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ACCEPT, accept);
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_TEXT));
         if let Some(auth) = &self.auth {
-            builder = builder.header(AUTHORIZATION, auth.clone());
+            headers.insert(AUTHORIZATION, auth.clone());
         }
+        // `Host` is the client's to set, from the URI (HTTP/1.1), as it
+        // did under reqwest; HTTP/2 sends the URI's authority instead.
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.urls.get(job.endpoint).clone();
+        *request.headers_mut() = headers;
+        // Lazy: nothing happens until the attempt is polled.
+        let sending = self.client.request(request);
         let redactor = self.redactor.clone();
         let stream = job.stream;
         let max = job.max_response_body;
         let limit = self.attempt_timeout;
         async move {
             let work = async move {
-                let response = builder.send().await.map_err(AttemptFailure::transport)?;
+                let response = sending.await.map_err(AttemptFailure::request)?;
                 let response = upstream::check(response)
                     .await
                     .map_err(|e| AttemptFailure::upstream(e, &redactor))?;
-                if stream && stream::is_event_stream(&response) {
+                if stream && stream::is_event_stream(response.headers()) {
                     stream::first_event(response, &redactor).await
                 } else {
                     read_full(response, max).await
@@ -309,19 +328,41 @@ impl Provider {
     }
 }
 
+/// The next chunk of data of an upstream body (trailers skipped), `None`
+/// at its end.
+pub(crate) async fn next_chunk(body: &mut Incoming) -> Result<Option<Bytes>, hyper::Error> {
+    loop {
+        match body.frame().await {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
 /// Reads a complete response body of at most `limit` bytes.
 async fn read_full(
-    mut response: reqwest::Response,
+    response: http::Response<Incoming>,
     limit: usize,
 ) -> Result<Upstreamed, AttemptFailure> {
-    if response.content_length().is_some_and(|n| n > limit as u64) {
+    let (mut parts, mut body) = response.into_parts();
+    // A declared Content-Length (hyper's exact size hint) over the limit
+    // fails before any byte is read.
+    if body.size_hint().exact().is_some_and(|n| n > limit as u64) {
         return Err(AttemptFailure::TooLarge { limit });
     }
-    let status = response.status();
-    let content_type = response.headers().get(CONTENT_TYPE).cloned();
+    let status = parts.status;
+    let content_type = parts.headers.remove(CONTENT_TYPE);
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
-    while let Some(chunk) = response.chunk().await.map_err(AttemptFailure::body_error)? {
+    while let Some(chunk) = next_chunk(&mut body)
+        .await
+        .map_err(AttemptFailure::body_error)?
+    {
         total += chunk.len();
         if total > limit {
             return Err(AttemptFailure::TooLarge { limit });

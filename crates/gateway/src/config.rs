@@ -90,7 +90,7 @@ pub struct ProviderConfig {
     /// The OpenAI-compatible base URL, `/v1` included
     /// (`http://10.0.0.5:8000/v1`); the gateway appends
     /// `/chat/completions`, `/completions` or `/embeddings`.
-    pub base_url: reqwest::Url,
+    pub base_url: url::Url,
     /// The environment variable holding the API key sent as
     /// `Authorization: Bearer`; `None` sends no key.
     pub api_key_env: Option<String>,
@@ -439,7 +439,7 @@ impl GatewayConfig {
                      environment variable and name it in `api_key_env`",
                 ));
             }
-            let base_url = reqwest::Url::parse(&p.base_url).map_err(|e| {
+            let base_url = url::Url::parse(&p.base_url).map_err(|e| {
                 ConfigError::at(
                     path(&at("base_url")),
                     format!("not a URL ({e}); expected e.g. \"http://127.0.0.1:8000/v1\""),

@@ -4,8 +4,9 @@
 //! Every client-facing error message and every log line the gateway
 //! writes passes through a [`Redactor`]. Upstream error text is full of
 //! things a client must not learn and a log pipeline should not keep:
-//! the internal URL of the model proxy (reqwest's "error sending request
-//! for url (http://10.0.0.5:8000/v1/chat/completions)"), the IP address of
+//! the internal URL of the model proxy (an HTTP client's "error sending
+//! request for url (http://10.0.0.5:8000/v1/chat/completions)"), the IP
+//! address of
 //! a backend, and sometimes the gateway's own API key, echoed back by an
 //! upstream that rejected it ("Incorrect API key provided: sk-...").
 //!

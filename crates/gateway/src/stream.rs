@@ -26,10 +26,12 @@
 use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
-use reqwest::header::CONTENT_TYPE;
+use http::StatusCode;
+use http::header::{CONTENT_TYPE, HeaderMap};
+use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::attempt::{AttemptFailure, Upstreamed};
+use super::attempt::{AttemptFailure, Upstreamed, next_chunk};
 use super::redact::Redactor;
 
 /// The most bytes read while waiting for the first event (comments
@@ -38,9 +40,8 @@ pub(crate) const FIRST_EVENT_LIMIT: usize = 1 << 20;
 
 /// Whether the upstream answered with an event stream (a server that
 /// ignores `"stream": true` answers with JSON, which is relayed whole).
-pub(crate) fn is_event_stream(response: &reqwest::Response) -> bool {
-    response
-        .headers()
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
@@ -134,7 +135,7 @@ impl Event {
     /// If this event reports an error: the status it carries, if any.
     /// An error is an `event: error`, or data that is a JSON object with a
     /// non-null `error` member.
-    pub(crate) fn error(&self) -> Option<Option<reqwest::StatusCode>> {
+    pub(crate) fn error(&self) -> Option<Option<StatusCode>> {
         let json: Option<serde_json::Value> = serde_json::from_str(self.data.trim()).ok();
         let error = json
             .as_ref()
@@ -156,7 +157,7 @@ impl Event {
                 .as_u64()
                 .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))?;
             let n = u16::try_from(n).ok().filter(|n| (400..=599).contains(n))?;
-            reqwest::StatusCode::from_u16(n).ok()
+            StatusCode::from_u16(n).ok()
         });
         Some(status)
     }
@@ -166,15 +167,19 @@ impl Event {
 /// or an oversized head is an attempt failure (retryable: nothing reached
 /// the client); otherwise the bytes read and the rest of the stream.
 pub(crate) async fn first_event(
-    mut response: reqwest::Response,
+    response: http::Response<Incoming>,
     redactor: &Redactor,
 ) -> Result<Upstreamed, AttemptFailure> {
-    let status = response.status();
-    let content_type = response.headers().get(CONTENT_TYPE).cloned();
+    let (mut parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let content_type = parts.headers.remove(CONTENT_TYPE);
     let mut buf: Vec<u8> = Vec::new();
     let mut scanner = EventScanner::default();
     loop {
-        let Some(chunk) = response.chunk().await.map_err(AttemptFailure::body_error)? else {
+        let Some(chunk) = next_chunk(&mut body)
+            .await
+            .map_err(AttemptFailure::body_error)?
+        else {
             return Err(AttemptFailure::StreamEnded);
         };
         buf.extend_from_slice(&chunk);
@@ -186,7 +191,7 @@ pub(crate) async fn first_event(
                 status,
                 content_type,
                 head: Bytes::from(buf),
-                rest: response,
+                rest: body,
             });
         }
         if buf.len() > FIRST_EVENT_LIMIT {
@@ -229,7 +234,7 @@ pub(crate) struct StreamContext {
 /// The state of one relayed stream.
 struct RelayState {
     relay: Relay,
-    rest: reqwest::Response,
+    rest: Incoming,
     /// The last (up to 4) bytes relayed.
     tail: Vec<u8>,
     sent: u64,
@@ -281,7 +286,7 @@ impl RelayState {
 /// until it ends, fails or `deadline` passes; never a transport error.
 pub(crate) fn relay(
     head: Bytes,
-    rest: reqwest::Response,
+    rest: Incoming,
     deadline: Instant,
     context: StreamContext,
 ) -> Body {
@@ -297,7 +302,8 @@ pub(crate) fn relay(
         match std::mem::replace(&mut s.relay, Relay::Body) {
             Relay::Done => None,
             Relay::Head(head) => s.pass(head),
-            Relay::Body => match tokio::time::timeout_at(s.deadline, s.rest.chunk()).await {
+            Relay::Body => match tokio::time::timeout_at(s.deadline, next_chunk(&mut s.rest)).await
+            {
                 Ok(Ok(Some(chunk))) => s.pass(chunk),
                 Ok(Ok(None)) => None,
                 Ok(Err(e)) => {

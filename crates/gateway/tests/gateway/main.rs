@@ -88,6 +88,17 @@ async fn non_streaming_success_forwards_the_body_byte_for_byte() {
     assert_eq!(seen.body, body.as_bytes());
     assert_eq!(seen.header("content-type"), Some("application/json"));
     assert_eq!(seen.header("authorization"), None);
+    // What the upstream client adds: `Host` from the URI (set by
+    // hyper-util's client, as it was under reqwest), the body's length,
+    // the gateway's name.
+    let host = upstream.url().trim_start_matches("http://").to_owned();
+    assert_eq!(seen.header("host"), Some(host.as_str()));
+    assert_eq!(seen.header("accept"), Some("application/json"));
+    let length = body.len().to_string();
+    assert_eq!(seen.header("content-length"), Some(length.as_str()));
+    let agent = seen.header("user-agent").unwrap_or_default();
+    assert!(agent.starts_with("retryctl/"), "{agent}");
+    assert_eq!(seen.headers.iter().filter(|(k, _)| k == "host").count(), 1);
 }
 
 #[tokio::test]
@@ -435,6 +446,73 @@ async fn all_providers_failed_is_502_with_reason_and_no_upstream_address() {
         assert!(!text.contains(&leak), "{leak} leaked: {text}");
     }
     assert_eq!(failing.hits(), 2);
+}
+
+/// `https://` providers go through TLS: a server that accepts the TCP
+/// connection and never answers the handshake is a connect timeout (the
+/// connect timeout covers the TLS handshake, as reqwest's did), one that
+/// answers in plain HTTP is a connect failure. Neither saw the request.
+#[tokio::test]
+async fn https_providers_handshake_and_a_stalled_handshake_is_a_connect_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut streams = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            streams.push(stream);
+        }
+    });
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain_addr = plain.local_addr().unwrap();
+    let answering = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = plain.accept().await {
+            let _ = stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    let urls = [
+        format!("https://{silent_addr}"),
+        format!("https://{plain_addr}"),
+    ];
+    let policy = format!("{POLICY}[admission]\nenabled = false\n");
+    let text = config_text(&urls, "", "connect_timeout = \"200ms\"", "");
+    let gw = start_with_policy(&policy, &text, env_none).await.unwrap();
+    let started = std::time::Instant::now();
+    let r = gw.chat(&chat_body(false)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(390),
+        "two rounds of 200 ms"
+    );
+    let status = r.status();
+    let body = json(r).await;
+    let causes: Vec<(String, String)> = body["error"]["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["provider"].as_str().unwrap().to_owned(),
+                f["cause"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expect = |p: &str, cause: &str| (p.to_owned(), cause.to_owned());
+    assert_eq!(
+        causes,
+        vec![
+            expect("p0", "connect_timeout"),
+            expect("p1", "connect"),
+            expect("p0", "connect_timeout"),
+            expect("p1", "connect"),
+        ],
+        "{body}"
+    );
+    assert_eq!(status, 502, "{body}");
+    held.abort();
+    answering.abort();
 }
 
 #[tokio::test]

@@ -1,0 +1,148 @@
+//! The upstream HTTP client: hyper-util's legacy client, directly.
+//!
+//! reqwest wraps this same client (its pool, its `HttpConnector`, its
+//! hyper-rustls connector) in layers the gateway does not use: a redirect
+//! layer that re-parses every request's URI into a `Url` (even with
+//! redirects off), a retry layer that clones every request, a response
+//! `Url` parsed from the URI again, and its own `Pending` future. Without
+//! them a proxied request costs a third fewer instructions.
+//! Here an attempt hands the client an `http::Request` whose `Uri` was
+//! built when the gateway was, and gets back `http::Response<Incoming>`.
+//!
+//! What reqwest did and this client still does: `http://` and `https://`
+//! base URLs (rustls with the platform's verifier, ALPN `h2` and
+//! `http/1.1`), the connect timeout (covering the TLS handshake too),
+//! `TCP_NODELAY`, reqwest's TCP keep-alive and `TCP_USER_TIMEOUT`, keep-alive
+//! pooling with the provider's `idle_timeout`, no redirects followed (the
+//! legacy client follows none), the `Host` header (set by the client from
+//! the URI for HTTP/1.1; `:authority` for HTTP/2). What it does not: the
+//! system proxy from `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (see the crate
+//! docs).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use http::Uri;
+use http_body_util::Full;
+use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use retryctl::policy::Timeouts;
+use retryctl::upstream;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How the client connects: TCP, then TLS for `https://`, under one
+/// timer.
+pub(crate) type Connector = ConnectTimeout<HttpsConnector<HttpConnector>>;
+
+/// One provider's client (cloning it shares its pool).
+pub(crate) type UpstreamClient = Client<Connector, Full<Bytes>>;
+
+/// The TLS settings every provider's client starts from: rustls with the
+/// process's default crypto provider (aws-lc-rs unless the application
+/// installed another), the platform's certificate verifier, as reqwest
+/// 0.13's default TLS does. The verifier reads the system's root store
+/// once here; a gateway whose providers are all `http://` does not read it
+/// (no TLS is ever negotiated), so it starts where no CA store exists.
+pub(crate) fn tls_config(any_https: bool) -> io::Result<rustls::ClientConfig> {
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?;
+    Ok(if any_https {
+        builder
+            .try_with_platform_verifier()
+            .map_err(io::Error::other)?
+            .with_no_client_auth()
+    } else {
+        builder
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    })
+}
+
+/// A provider's client: `connect_timeout` on the TCP connect (per address,
+/// hyper-util's timer) and on the whole connect with TLS; pooled
+/// connections dropped after `idle_timeout` idle, or never pooled when it
+/// is zero.
+pub(crate) fn build(
+    tls: rustls::ClientConfig,
+    timeouts: &Timeouts,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+) -> UpstreamClient {
+    let mut http = upstream::http_connector(timeouts);
+    http.set_connect_timeout(Some(connect_timeout));
+    // The TLS connector in front handles `https://`.
+    http.enforce_http(false);
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new());
+    if idle_timeout.is_zero() {
+        builder.pool_max_idle_per_host(0);
+    } else {
+        builder.pool_idle_timeout(idle_timeout);
+    }
+    builder.build(ConnectTimeout {
+        inner: https,
+        limit: connect_timeout,
+    })
+}
+
+/// A connector whose whole connect (TCP and, for `https://`, the TLS
+/// handshake) must finish within `limit`, as reqwest's connect timeout
+/// did. A handshake that stalls fails like a stalled TCP connect: with an
+/// `io::Error` of kind `TimedOut` below the client's connect error, which
+/// classifies as `connect_timeout` (the upstream never saw the request).
+/// hyper-util's own timer covers the TCP part alone.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnectTimeout<C> {
+    inner: C,
+    limit: Duration,
+}
+
+impl<C> tower_service::Service<Uri> for ConnectTimeout<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+    C::Response: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connect (TCP and TLS) timed out",
+                )
+                .into()),
+            }
+        })
+    }
+}
