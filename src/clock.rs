@@ -131,8 +131,7 @@ impl Moment {
     /// This moment plus `d`, `None` past the end of time.
     #[inline]
     pub(crate) fn checked_add(self, d: Duration) -> Option<Moment> {
-        let d = u64::try_from(d.as_nanos()).ok()?;
-        self.0.checked_add(d).map(Moment)
+        self.0.checked_add(nanos(d)).map(Moment)
     }
 }
 
