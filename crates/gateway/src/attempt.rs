@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, USER_AGENT};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, HeaderValue, USER_AGENT};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
@@ -52,6 +52,13 @@ impl Endpoint {
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
         }
+    }
+
+    /// The endpoint the gateway serves at `path` (its own routes are the
+    /// provider's paths below `/v1`), if any.
+    pub(crate) fn at(path: &str) -> Option<Endpoint> {
+        let suffix = path.strip_prefix("/v1")?;
+        Endpoint::ALL.into_iter().find(|e| e.suffix() == suffix)
     }
 
     const ALL: [Endpoint; 3] = [
@@ -95,14 +102,66 @@ impl EndpointUrls {
     }
 }
 
+/// The headers of a provider's requests, built once: an attempt clones a
+/// map (reference counts) instead of inserting (hashing) each header, and
+/// the client does not format `Host` per request.
+#[derive(Clone, Debug)]
+pub(crate) struct RequestHeaders {
+    /// `[Accept: application/json, Accept: text/event-stream]`.
+    by_accept: [HeaderMap; 2],
+}
+
+impl RequestHeaders {
+    /// `Content-Type`, `Accept`, `User-Agent`, `Authorization` (`auth`:
+    /// `Bearer <key>`, marked sensitive) and, for an `http://` base URL,
+    /// `Host`.
+    ///
+    /// `Host` is what the client would set from the URI: the host, and the
+    /// port when it is not the scheme's default. Only `http://` providers
+    /// get it here: they always speak HTTP/1.1, while an `https://` one
+    /// may negotiate HTTP/2, which sends the URI's authority instead and
+    /// which the client then leaves without `Host`.
+    pub(crate) fn new(urls: &EndpointUrls, auth: Option<HeaderValue>) -> RequestHeaders {
+        // Every endpoint has the base URL's scheme and authority.
+        let base = urls.get(Endpoint::ChatCompletions);
+        let host = (base.scheme_str() == Some("http"))
+            .then(|| base.host())
+            .flatten()
+            .and_then(|host| match base.port_u16() {
+                Some(port) if port != 80 => HeaderValue::try_from(format!("{host}:{port}")).ok(),
+                _ => HeaderValue::from_str(host).ok(),
+            });
+        let build = |accept: &'static str| {
+            let mut headers = HeaderMap::with_capacity(6);
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(ACCEPT, HeaderValue::from_static(accept));
+            headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_TEXT));
+            if let Some(auth) = &auth {
+                headers.insert(AUTHORIZATION, auth.clone());
+            }
+            if let Some(host) = &host {
+                headers.insert(HOST, host.clone());
+            }
+            headers
+        };
+        RequestHeaders {
+            by_accept: [build("application/json"), build("text/event-stream")],
+        }
+    }
+
+    fn get(&self, stream: bool) -> &HeaderMap {
+        &self.by_accept[usize::from(stream)]
+    }
+}
+
 /// One provider of one model, as the pool hands it to an attempt.
 #[derive(Debug)]
 pub(crate) struct Provider {
     pub(crate) client: UpstreamClient,
     /// Where each endpoint is.
     pub(crate) urls: EndpointUrls,
-    /// `Bearer <key>`, marked sensitive.
-    pub(crate) auth: Option<HeaderValue>,
+    /// The headers of every request to this provider.
+    pub(crate) headers: RequestHeaders,
     /// The model name this provider expects, when it differs.
     pub(crate) upstream_model: Option<Arc<str>>,
     pub(crate) attempt_timeout: Option<Duration>,
@@ -282,24 +341,10 @@ impl Provider {
             (Some(name), Some(span)) => request::rewrite_model(&job.body, span, name),
             _ => job.body.clone(),
         };
-        let accept = HeaderValue::from_static(if job.stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        });
-        let mut headers = HeaderMap::with_capacity(5);
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(ACCEPT, accept);
-        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_TEXT));
-        if let Some(auth) = &self.auth {
-            headers.insert(AUTHORIZATION, auth.clone());
-        }
-        // `Host` is the client's to set, from the URI (HTTP/1.1), as it
-        // did under reqwest; HTTP/2 sends the URI's authority instead.
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.urls.get(job.endpoint).clone();
-        *request.headers_mut() = headers;
+        *request.headers_mut() = self.headers.get(job.stream).clone();
         // Lazy: nothing happens until the attempt is polled.
         let sending = self.client.request(request);
         let redactor = self.redactor.clone();
@@ -405,6 +450,56 @@ mod tests {
             AttemptFailure::StreamEnded.classify(&rules).class,
             Classification::Transient
         );
+    }
+
+    #[test]
+    fn endpoints_are_found_by_their_exact_path() {
+        assert_eq!(
+            Endpoint::at("/v1/chat/completions"),
+            Some(Endpoint::ChatCompletions)
+        );
+        assert_eq!(Endpoint::at("/v1/completions"), Some(Endpoint::Completions));
+        assert_eq!(Endpoint::at("/v1/embeddings"), Some(Endpoint::Embeddings));
+        for other in [
+            "/v1/chat/completions/",
+            "/v2/completions",
+            "/chat/completions",
+            "/v1",
+            "",
+        ] {
+            assert_eq!(Endpoint::at(other), None, "{other:?}");
+        }
+    }
+
+    /// `Host` as the client would have set it: the port only when it is not
+    /// the scheme's default; none for `https://` (HTTP/2 may be chosen).
+    #[test]
+    fn request_headers_carry_host_for_plain_http_only() {
+        let host = |base: &str| {
+            let urls = EndpointUrls::new(&url::Url::parse(base).unwrap()).unwrap();
+            let headers = RequestHeaders::new(&urls, None);
+            let [json, stream] = [false, true].map(|s| headers.get(s).clone());
+            assert_eq!(json[ACCEPT], "application/json");
+            assert_eq!(stream[ACCEPT], "text/event-stream");
+            assert_eq!(json[USER_AGENT], USER_AGENT_TEXT);
+            assert!(json.get(AUTHORIZATION).is_none());
+            json.get(HOST).map(|h| h.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            host("http://10.0.0.9:8000/v1").as_deref(),
+            Some("10.0.0.9:8000")
+        );
+        assert_eq!(
+            host("http://models.internal/v1").as_deref(),
+            Some("models.internal")
+        );
+        assert_eq!(host("http://[::1]:8000/v1").as_deref(), Some("[::1]:8000"));
+        assert_eq!(host("https://api.example.com/v1"), None);
+        let urls = EndpointUrls::new(&url::Url::parse("http://a/v1").unwrap()).unwrap();
+        let mut key = HeaderValue::from_static("Bearer k");
+        key.set_sensitive(true);
+        let headers = RequestHeaders::new(&urls, Some(key));
+        assert!(headers.get(false)[AUTHORIZATION].is_sensitive());
     }
 
     #[test]

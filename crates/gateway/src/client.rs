@@ -14,8 +14,10 @@
 //! `http/1.1`), the connect timeout (covering the TLS handshake too),
 //! `TCP_NODELAY`, reqwest's TCP keep-alive and `TCP_USER_TIMEOUT`, keep-alive
 //! pooling with the provider's `idle_timeout`, no redirects followed (the
-//! legacy client follows none), the `Host` header (set by the client from
-//! the URI for HTTP/1.1; `:authority` for HTTP/2). What it does not: the
+//! legacy client follows none), the `Host` header (the attempt's headers
+//! carry it for `http://` providers, see `attempt::RequestHeaders`; the
+//! client sets it from the URI otherwise for HTTP/1.1, `:authority` for
+//! HTTP/2). What it does not: the
 //! system proxy from `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (see the crate
 //! docs).
 

@@ -42,8 +42,9 @@
 //! connect timeout (the TCP connect and the TLS handshake), `TCP_NODELAY`,
 //! reqwest's TCP keep-alive and `TCP_USER_TIMEOUT`, keep-alive pooling
 //! with the provider's `idle_timeout`, no redirects, a `User-Agent` of
-//! `retryctl/<version>`, and the `Host` header (the client sets it from
-//! the URI). Failures classify as they did: a refused connect, a connect
+//! `retryctl/<version>`, and the `Host` header as the URI gives it (built
+//! once per `http://` provider; the client sets it for `https://` ones,
+//! which may speak HTTP/2 and send `:authority` instead). Failures classify as they did: a refused connect, a connect
 //! timeout, a reset, a body cut short each get the same cause
 //! ([`retryctl::Rules::hyper_client`]).
 //!
@@ -98,7 +99,7 @@ pub use self::config::{
 };
 pub use self::redact::{Redactor, redact};
 
-use self::attempt::{EndpointUrls, Provider};
+use self::attempt::{EndpointUrls, Provider, RequestHeaders};
 use self::proxy::Shared;
 use crate::listener::{Connections, serve_connections};
 use crate::metrics_endpoint::MetricsError;
@@ -281,7 +282,7 @@ impl Gateway {
                 let provider = Provider {
                     client: clients[i].0.clone(),
                     urls: clients[i].1.clone(),
-                    auth: auth[i].clone(),
+                    headers: RequestHeaders::new(&clients[i].1, auth[i].clone()),
                     upstream_model: r.upstream_model.as_deref().map(Arc::from),
                     attempt_timeout: p.attempt_timeout,
                     redactor: redactor.clone(),
@@ -296,6 +297,11 @@ impl Gateway {
             max_response_body: config.max_response_body,
             max_headers: config.max_headers,
             request_timeout: config.request_timeout,
+            provider_names: config
+                .providers
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), HeaderValue::from_str(&p.name).ok()?)))
+                .collect(),
         };
         Ok(Gateway {
             shared: Arc::new(shared),
@@ -347,7 +353,9 @@ impl Gateway {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let router = self.router();
+        let service = proxy::Service {
+            shared: self.shared.clone(),
+        };
         // The policy file is followed until the server stops.
         let _watcher = self.watcher;
         let connections = Connections {
@@ -356,7 +364,7 @@ impl Gateway {
             drain: self.shutdown_timeout,
         };
         let tasks = tokio::spawn(count_tasks(self.shared.pool.metrics_prefix().to_owned()));
-        serve_connections(listener, router, connections, shutdown).await;
+        serve_connections(listener, service, connections, shutdown).await;
         tasks.abort();
         Ok(())
     }

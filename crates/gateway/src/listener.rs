@@ -19,10 +19,13 @@ use std::future::Future;
 use std::pin::pin;
 use std::time::Duration;
 
+use axum::response::Response;
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::Service;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 /// How one server treats its connections.
@@ -38,19 +41,22 @@ pub(crate) struct Connections {
     pub(crate) drain: Duration,
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then stops
+/// Serves `service` on `listener` until `shutdown` completes, then stops
 /// accepting and lets the requests in flight finish for up to
 /// `connections.drain`.
 ///
 /// Dropping the returned future (e.g. aborting its task) stops accepting
 /// at once and starts the same graceful close on every connection, with
 /// no time limit: idle ones close, requests in flight finish.
-pub(crate) async fn serve_connections<F>(
+pub(crate) async fn serve_connections<S, F>(
     listener: TcpListener,
-    router: axum::Router,
+    service: S,
     connections: Connections,
     shutdown: F,
 ) where
+    S: Service<Request<Incoming>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     F: Future<Output = ()>,
 {
     let server = connections.server;
@@ -78,8 +84,8 @@ pub(crate) async fn serve_connections<F>(
         };
         // Best effort: a socket that refuses it still works, only slower.
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let connection =
+            graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 // Header timeouts, resets, malformed requests: the

@@ -170,7 +170,7 @@ fn serve_on(
     };
     let server = tokio::spawn(serve_connections(
         listener,
-        app,
+        hyper_util::service::TowerToHyperService::new(app),
         connections,
         std::future::pending(),
     ));

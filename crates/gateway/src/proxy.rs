@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::extract::Request;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use tokio::time::Instant;
 
 use super::attempt::{Endpoint, Job, Provider, Upstreamed};
@@ -26,7 +25,11 @@ use super::stream::{self, StreamContext};
 use retryctl::{CallOptions, FailReason, Pool, Served};
 
 /// The header naming the provider that served a request.
-pub(crate) const PROVIDER_HEADER: &str = "x-retryctl-provider";
+pub(crate) const PROVIDER_HEADER: HeaderName = HeaderName::from_static("x-retryctl-provider");
+
+/// Tells a buffering reverse proxy in front (nginx) to pass a stream's
+/// events on as they come.
+const ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -37,24 +40,77 @@ pub(crate) struct Shared {
     pub(crate) max_response_body: usize,
     pub(crate) max_headers: usize,
     pub(crate) request_timeout: Option<Duration>,
+    /// Each provider's name as a [`PROVIDER_HEADER`] value, built once.
+    pub(crate) provider_names: Vec<(String, HeaderValue)>,
 }
 
-/// The gateway's routes.
+impl Shared {
+    /// The [`PROVIDER_HEADER`] value naming `provider`.
+    fn provider_header(&self, provider: &str) -> Option<HeaderValue> {
+        match self
+            .provider_names
+            .iter()
+            .find(|(name, _)| name == provider)
+        {
+            Some((_, value)) => Some(value.clone()),
+            None => HeaderValue::from_str(provider).ok(),
+        }
+    }
+}
+
+/// The gateway's routes, for embedding in a larger `axum` application:
+/// every request goes to [`dispatch`], the one place the routes are
+/// decided, which [`Gateway::serve`](crate::Gateway::serve) serves
+/// directly.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    let proxied = |endpoint: Endpoint| {
-        post(move |State(s): State<Arc<Shared>>, req: Request| handle(s, endpoint, req))
-            .fallback(method_not_allowed)
-    };
-    Router::new()
-        .route("/v1/chat/completions", proxied(Endpoint::ChatCompletions))
-        .route("/v1/completions", proxied(Endpoint::Completions))
-        .route("/v1/embeddings", proxied(Endpoint::Embeddings))
-        .route("/healthz", get(|| async { "ok" }))
-        .fallback(not_found)
-        .with_state(shared)
+    Router::new().fallback(move |req: Request| dispatch(shared.clone(), req))
 }
 
-async fn not_found(method: Method, uri: Uri) -> Response {
+/// The gateway as a hyper service: [`dispatch`] without axum's router in
+/// front. The routes are three fixed paths and a health check, so a match
+/// on the path does what the router did, without what the router costs on
+/// every request (its path lookup, the URL-parameter map it inserts, the
+/// response future it boxes and maps, the `Content-Length` it sets that
+/// hyper sets anyway): ~3,000 instructions of a proxied request.
+#[derive(Clone, Debug)]
+pub(crate) struct Service {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Service {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Response, std::convert::Infallible>> + Send>>;
+
+    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(dispatch(shared, req.map(Body::new)).await) })
+    }
+}
+
+/// Routes one request: `POST` to the three proxied endpoints, `GET` (and
+/// `HEAD`) `/healthz`; any other method there is a 405 naming the allowed
+/// ones, any other path a 404.
+pub(crate) async fn dispatch(shared: Arc<Shared>, req: Request) -> Response {
+    let path = req.uri().path();
+    if let Some(endpoint) = Endpoint::at(path) {
+        return if req.method() == Method::POST {
+            handle(shared, endpoint, req).await
+        } else {
+            method_not_allowed(req.method(), "POST")
+        };
+    }
+    if path == "/healthz" {
+        return match *req.method() {
+            Method::GET | Method::HEAD => "ok".into_response(),
+            ref other => method_not_allowed(other, "GET, HEAD"),
+        };
+    }
+    not_found(req.method(), req.uri())
+}
+
+fn not_found(method: &Method, uri: &Uri) -> Response {
     let path = uri.path().chars().take(200).collect::<String>();
     invalid_request(
         StatusCode::NOT_FOUND,
@@ -63,15 +119,15 @@ async fn not_found(method: Method, uri: Uri) -> Response {
     )
 }
 
-async fn method_not_allowed(method: Method) -> Response {
+fn method_not_allowed(method: &Method, allow: &'static str) -> Response {
     let mut response = invalid_request(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        &format!("{method} is not allowed here: use POST"),
+        &format!("{method} is not allowed here: use {allow}"),
     );
     response
         .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     response
 }
 
@@ -175,7 +231,7 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
                 stream,
                 "served"
             );
-            respond(served, deadline, model, &shared.redactor)
+            respond(served, deadline, model, &shared)
         }
         Err(e) => {
             let response = errors::pool_failure(&e, &shared.redactor);
@@ -213,7 +269,7 @@ fn respond(
     served: Served<Upstreamed>,
     deadline: Instant,
     model: String,
-    redactor: &Arc<Redactor>,
+    shared: &Shared,
 ) -> Response {
     let report = served.report;
     let provider = served.provider;
@@ -241,7 +297,7 @@ fn respond(
             let context = StreamContext {
                 model,
                 provider,
-                redactor: redactor.clone(),
+                redactor: shared.redactor.clone(),
             };
             let body = stream::relay(head, rest, deadline, context);
             let content_type =
@@ -255,15 +311,13 @@ fn respond(
                 body,
             )
                 .into_response();
-            // Tell a buffering reverse proxy in front (nginx) to pass
-            // events on as they come.
             response
                 .headers_mut()
-                .insert("x-accel-buffering", HeaderValue::from_static("no"));
+                .insert(ACCEL_BUFFERING, HeaderValue::from_static("no"));
             response
         }
     };
-    if let Ok(name) = HeaderValue::from_str(provider) {
+    if let Some(name) = shared.provider_header(provider) {
         response.headers_mut().insert(PROVIDER_HEADER, name);
     }
     errors::with_report(response, &report)

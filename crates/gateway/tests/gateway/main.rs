@@ -380,7 +380,56 @@ async fn other_routes_and_health() {
     let r = gw.post("/v1/nope", "{}").await;
     assert_eq!(r.status(), 404);
     assert_eq!(json(r).await["error"]["code"], "unknown_url");
+    // A path that only starts like an endpoint is not one.
+    let r = gw.post("/v1/chat/completions/", "{}").await;
+    assert_eq!(r.status(), 404);
+    let r = gw.client.head(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = gw.post("/healthz", "{}").await;
+    assert_eq!(r.status(), 405);
+    assert_eq!(header(&r, "allow"), Some("GET, HEAD"));
+    assert_eq!(json(r).await["error"]["code"], "method_not_allowed");
     assert_eq!(upstream.hits(), 0);
+}
+
+/// `Gateway::router` is the same gateway inside an application's own axum
+/// router: its routes answer as under `serve`, the application's as the
+/// application wrote them.
+#[tokio::test]
+async fn the_router_serves_the_gateway_inside_an_axum_application() {
+    let upstream = HttpServer::always(Reply::json(COMPLETION)).await;
+    let text = config_text(&[upstream.url()], "metrics_listen = \"off\"", "", "");
+    let config = GatewayConfig::from_toml(&text).unwrap();
+    let gateway = Gateway::with_env(config, env_none).unwrap();
+    let app = axum::Router::new()
+        .route("/app", axum::routing::get(|| async { "the application" }))
+        .merge(gateway.router());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = client();
+    let url = |path: &str| format!("http://{addr}{path}");
+    let r = http
+        .post(url("/v1/chat/completions"))
+        .body(chat_body(false).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-retryctl-provider"), Some("p0"));
+    assert_eq!(header(&r, "x-retryctl-attempts"), Some("1"));
+    assert_eq!(r.text().await.unwrap(), COMPLETION);
+    let r = http.get(url("/app")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "the application");
+    let r = http.get(url("/healthz")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let r = http.get(url("/v1/embeddings")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let r = http.get(url("/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(json(r).await["error"]["code"], "unknown_url");
+    assert_eq!(upstream.hits(), 1);
+    server.abort();
 }
 
 #[tokio::test]
