@@ -286,6 +286,24 @@ fn compare(args: &DemoArgs) -> ExitCode {
     })
 }
 
+/// The gateway's runtime: tokio's multi-thread scheduler, one worker per
+/// CPU the process may use, unless that is one CPU (a container limited
+/// to one, or a process pinned to one): then the current-thread scheduler,
+/// which runs the same tasks on the same one thread without the
+/// work-stealing machinery (run queues shared with idle workers that do
+/// not exist, wake-ups routed through them) a lone worker still pays
+/// for on every request.
+fn serve_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    }
+}
+
 fn serve(path: &std::path::Path) -> ExitCode {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -302,7 +320,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match serve_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

@@ -149,6 +149,11 @@ impl RequestHeaders {
         }
     }
 
+    /// Whether the headers carry `Host` (so the client need not set it).
+    pub(crate) fn has_host(&self) -> bool {
+        self.by_accept[0].contains_key(HOST)
+    }
+
     fn get(&self, stream: bool) -> &HeaderMap {
         &self.by_accept[usize::from(stream)]
     }

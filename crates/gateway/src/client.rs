@@ -75,12 +75,14 @@ pub(crate) fn tls_config(any_https: bool) -> io::Result<rustls::ClientConfig> {
 /// A provider's client: `connect_timeout` on the TCP connect (per address,
 /// hyper-util's timer) and on the whole connect with TLS; pooled
 /// connections dropped after `idle_timeout` idle, or never pooled when it
-/// is zero.
+/// is zero. `set_host`: the client adds `Host` (from the URI) to HTTP/1.1
+/// requests that lack it; off when every request carries its own.
 pub(crate) fn build(
     tls: rustls::ClientConfig,
     timeouts: &Timeouts,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    set_host: bool,
 ) -> UpstreamClient {
     let mut http = upstream::http_connector(timeouts);
     http.set_connect_timeout(Some(connect_timeout));
@@ -94,7 +96,8 @@ pub(crate) fn build(
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new());
+        .pool_timer(TokioTimer::new())
+        .set_host(set_host);
     if idle_timeout.is_zero() {
         builder.pool_max_idle_per_host(0);
     } else {

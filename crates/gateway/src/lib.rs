@@ -247,7 +247,15 @@ impl Gateway {
             source,
         })?;
         let mut clients = Vec::with_capacity(config.providers.len());
-        for p in &config.providers {
+        for (p, auth) in config.providers.iter().zip(auth) {
+            let urls = EndpointUrls::new(&p.base_url).map_err(|e| {
+                ConfigError::provider_field(
+                    &p.name,
+                    "base_url",
+                    format!("cannot be followed by the endpoints' paths ({e})"),
+                )
+            })?;
+            let headers = RequestHeaders::new(&urls, auth);
             // No redirect is followed (the client follows none): a POST is
             // never replayed to another location, a 3xx fails the attempt
             // and the next provider is tried.
@@ -256,15 +264,9 @@ impl Gateway {
                 &policy.timeouts,
                 p.connect_timeout.unwrap_or(policy.timeouts.connect),
                 p.idle_timeout,
+                !headers.has_host(),
             );
-            let urls = EndpointUrls::new(&p.base_url).map_err(|e| {
-                ConfigError::provider_field(
-                    &p.name,
-                    "base_url",
-                    format!("cannot be followed by the endpoints' paths ({e})"),
-                )
-            })?;
-            clients.push((client, urls));
+            clients.push((client, urls, headers));
         }
         let mut pool = Pool::builder().policy(live);
         for p in &config.providers {
@@ -282,7 +284,7 @@ impl Gateway {
                 let provider = Provider {
                     client: clients[i].0.clone(),
                     urls: clients[i].1.clone(),
-                    headers: RequestHeaders::new(&clients[i].1, auth[i].clone()),
+                    headers: clients[i].2.clone(),
                     upstream_model: r.upstream_model.as_deref().map(Arc::from),
                     attempt_timeout: p.attempt_timeout,
                     redactor: redactor.clone(),

@@ -12,6 +12,8 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::pin::pin;
+use std::task::Poll;
 
 use axum::body::{Body, Bytes};
 use futures_util::StreamExt;
@@ -62,7 +64,11 @@ pub(crate) async fn read_body(
     }
     let read = async {
         let mut stream = body.into_data_stream();
-        let mut chunks: Vec<Bytes> = Vec::new();
+        // The first chunk is kept as it is: a body that arrives in one
+        // (nearly every request's) is neither copied nor collected in a
+        // `Vec` first.
+        let mut first: Option<Bytes> = None;
+        let mut more: Vec<Bytes> = Vec::new();
         let mut total = 0usize;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|_| BodyError::Read)?;
@@ -70,18 +76,34 @@ pub(crate) async fn read_body(
             if total > limit {
                 return Err(BodyError::TooLarge { limit });
             }
-            chunks.push(chunk);
+            match first {
+                None => first = Some(chunk),
+                Some(_) => more.push(chunk),
+            }
         }
-        // A body that arrived in one chunk needs no copy.
-        Ok(match chunks.len() {
-            0 => Bytes::new(),
-            1 => chunks.swap_remove(0),
-            _ => Bytes::from(chunks.concat()),
+        Ok(match first {
+            None => Bytes::new(),
+            Some(only) if more.is_empty() => only,
+            Some(head) => {
+                let mut all = Vec::with_capacity(total);
+                all.extend_from_slice(&head);
+                for chunk in &more {
+                    all.extend_from_slice(chunk);
+                }
+                Bytes::from(all)
+            }
         })
     };
-    tokio::time::timeout_at(deadline, read)
-        .await
-        .unwrap_or(Err(BodyError::TimedOut))
+    // A body that is already here is read without arming a timer (a
+    // runtime-handle clone and a timer-wheel entry): only a body still on
+    // its way is raced against the deadline.
+    let mut read = pin!(read);
+    match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+        Poll::Ready(read) => read,
+        Poll::Pending => tokio::time::timeout_at(deadline, read)
+            .await
+            .unwrap_or(Err(BodyError::TimedOut)),
+    }
 }
 
 /// The byte range of the top-level `model` member's value in a JSON
