@@ -31,9 +31,10 @@ use std::time::Duration;
 use axum::body::Bytes;
 use http::Uri;
 use http_body_util::Full;
+use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use retryctl::policy::Timeouts;
 use retryctl::upstream;
@@ -128,9 +129,9 @@ where
     C::Future: Send + 'static,
     C::Response: Send + 'static,
 {
-    type Response = C::Response;
+    type Response = Unlabelled<C::Response>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -141,7 +142,7 @@ where
         let limit = self.limit;
         Box::pin(async move {
             match tokio::time::timeout(limit, connecting).await {
-                Ok(connected) => connected.map_err(Into::into),
+                Ok(connected) => connected.map(Unlabelled).map_err(Into::into),
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "connect (TCP and TLS) timed out",
@@ -149,5 +150,70 @@ where
                 .into()),
             }
         })
+    }
+}
+
+/// A connection whose responses are not labelled with its addresses.
+///
+/// `HttpConnector` describes every TCP connection with its local and
+/// remote address (`HttpInfo`), and the client copies that description
+/// into the extensions of every response on the connection: an extensions
+/// map allocated and a type-keyed insert per request (~500 instructions),
+/// for addresses the gateway never reads (and must not show a client).
+/// This wrapper reports the connection without them; what the client's
+/// pool does act on is kept (HTTP/2 negotiated by ALPN, a proxied
+/// connection).
+#[derive(Debug)]
+pub(crate) struct Unlabelled<T>(T);
+
+impl<T: Connection> Connection for Unlabelled<T> {
+    fn connected(&self) -> Connected {
+        let inner = self.0.connected();
+        let connected = Connected::new().proxy(inner.is_proxied());
+        if inner.is_negotiated_h2() {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl<T: Read + Unpin> Read for Unlabelled<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for Unlabelled<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 }
