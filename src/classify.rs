@@ -651,11 +651,7 @@ impl Rules {
     /// transient: the upstream never saw the request.
     #[cfg(any(feature = "reqwest", feature = "hyper-client"))]
     fn connect_failure(&self, err: &(dyn StdError + 'static)) -> Verdict {
-        match self.cause_below(err) {
-            Some(v) if matches!(v.cause, Cause::ConnectRefused | Cause::Reset) => v,
-            Some(v) if v.cause == Cause::Timeout => Verdict::transient(Cause::ConnectTimeout),
-            _ => Verdict::transient(Cause::Connect),
-        }
+        connect_verdict(self.cause_below(err))
     }
 
     /// Classifies an error of hyper-util's legacy client (what
@@ -678,15 +674,41 @@ impl Rules {
     #[cfg(feature = "hyper-client")]
     pub fn hyper_client(&self, err: &hyper_util::client::legacy::Error) -> Verdict {
         if err.is_connect() {
-            if timed_out(err) {
-                return Verdict::transient(Cause::ConnectTimeout);
-            }
-            return self.connect_failure(err);
+            self.hyper_connect(err)
+        } else {
+            self.hyper_send(err)
         }
+    }
+
+    /// Classifies a failed connect (the upstream never saw the request),
+    /// whatever its error type (a connector's, as hyper's connection API
+    /// leaves it; [`Rules::hyper_client`] uses it for the legacy client's
+    /// connect errors): a timeout anywhere in the chain is
+    /// `connect_timeout`, refused `connect_refused`, a reset `reset`,
+    /// anything else (DNS, unreachable, TLS) `connect`; all transient.
+    #[cfg(feature = "hyper-client")]
+    pub fn hyper_connect(&self, err: &(dyn StdError + 'static)) -> Verdict {
+        if timed_out(err) {
+            return Verdict::transient(Cause::ConnectTimeout);
+        }
+        match self.kind_of(err) {
+            Some(v) => connect_verdict(Some(v)),
+            None => self.connect_failure(err),
+        }
+    }
+
+    /// Classifies a request that failed on an established connection
+    /// before its response head arrived (hyper's `SendRequest` error, or
+    /// the legacy client's wrapping one): a timeout anywhere in the chain
+    /// is a response timeout; then the first io kind or hyper flag in it
+    /// (a reset or a connection closed mid-message is `reset`, a request
+    /// handed back unsent `not_sent`); otherwise the chain's text.
+    #[cfg(feature = "hyper-client")]
+    pub fn hyper_send(&self, err: &(dyn StdError + 'static)) -> Verdict {
         if timed_out(err) {
             return self.response_timeout();
         }
-        if let Some(v) = self.cause_below(err) {
+        if let Some(v) = self.kind_of(err).or_else(|| self.cause_below(err)) {
             return v;
         }
         self.text(&chain_text(err))
@@ -705,6 +727,17 @@ impl Rules {
         self.kind_of(err)
             .or_else(|| self.cause_below(err))
             .unwrap_or(Verdict::transient(Cause::Body))
+    }
+}
+
+/// A connect failure's verdict from the first io kind or hyper flag of its
+/// chain that means something (`None`: none did).
+#[cfg(any(feature = "reqwest", feature = "hyper-client"))]
+fn connect_verdict(found: Option<Verdict>) -> Verdict {
+    match found {
+        Some(v) if matches!(v.cause, Cause::ConnectRefused | Cause::Reset) => v,
+        Some(v) if v.cause == Cause::Timeout => Verdict::transient(Cause::ConnectTimeout),
+        _ => Verdict::transient(Cause::Connect),
     }
 }
 

@@ -244,6 +244,15 @@ impl UpstreamError {
     }
 }
 
+/// Whether `err` or an error below it is a timeout: an `io::Error` of kind
+/// `TimedOut` or a hyper timeout, as [`UpstreamError::is_timeout`] looks
+/// for them in hyper-util's and hyper's errors (for an application that
+/// drives hyper's connections itself).
+#[cfg(feature = "hyper-client")]
+pub fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::classify::timed_out(err)
+}
+
 /// A response [`check`] can judge: its status and headers, and its body
 /// read a chunk at a time.
 ///

@@ -27,6 +27,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 
 use super::client::UpstreamClient;
+use super::keepalive::{KeepAlive, SendError};
 use super::redact::{self, Redactor};
 use super::request;
 use super::stream;
@@ -79,9 +80,14 @@ impl Endpoint {
 
 /// A provider's URI for each endpoint, built once: an attempt clones one
 /// (a few reference counts) instead of formatting and parsing a string
-/// (the URL parser was ~5% of the gateway's CPU time under load).
+/// (the URL parser was ~5% of the gateway's CPU time under load). Each in
+/// absolute form (hyper-util's client takes it) and in origin form, the
+/// path alone (what an HTTP/1.1 request line carries, for [`KeepAlive`]).
 #[derive(Clone, Debug)]
-pub(crate) struct EndpointUrls([Uri; 3]);
+pub(crate) struct EndpointUrls {
+    absolute: [Uri; 3],
+    origin: [Uri; 3],
+}
 
 impl EndpointUrls {
     /// The base URL (trailing slashes trimmed) followed by each endpoint's
@@ -94,11 +100,22 @@ impl EndpointUrls {
                 .parse::<Uri>()
                 .map_err(|e| e.to_string())
         });
-        Ok(EndpointUrls([a?, b?, c?]))
+        let absolute = [a?, b?, c?];
+        let origin = absolute.clone().map(|uri| {
+            uri.path_and_query()
+                .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()))
+        });
+        Ok(EndpointUrls { absolute, origin })
     }
 
-    fn get(&self, endpoint: Endpoint) -> &Uri {
-        &self.0[endpoint.index()]
+    /// The endpoint's URI in absolute form.
+    pub(crate) fn get(&self, endpoint: Endpoint) -> &Uri {
+        &self.absolute[endpoint.index()]
+    }
+
+    /// The endpoint's path (origin form).
+    fn origin(&self, endpoint: Endpoint) -> &Uri {
+        &self.origin[endpoint.index()]
     }
 }
 
@@ -116,11 +133,12 @@ impl RequestHeaders {
     /// `Bearer <key>`, marked sensitive) and, for an `http://` base URL,
     /// `Host`.
     ///
-    /// `Host` is what the client would set from the URI: the host, and the
-    /// port when it is not the scheme's default. Only `http://` providers
-    /// get it here: they always speak HTTP/1.1, while an `https://` one
-    /// may negotiate HTTP/2, which sends the URI's authority instead and
-    /// which the client then leaves without `Host`.
+    /// `Host` is what hyper-util's client would set from the URI: the
+    /// host, and the port when it is not the scheme's default. Only
+    /// `http://` providers get it here: they always speak HTTP/1.1 through
+    /// [`KeepAlive`], which sends the headers as they are, while an
+    /// `https://` one goes through hyper-util's client, which sets `Host`
+    /// on HTTP/1.1 and sends the URI's authority on HTTP/2.
     pub(crate) fn new(urls: &EndpointUrls, auth: Option<HeaderValue>) -> RequestHeaders {
         // Every endpoint has the base URL's scheme and authority.
         let base = urls.get(Endpoint::ChatCompletions);
@@ -149,20 +167,40 @@ impl RequestHeaders {
         }
     }
 
-    /// Whether the headers carry `Host` (so the client need not set it).
-    pub(crate) fn has_host(&self) -> bool {
-        self.by_accept[0].contains_key(HOST)
-    }
-
     fn get(&self, stream: bool) -> &HeaderMap {
         &self.by_accept[usize::from(stream)]
+    }
+}
+
+/// How a provider's requests travel.
+#[derive(Clone, Debug)]
+pub(crate) enum Transport {
+    /// `http://`: HTTP/1.1 connections of the gateway's own pool.
+    KeepAlive(Arc<KeepAlive>),
+    /// `https://`: hyper-util's client (TLS, ALPN, HTTP/2), boxed: it is
+    /// large and shared by reference.
+    Client(Box<UpstreamClient>),
+}
+
+impl Transport {
+    /// `http://` base URLs get a [`KeepAlive`] pool, others a client.
+    pub(crate) fn new(
+        base: &Uri,
+        connector: super::client::Connector,
+        idle_timeout: Duration,
+    ) -> Transport {
+        if base.scheme_str() == Some("http") {
+            Transport::KeepAlive(KeepAlive::new(connector, base.clone(), idle_timeout))
+        } else {
+            Transport::Client(Box::new(super::client::build(connector, idle_timeout)))
+        }
     }
 }
 
 /// One provider of one model, as the pool hands it to an attempt.
 #[derive(Debug)]
 pub(crate) struct Provider {
-    pub(crate) client: UpstreamClient,
+    pub(crate) transport: Transport,
     /// Where each endpoint is.
     pub(crate) urls: EndpointUrls,
     /// The headers of every request to this provider.
@@ -222,6 +260,11 @@ pub(crate) enum AttemptFailure {
     TooLarge { limit: usize },
     /// The provider's own `attempt_timeout` passed.
     TimedOut(Duration),
+    /// No connection to a plain-HTTP provider ([`KeepAlive`]): the request
+    /// was never sent.
+    Connect(Box<dyn std::error::Error + Send + Sync>),
+    /// A plain-HTTP provider's connection failed before the response head.
+    Send(hyper::Error),
 }
 
 impl AttemptFailure {
@@ -268,6 +311,8 @@ impl AttemptFailure {
         match self {
             AttemptFailure::TimedOut(_) => true,
             AttemptFailure::Upstream(e) => e.is_timeout(),
+            AttemptFailure::Connect(e) => upstream::timed_out(&**e),
+            AttemptFailure::Send(e) => upstream::timed_out(e),
             _ => false,
         }
     }
@@ -282,15 +327,16 @@ impl fmt::Display for AttemptFailure {
             AttemptFailure::Upstream(e) => {
                 // The whole chain: the top level alone says only "client
                 // error (Connect)".
-                let mut text = e.to_string();
-                let mut cur = e.error_source();
-                while let Some(inner) = cur {
-                    text.push_str(": ");
-                    text.push_str(&inner.to_string());
-                    cur = inner.source();
-                }
-                f.write_str(&redact::redact(&text))
+                f.write_str(&redact::redact(&chain(&e.to_string(), e.error_source())))
             }
+            AttemptFailure::Connect(e) => f.write_str(&redact::redact(&chain(
+                &format!("cannot connect: {e}"),
+                e.source(),
+            ))),
+            AttemptFailure::Send(e) => f.write_str(&redact::redact(&chain(
+                &format!("request failed: {e}"),
+                std::error::Error::source(e),
+            ))),
             AttemptFailure::ErrorEvent { status, data } => {
                 f.write_str("the stream's first event is an error")?;
                 if let Some(s) = status {
@@ -314,6 +360,17 @@ impl fmt::Display for AttemptFailure {
     }
 }
 
+/// `top` followed by the text of every error below it.
+fn chain(top: &str, mut cur: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut text = top.to_owned();
+    while let Some(inner) = cur {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    text
+}
+
 impl Classify for AttemptFailure {
     fn classify(&self, rules: &Rules) -> Verdict {
         match self {
@@ -330,6 +387,8 @@ impl Classify for AttemptFailure {
                 .unwrap_or(Verdict::new(Classification::Transient, Cause::Reset)),
             AttemptFailure::TooLarge { .. } => Verdict::new(Classification::TryNext, Cause::Decode),
             AttemptFailure::TimedOut(_) => rules.response_timeout(),
+            AttemptFailure::Connect(e) => rules.hyper_connect(&**e),
+            AttemptFailure::Send(e) => rules.hyper_send(e),
         }
     }
 }
@@ -348,17 +407,31 @@ impl Provider {
         };
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.urls.get(job.endpoint).clone();
         *request.headers_mut() = self.headers.get(job.stream).clone();
-        // Lazy: nothing happens until the attempt is polled.
-        let sending = self.client.request(request);
+        // Lazy either way: nothing happens until the attempt is polled.
+        let sending = match &self.transport {
+            Transport::KeepAlive(pool) => {
+                *request.uri_mut() = self.urls.origin(job.endpoint).clone();
+                Ok((pool.clone(), request))
+            }
+            Transport::Client(client) => {
+                *request.uri_mut() = self.urls.get(job.endpoint).clone();
+                Err(client.request(request))
+            }
+        };
         let redactor = self.redactor.clone();
         let stream = job.stream;
         let max = job.max_response_body;
         let limit = self.attempt_timeout;
         async move {
             let work = async move {
-                let response = sending.await.map_err(AttemptFailure::request)?;
+                let response = match sending {
+                    Ok((pool, request)) => pool.send(request).await.map_err(|e| match e {
+                        SendError::Connect(e) => AttemptFailure::Connect(e),
+                        SendError::Send(e) => AttemptFailure::Send(e),
+                    })?,
+                    Err(sending) => sending.await.map_err(AttemptFailure::request)?,
+                };
                 let response = upstream::check(response)
                     .await
                     .map_err(|e| AttemptFailure::upstream(e, &redactor))?;

@@ -1,4 +1,6 @@
-//! The upstream HTTP client: hyper-util's legacy client, directly.
+//! The upstream connector, and the client of `https://` providers:
+//! hyper-util's legacy client, directly (`http://` providers use
+//! [`KeepAlive`](crate::keepalive::KeepAlive) over the same connector).
 //!
 //! reqwest wraps this same client (its pool, its `HttpConnector`, its
 //! hyper-rustls connector) in layers the gateway does not use: a redirect
@@ -9,17 +11,14 @@
 //! Here an attempt hands the client an `http::Request` whose `Uri` was
 //! built when the gateway was, and gets back `http::Response<Incoming>`.
 //!
-//! What reqwest did and this client still does: `http://` and `https://`
-//! base URLs (rustls with the platform's verifier, ALPN `h2` and
-//! `http/1.1`), the connect timeout (covering the TLS handshake too),
-//! `TCP_NODELAY`, reqwest's TCP keep-alive and `TCP_USER_TIMEOUT`, keep-alive
-//! pooling with the provider's `idle_timeout`, no redirects followed (the
-//! legacy client follows none), the `Host` header (the attempt's headers
-//! carry it for `http://` providers, see `attempt::RequestHeaders`; the
-//! client sets it from the URI otherwise for HTTP/1.1, `:authority` for
-//! HTTP/2). What it does not: the
-//! system proxy from `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (see the crate
-//! docs).
+//! What reqwest did and this client still does: `https://` base URLs
+//! (rustls with the platform's verifier, ALPN `h2` and `http/1.1`), the
+//! connect timeout (covering the TLS handshake too), `TCP_NODELAY`,
+//! reqwest's TCP keep-alive and `TCP_USER_TIMEOUT`, keep-alive pooling
+//! with the provider's `idle_timeout`, no redirects followed (the legacy
+//! client follows none), the `Host` header (set from the URI for HTTP/1.1,
+//! `:authority` for HTTP/2). What it does not: the system proxy from
+//! `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (see the crate docs).
 
 use std::future::Future;
 use std::io;
@@ -73,18 +72,14 @@ pub(crate) fn tls_config(any_https: bool) -> io::Result<rustls::ClientConfig> {
     })
 }
 
-/// A provider's client: `connect_timeout` on the TCP connect (per address,
-/// hyper-util's timer) and on the whole connect with TLS; pooled
-/// connections dropped after `idle_timeout` idle, or never pooled when it
-/// is zero. `set_host`: the client adds `Host` (from the URI) to HTTP/1.1
-/// requests that lack it; off when every request carries its own.
-pub(crate) fn build(
+/// A provider's connector: TCP (`connect_timeout` per address,
+/// hyper-util's timer, `TCP_NODELAY`, the policy's keep-alive settings),
+/// then TLS for `https://`, the whole connect under `connect_timeout`.
+pub(crate) fn connector(
     tls: rustls::ClientConfig,
     timeouts: &Timeouts,
     connect_timeout: Duration,
-    idle_timeout: Duration,
-    set_host: bool,
-) -> UpstreamClient {
+) -> Connector {
     let mut http = upstream::http_connector(timeouts);
     http.set_connect_timeout(Some(connect_timeout));
     // The TLS connector in front handles `https://`.
@@ -94,6 +89,16 @@ pub(crate) fn build(
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
+    ConnectTimeout {
+        inner: https,
+        limit: connect_timeout,
+    }
+}
+
+/// An `https://` provider's client over `connector`: pooled connections
+/// dropped after `idle_timeout` idle, or never pooled when it is zero.
+/// (`http://` providers use [`KeepAlive`](crate::keepalive::KeepAlive).)
+pub(crate) fn build(connector: Connector, idle_timeout: Duration) -> UpstreamClient {
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -101,17 +106,13 @@ pub(crate) fn build(
         // Requests are written from one buffer, as the listener writes
         // responses (see there): ~500 instructions per request; a large
         // prompt costs one more copy, small next to its upstream time.
-        .http1_writev(false)
-        .set_host(set_host);
+        .http1_writev(false);
     if idle_timeout.is_zero() {
         builder.pool_max_idle_per_host(0);
     } else {
         builder.pool_idle_timeout(idle_timeout);
     }
-    builder.build(ConnectTimeout {
-        inner: https,
-        limit: connect_timeout,
-    })
+    builder.build(connector)
 }
 
 /// A connector whose whole connect (TCP and, for `https://`, the TLS
