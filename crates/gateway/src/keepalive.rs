@@ -263,9 +263,17 @@ mod tests {
     use crate::attempt::AttemptFailure;
 
     fn pool(addr: std::net::SocketAddr, idle_timeout: Duration) -> Arc<KeepAlive> {
+        pool_with(addr, idle_timeout, Duration::from_secs(2))
+    }
+
+    fn pool_with(
+        addr: std::net::SocketAddr,
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Arc<KeepAlive> {
         let tls = crate::client::tls_config(false).unwrap();
         let timeouts = retryctl::policy::Timeouts::default();
-        let connector = crate::client::connector(tls, &timeouts, Duration::from_secs(2));
+        let connector = crate::client::connector(tls, &timeouts, connect_timeout);
         let target: Uri = format!("http://{addr}/v1").parse().unwrap();
         KeepAlive::new(connector, target, idle_timeout)
     }
@@ -386,6 +394,35 @@ mod tests {
         assert!(matches!(e, SendError::Send(_)), "{e:?}");
         assert_eq!(classify(e), (Classification::Transient, Cause::Reset));
         assert_eq!((server.hits(), server.connections()), (2, 1));
+    }
+
+    /// A listener whose accept queue is full drops the SYN: the connect
+    /// hangs until the connect timeout, a `connect_timeout` (and a
+    /// timeout, for the client's 504).
+    #[tokio::test]
+    async fn a_full_accept_queue_is_a_connect_timeout() {
+        let server = retryctl_testkit::StalledServer::start().await;
+        let pool = pool_with(
+            server.addr(),
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+        );
+        let started = std::time::Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(5), exchange(&pool, server.addr()))
+            .await
+            .expect("the connect timeout fires, not the test's")
+            .unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(190));
+        let SendError::Connect(inner) = e else {
+            panic!("{e:?}")
+        };
+        let failure = AttemptFailure::Connect(inner);
+        assert!(failure.is_timeout());
+        let v = failure.classify(&Rules::default());
+        assert_eq!(
+            (v.class, v.cause),
+            (Classification::Transient, Cause::ConnectTimeout)
+        );
     }
 
     #[tokio::test]
