@@ -925,12 +925,21 @@ fn cannot_finish<P>(
 }
 
 /// With `adaptive.attempt_timeout`: the attempt limit derived from the
-/// provider's recent p99, when there are enough samples.
+/// provider's recent p99, when there are enough samples. The option's
+/// check is inline (every attempt makes it, and it is off by default);
+/// the statistics are read out of line.
+#[inline(always)]
 fn adaptive_limit<P>(route: &super::Route<P>, policy: &Policy, now: Moment) -> Option<Duration> {
-    let a = &policy.adaptive;
-    if !a.attempt_timeout {
+    if !policy.adaptive.attempt_timeout {
         return None;
     }
+    p99_limit(route, policy, now)
+}
+
+/// [`adaptive_limit`] once the option is on.
+#[inline(never)]
+fn p99_limit<P>(route: &super::Route<P>, policy: &Policy, now: Moment) -> Option<Duration> {
+    let a = &policy.adaptive;
     let (_, p99) = route.stats.recent_latency(now, a.min_samples)?;
     Some(
         p99.mul_f64(a.attempt_timeout_factor)
