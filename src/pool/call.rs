@@ -765,6 +765,13 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         route.metrics.attempt(Some(verdict.cause), elapsed);
         route.record_recovery(policy, ended, Some(verdict.class));
         m.resolve_shadow(i, now, Some(verdict.class));
+        if self.report.failures.capacity() == 0 {
+            // Room for one failure per provider, allocated at once: a
+            // first push would go through the vector's growth path and
+            // take room for four, for the one failure most retried calls
+            // have.
+            self.report.failures = Vec::with_capacity(m.routes.len());
+        }
         self.report.failures.push(FailedAttempt {
             provider: route.name,
             round,
