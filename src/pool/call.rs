@@ -103,12 +103,14 @@ struct Steps {
 }
 
 impl Steps {
+    #[inline]
     fn pop_front(&mut self) -> Option<Step> {
         let step = self.items.get(self.next).copied()?;
         self.next += 1;
         Some(step)
     }
 
+    #[inline]
     fn push_back(&mut self, step: Step) {
         if self.next == self.items.len() {
             // Everything was taken: reuse the space.
