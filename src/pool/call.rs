@@ -343,10 +343,16 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         loop {
             while let Some(step) = steps.pop_front() {
                 let i = step.index();
-                if let Step::Timed(retry) = step
-                    && !self.timed_wait(retry, round, &mut steps).await
-                {
-                    continue;
+                if let Step::Timed(retry) = step {
+                    // Paid for synchronously; only a wait that really
+                    // waits is awaited (a zero delay, or a retry already
+                    // due, never builds the sleep's future).
+                    let Some(ready) = self.pay_retry(retry, round, &mut steps) else {
+                        continue;
+                    };
+                    if ready > self.latest {
+                        self.wait_until(ready).await;
+                    }
                 }
                 let admitted = match self.try_admit(i) {
                     Some(admitted) => admitted,
@@ -498,10 +504,13 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
 }
 
 impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
-    /// The wait before a later round's retry, after checking the deadline
-    /// and paying the budget. `false`: this retry is not made (and, when
-    /// the reason holds for every later one, neither are they).
-    async fn timed_wait(&mut self, r: Retry, round: u32, steps: &mut Steps) -> bool {
+    /// Checks the deadline and pays the budget for a later round's retry:
+    /// when it can start (the caller waits until then, see
+    /// [`Call::wait_until`]). `None`: this retry is not made (and, when
+    /// the reason holds for every later one, neither are they). Out of
+    /// line: the success path, inlined into the loop, should not carry it.
+    #[inline(never)]
+    fn pay_retry(&mut self, r: Retry, round: u32, steps: &mut Steps) -> Option<Moment> {
         let m = self.m;
         let policy = self.policy;
         // Not before now: an earlier retry of this round may have used the
@@ -519,7 +528,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             self.stopped = Some(FailReason::DeadlineExceeded { wait: Some(r.wait) });
             // The round's later retries wait longer still.
             steps.retain(|s| !matches!(s, Step::Timed(_)));
-            return false;
+            return None;
         }
         if let Some(p50) = cannot_finish(m, r.index, policy, self.round_end, ready, self.deadline) {
             tracing::info!(
@@ -532,7 +541,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             );
             m.metrics.skipped(Skip::DeadlinePredicted);
             self.stopped = Some(FailReason::RetryCannotFinish { wait: r.wait, p50 });
-            return false;
+            return None;
         }
         if !m.budget.withdraw_at(self.latest, &policy.budget) {
             tracing::warn!(
@@ -544,21 +553,24 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             m.metrics.skipped(Skip::Budget);
             self.stopped = Some(FailReason::BudgetExhausted);
             steps.retain(|s| !matches!(s, Step::Timed(_)));
-            return false;
+            return None;
         }
         if let Some(shadow) = &mut self.shadow {
             shadow.charge(m, round);
         }
         self.report.rounds = self.report.rounds.max(round);
+        Some(ready)
+    }
+
+    /// Waits until `ready` (after the latest clock reading), and counts
+    /// the wait.
+    async fn wait_until(&mut self, ready: Moment) {
         let before = self.latest;
-        if ready > before {
-            tokio::time::sleep_until(ready.instant()).await;
-            self.latest = self.m.clock.now();
-            let waited = self.latest - before;
-            self.report.waited += waited;
-            m.metrics.retry_delay(waited);
-        }
-        true
+        tokio::time::sleep_until(ready.instant()).await;
+        self.latest = self.m.clock.now();
+        let waited = self.latest - before;
+        self.report.waited += waited;
+        self.m.metrics.retry_delay(waited);
     }
 
     /// Provider `i`'s admission gate when it does not limit: admission off,
