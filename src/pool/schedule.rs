@@ -24,10 +24,12 @@ pub(super) struct Retry {
 pub(super) fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
     // The first retry's factor is `backoff^0`, exactly 1 (for any
     // `backoff`, as `powi` defines it): no call into the runtime's `powi`
-    // for the retry most requests that retry make.
+    // for the retry most requests that retry make. (`growth` is out of
+    // line: inlined, `powi` is a pure intrinsic the optimiser calls
+    // unconditionally and then selects 1.0 over.)
     let growth = match retry.saturating_sub(1).min(64) {
         0 => 1.0,
-        n => factor.powi(n as i32),
+        n => growth(factor, n as i32),
     };
     let scaled = base.as_secs_f64() * growth;
     if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
@@ -39,6 +41,12 @@ pub(super) fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) ->
     } else {
         Duration::from_secs_f64(scaled)
     }
+}
+
+/// `factor^n`, for [`backoff`]'s later retries.
+#[inline(never)]
+fn growth(factor: f64, n: i32) -> f64 {
+    factor.powi(n)
 }
 
 /// Spreads `wait` uniformly over `wait x (1 +/- jitter)`.
