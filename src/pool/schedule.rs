@@ -20,7 +20,10 @@ pub(super) struct Retry {
     pub(super) wait: Duration,
 }
 
-/// `base x backoff^(retry - 1)`, capped.
+/// `base x backoff^(retry - 1)`, capped. Out of line: inlined into
+/// [`schedule`]'s loop (a learned delay's branch), its duration-to-float
+/// conversions are hoisted before the loop and paid by every plan.
+#[inline(never)]
 pub(super) fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
     // The first retry's factor is `backoff^0`, exactly 1 (for any
     // `backoff`, as `powi` defines it): no call into the runtime's `powi`
