@@ -240,6 +240,7 @@ impl ModelMetrics {
         self.attempts_per_request.record(f64::from(attempts));
     }
 
+    #[inline]
     pub(crate) fn retry(&self) {
         self.retries.increment(1);
     }
