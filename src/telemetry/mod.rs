@@ -218,6 +218,7 @@ impl ModelMetrics {
     }
 
     /// A served request (`retried`: it re-attempted a provider).
+    #[inline]
     pub(crate) fn served(&self, retried: bool, attempts: u32, elapsed: Duration, fell_back: bool) {
         if !retried {
             self.success_first_try.increment(1);
@@ -288,6 +289,7 @@ impl RouteMetrics {
     }
 
     /// One finished attempt (`None`: success).
+    #[inline]
     pub(crate) fn attempt(&self, cause: Option<Cause>, elapsed: Duration) {
         self.attempts[stats::result_index(cause)].increment(1);
         self.attempt_duration.record(elapsed.as_secs_f64());
