@@ -139,6 +139,7 @@ impl ProviderHealth {
     }
 
     /// Records a success: resets the count and restores a demoted provider.
+    #[inline]
     pub(crate) fn on_success(&self) -> HealthEvent {
         // Read first: the common case writes nothing, keeping the cache
         // line shared between cores.
