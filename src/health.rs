@@ -91,6 +91,7 @@ impl ProviderHealth {
     }
 
     /// Records a failed request (the caller guarantees once per request).
+    #[inline]
     pub(crate) fn on_failure(
         &self,
         now: Moment,
