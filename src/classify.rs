@@ -538,6 +538,7 @@ impl Rules {
     }
 
     /// Classifies an io error kind, if the kind means anything.
+    #[inline]
     pub fn io_kind(&self, kind: io::ErrorKind) -> Option<Verdict> {
         use io::ErrorKind as K;
         let cause = match kind {
@@ -804,6 +805,7 @@ impl Classify for reqwest::Error {
 }
 
 impl Classify for io::Error {
+    #[inline]
     fn classify(&self, rules: &Rules) -> Verdict {
         // The chain's first link is this error, which is neither a reqwest
         // nor a hyper-util error: a kind that means something is what
