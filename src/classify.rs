@@ -538,6 +538,7 @@ impl Rules {
     }
 
     /// Classifies an io error kind, if the kind means anything.
+    #[inline]
     pub fn io_kind(&self, kind: io::ErrorKind) -> Option<Verdict> {
         use io::ErrorKind as K;
         let cause = match kind {
@@ -837,7 +838,15 @@ impl Classify for reqwest::Error {
 }
 
 impl Classify for io::Error {
+    #[inline]
     fn classify(&self, rules: &Rules) -> Verdict {
+        // The chain's first link is this error, which is neither a reqwest
+        // nor a hyper-util error: a kind that means something is what
+        // `error_chain` would decide on first. Checked here without the
+        // walk's downcasts, for the errors a connect most often ends with.
+        if let Some(v) = rules.io_kind(self.kind()) {
+            return v;
+        }
         rules.error_chain(self)
     }
 
@@ -995,6 +1004,37 @@ mod tests {
         // an io error with a meaningless kind falls back to its text
         let other = io::Error::other("weird thing");
         assert_eq!(other.classify(&r).cause, Cause::Opaque);
+    }
+
+    #[test]
+    fn io_error_shortcut_matches_the_chain_walk() {
+        use io::ErrorKind as K;
+        let r = rules();
+        let kinds = [
+            K::ConnectionRefused,
+            K::ConnectionReset,
+            K::ConnectionAborted,
+            K::BrokenPipe,
+            K::UnexpectedEof,
+            K::NotConnected,
+            K::AddrNotAvailable,
+            K::TimedOut,
+            K::NotFound,
+            K::PermissionDenied,
+            K::Other,
+        ];
+        for kind in kinds {
+            for inner in kinds {
+                let errors = [
+                    io::Error::from(kind),
+                    io::Error::new(kind, "connection refused by the upstream"),
+                    io::Error::new(kind, io::Error::from(inner)),
+                ];
+                for e in errors {
+                    assert_eq!(e.classify(&r), r.error_chain(&e), "{kind:?} over {inner:?}");
+                }
+            }
+        }
     }
 
     #[test]

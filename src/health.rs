@@ -91,6 +91,7 @@ impl ProviderHealth {
     }
 
     /// Records a failed request (the caller guarantees once per request).
+    #[inline]
     pub(crate) fn on_failure(
         &self,
         now: Moment,
@@ -139,6 +140,7 @@ impl ProviderHealth {
     }
 
     /// Records a success: resets the count and restores a demoted provider.
+    #[inline]
     pub(crate) fn on_success(&self) -> HealthEvent {
         // Read first: the common case writes nothing, keeping the cache
         // line shared between cores.

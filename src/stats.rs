@@ -128,7 +128,6 @@ impl RouteStats {
     /// cause (`None` for a success).
     pub(crate) fn record(&self, now: Moment, elapsed: Duration, cause: Option<Cause>) {
         let epoch = self.epoch(now);
-        let micros = (elapsed.as_micros() as u64).clamp(1, MAX_MICROS);
         let result = result_index(cause);
         let first = crate::stripe::index() % SHARDS;
         let mut guard = None;
@@ -154,6 +153,9 @@ impl RouteStats {
             slot.counts = [0; RESULTS];
         }
         if cause.is_none() {
+            // Only a success's latency is recorded: a failure does not
+            // convert its duration.
+            let micros = (elapsed.as_micros() as u64).clamp(1, MAX_MICROS);
             slot.latency.saturating_record(micros);
         }
         slot.counts[result] = slot.counts[result].saturating_add(1);

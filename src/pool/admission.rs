@@ -502,6 +502,7 @@ impl Gate {
     }
 
     /// Whether the gate is open (no limit): one relaxed load.
+    #[inline]
     pub(crate) fn is_open(&self) -> bool {
         limit_of(self.state.load(Ordering::Relaxed)) == OPEN
     }

@@ -103,12 +103,14 @@ struct Steps {
 }
 
 impl Steps {
+    #[inline]
     fn pop_front(&mut self) -> Option<Step> {
         let step = self.items.get(self.next).copied()?;
         self.next += 1;
         Some(step)
     }
 
+    #[inline]
     fn push_back(&mut self, step: Step) {
         if self.next == self.items.len() {
             // Everything was taken: reuse the space.
@@ -341,10 +343,16 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         loop {
             while let Some(step) = steps.pop_front() {
                 let i = step.index();
-                if let Step::Timed(retry) = step
-                    && !self.timed_wait(retry, round, &mut steps).await
-                {
-                    continue;
+                if let Step::Timed(retry) = step {
+                    // Paid for synchronously; only a wait that really
+                    // waits is awaited (a zero delay, or a retry already
+                    // due, never builds the sleep's future).
+                    let Some(ready) = self.pay_retry(retry, round, &mut steps) else {
+                        continue;
+                    };
+                    if ready > self.latest {
+                        self.wait_until(ready).await;
+                    }
                 }
                 let admitted = match self.try_admit(i) {
                     Some(admitted) => admitted,
@@ -496,10 +504,13 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
 }
 
 impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
-    /// The wait before a later round's retry, after checking the deadline
-    /// and paying the budget. `false`: this retry is not made (and, when
-    /// the reason holds for every later one, neither are they).
-    async fn timed_wait(&mut self, r: Retry, round: u32, steps: &mut Steps) -> bool {
+    /// Checks the deadline and pays the budget for a later round's retry:
+    /// when it can start (the caller waits until then, see
+    /// [`Call::wait_until`]). `None`: this retry is not made (and, when
+    /// the reason holds for every later one, neither are they). Out of
+    /// line: the success path, inlined into the loop, should not carry it.
+    #[inline(never)]
+    fn pay_retry(&mut self, r: Retry, round: u32, steps: &mut Steps) -> Option<Moment> {
         let m = self.m;
         let policy = self.policy;
         // Not before now: an earlier retry of this round may have used the
@@ -517,7 +528,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             self.stopped = Some(FailReason::DeadlineExceeded { wait: Some(r.wait) });
             // The round's later retries wait longer still.
             steps.retain(|s| !matches!(s, Step::Timed(_)));
-            return false;
+            return None;
         }
         if let Some(p50) = cannot_finish(m, r.index, policy, self.round_end, ready, self.deadline) {
             tracing::info!(
@@ -530,7 +541,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             );
             m.metrics.skipped(Skip::DeadlinePredicted);
             self.stopped = Some(FailReason::RetryCannotFinish { wait: r.wait, p50 });
-            return false;
+            return None;
         }
         if !m.budget.withdraw_at(self.latest, &policy.budget) {
             tracing::warn!(
@@ -542,21 +553,24 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             m.metrics.skipped(Skip::Budget);
             self.stopped = Some(FailReason::BudgetExhausted);
             steps.retain(|s| !matches!(s, Step::Timed(_)));
-            return false;
+            return None;
         }
         if let Some(shadow) = &mut self.shadow {
             shadow.charge(m, round);
         }
         self.report.rounds = self.report.rounds.max(round);
+        Some(ready)
+    }
+
+    /// Waits until `ready` (after the latest clock reading), and counts
+    /// the wait.
+    async fn wait_until(&mut self, ready: Moment) {
         let before = self.latest;
-        if ready > before {
-            tokio::time::sleep_until(ready.instant()).await;
-            self.latest = self.m.clock.now();
-            let waited = self.latest - before;
-            self.report.waited += waited;
-            m.metrics.retry_delay(waited);
-        }
-        true
+        tokio::time::sleep_until(ready.instant()).await;
+        self.latest = self.m.clock.now();
+        let waited = self.latest - before;
+        self.report.waited += waited;
+        self.m.metrics.retry_delay(waited);
     }
 
     /// Provider `i`'s admission gate when it does not limit: admission off,
@@ -765,6 +779,13 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         route.metrics.attempt(Some(verdict.cause), elapsed);
         route.record_recovery(policy, ended, Some(verdict.class));
         m.resolve_shadow(i, now, Some(verdict.class));
+        if self.report.failures.capacity() == 0 {
+            // Room for one failure per provider, allocated at once: a
+            // first push would go through the vector's growth path and
+            // take room for four, for the one failure most retried calls
+            // have.
+            self.report.failures = Vec::with_capacity(m.routes.len());
+        }
         self.report.failures.push(FailedAttempt {
             provider: route.name,
             round,
@@ -925,12 +946,21 @@ fn cannot_finish<P>(
 }
 
 /// With `adaptive.attempt_timeout`: the attempt limit derived from the
-/// provider's recent p99, when there are enough samples.
+/// provider's recent p99, when there are enough samples. The option's
+/// check is inline (every attempt makes it, and it is off by default);
+/// the statistics are read out of line.
+#[inline(always)]
 fn adaptive_limit<P>(route: &super::Route<P>, policy: &Policy, now: Moment) -> Option<Duration> {
-    let a = &policy.adaptive;
-    if !a.attempt_timeout {
+    if !policy.adaptive.attempt_timeout {
         return None;
     }
+    p99_limit(route, policy, now)
+}
+
+/// [`adaptive_limit`] once the option is on.
+#[inline(never)]
+fn p99_limit<P>(route: &super::Route<P>, policy: &Policy, now: Moment) -> Option<Duration> {
+    let a = &policy.adaptive;
     let (_, p99) = route.stats.recent_latency(now, a.min_samples)?;
     Some(
         p99.mul_f64(a.attempt_timeout_factor)

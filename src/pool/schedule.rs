@@ -20,14 +20,36 @@ pub(super) struct Retry {
     pub(super) wait: Duration,
 }
 
-/// `base x backoff^(retry - 1)`, capped.
+/// `base x backoff^(retry - 1)`, capped. Out of line: inlined into
+/// [`schedule`]'s loop (a learned delay's branch), its duration-to-float
+/// conversions are hoisted before the loop and paid by every plan.
+#[inline(never)]
 pub(super) fn backoff(base: Duration, factor: f64, retry: u32, cap: Duration) -> Duration {
-    let scaled = base.as_secs_f64() * factor.powi(retry.saturating_sub(1).min(64) as i32);
+    // The first retry's factor is `backoff^0`, exactly 1 (for any
+    // `backoff`, as `powi` defines it): no call into the runtime's `powi`
+    // for the retry most requests that retry make. (`growth` is out of
+    // line: inlined, `powi` is a pure intrinsic the optimiser calls
+    // unconditionally and then selects 1.0 over.)
+    let growth = match retry.saturating_sub(1).min(64) {
+        0 => 1.0,
+        n => growth(factor, n as i32),
+    };
+    let scaled = base.as_secs_f64() * growth;
     if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
         cap
+    } else if scaled == 0.0 {
+        // What `from_secs_f64` would return, without its bit-level
+        // conversion: a zero delay is what a blind immediate retry uses.
+        Duration::ZERO
     } else {
         Duration::from_secs_f64(scaled)
     }
+}
+
+/// `factor^n`, for [`backoff`]'s later retries.
+#[inline(never)]
+fn growth(factor: f64, n: i32) -> f64 {
+    factor.powi(n)
 }
 
 /// Spreads `wait` uniformly over `wait x (1 +/- jitter)`.
@@ -66,16 +88,7 @@ pub(super) fn schedule(
                     too_long = too_long.max(Some(ra));
                     continue;
                 }
-                let own = jittered(
-                    backoff(
-                        policy.rate_limited_delay,
-                        policy.backoff,
-                        retry,
-                        policy.max_retry_after,
-                    ),
-                    policy.jitter,
-                );
-                own.max(retry_after.unwrap_or_default())
+                rate_limited_wait(policy, retry, retry_after)
             }
             _ => match learned(index) {
                 Some(base) => jittered(
@@ -90,6 +103,24 @@ pub(super) fn schedule(
     // Stable: equal waits keep the round's provider order.
     out.sort_by_key(|r| r.wait);
     too_long
+}
+
+/// The wait before retry number `retry` of a rate-limited provider: its
+/// own backoff, and at least the Retry-After it sent. Out of line: inlined
+/// into [`schedule`]'s loop, its duration-to-float conversions are hoisted
+/// before the loop and paid by every plan, rate-limited provider or not.
+#[inline(never)]
+fn rate_limited_wait(policy: &Policy, retry: u32, retry_after: Option<Duration>) -> Duration {
+    let own = jittered(
+        backoff(
+            policy.rate_limited_delay,
+            policy.backoff,
+            retry,
+            policy.max_retry_after,
+        ),
+        policy.jitter,
+    );
+    own.max(retry_after.unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -107,6 +138,34 @@ mod tests {
                 .map(Duration::from_millis)
                 .to_vec()
         );
+    }
+
+    #[test]
+    fn backoff_shortcuts_match_the_formula() {
+        // What `backoff` computed before its shortcuts for the first retry
+        // and a zero delay.
+        let formula = |base: Duration, factor: f64, retry: u32, cap: Duration| {
+            let scaled = base.as_secs_f64() * factor.powi(retry.saturating_sub(1).min(64) as i32);
+            if !scaled.is_finite() || scaled >= cap.as_secs_f64() {
+                cap
+            } else {
+                Duration::from_secs_f64(scaled)
+            }
+        };
+        let bases = [0, 1, 999, 123_456_789, 500_000_000, 7_000_000_001].map(Duration::from_nanos);
+        for base in bases {
+            for factor in [0.0, 0.5, 1.0, 2.0, 1e300, f64::INFINITY, f64::NAN] {
+                for retry in 0..=3 {
+                    for cap in [Duration::ZERO, Duration::from_secs(4)] {
+                        assert_eq!(
+                            backoff(base, factor, retry, cap),
+                            formula(base, factor, retry, cap),
+                            "{base:?} x {factor}^({retry} - 1), cap {cap:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

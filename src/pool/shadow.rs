@@ -244,11 +244,19 @@ impl ShadowRoute {
 impl<P> Model<P> {
     /// Decides the shadow's pending saves on route `i` after an attempt
     /// that started at `started` ended with `class` (`None`: success).
+    #[inline]
     pub(super) fn resolve_shadow(&self, i: u8, started: Moment, class: Option<Classification>) {
         let Some(route) = self.routes.get(usize::from(i)) else {
             return;
         };
-        let (saved, in_vain) = route.adaptive.shadow.resolve(started, class);
+        let shadow = &route.adaptive.shadow;
+        // Nothing pending (no `[shadow]` candidate, or none of its retries
+        // due): one load, inline, on every attempt, rather than two calls
+        // that find nothing to count.
+        if shadow.pending_len.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let (saved, in_vain) = shadow.resolve(started, class);
         self.shadow.effect(Effect::Saved, saved);
         self.shadow.effect(Effect::RetriedInVain, in_vain);
     }

@@ -218,6 +218,7 @@ impl ModelMetrics {
     }
 
     /// A served request (`retried`: it re-attempted a provider).
+    #[inline]
     pub(crate) fn served(&self, retried: bool, attempts: u32, elapsed: Duration, fell_back: bool) {
         if !retried {
             self.success_first_try.increment(1);
@@ -240,6 +241,7 @@ impl ModelMetrics {
         self.attempts_per_request.record(f64::from(attempts));
     }
 
+    #[inline]
     pub(crate) fn retry(&self) {
         self.retries.increment(1);
     }
@@ -287,6 +289,7 @@ impl RouteMetrics {
     }
 
     /// One finished attempt (`None`: success).
+    #[inline]
     pub(crate) fn attempt(&self, cause: Option<Cause>, elapsed: Duration) {
         self.attempts[stats::result_index(cause)].increment(1);
         self.attempt_duration.record(elapsed.as_secs_f64());

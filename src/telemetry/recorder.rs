@@ -157,26 +157,38 @@ impl BucketHistogram {
     }
 }
 
-impl HistogramFn for BucketHistogram {
-    fn record(&self, value: f64) {
-        self.record_many(value, 1);
-    }
-
-    fn record_many(&self, value: f64, count: usize) {
-        // A NaN would poison the sum forever; a duration is never one.
-        if value.is_nan() || count == 0 {
-            return;
-        }
+impl BucketHistogram {
+    /// Adds `count` samples of `value` (not NaN) whose sum is `add`.
+    #[inline(always)]
+    fn add(&self, value: f64, count: u64, add: f64) {
         let i = self.bucket(value);
         let at = Stripe::current();
         let Padded(stripe) = &self.stripes[at.index()];
-        at.add(&stripe.counts[i], count as u64);
-        let add = value * count as f64;
+        at.add(&stripe.counts[i], count);
         // There is no atomic f64 add: a load and a store on an owned
         // stripe, a compare-and-swap loop on the shared one.
         at.update(&stripe.sum, false, |bits| {
             (f64::from_bits(bits) + add).to_bits()
         });
+    }
+}
+
+impl HistogramFn for BucketHistogram {
+    /// One sample, the pool's only kind: without `record_many`'s count
+    /// check and its conversion and product (`value x 1.0` is `value`),
+    /// on every sample of every request.
+    fn record(&self, value: f64) {
+        // A NaN would poison the sum forever; a duration is never one.
+        if !value.is_nan() {
+            self.add(value, 1, value);
+        }
+    }
+
+    fn record_many(&self, value: f64, count: usize) {
+        if value.is_nan() || count == 0 {
+            return;
+        }
+        self.add(value, count as u64, value * count as f64);
     }
 }
 
