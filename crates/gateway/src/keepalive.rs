@@ -110,7 +110,12 @@ impl KeepAlive {
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: the connect's future (the connector's, the
+                // handshake's) is most of this one's size, and a request
+                // on a kept-alive connection, nearly every one, would
+                // otherwise carry it, and the pool and the server copy it
+                // with every request's future.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {

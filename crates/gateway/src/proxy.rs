@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::attempt::{Endpoint, Job, Provider, Upstreamed};
 use super::errors::{self, invalid_request};
 use super::redact::Redactor;
-use super::request::{self, BodyError, RequestHead};
+use super::request::{self, BodyError, ModelName, RequestHead};
 use super::stream::{self, StreamContext};
 use retryctl::{CallOptions, FailReason, Pool, Served};
 
@@ -176,14 +176,21 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
                 );
             }
         };
-    let (model, stream) = match RequestHead::parse(&body) {
+    let mut job = Job {
+        endpoint,
+        body,
+        stream: false,
+        max_response_body: shared.max_response_body,
+    };
+    // The model name is borrowed from the body the job holds: no copy.
+    let model = match RequestHead::parse(&job.body) {
         Ok(RequestHead {
-            model: Some(model),
+            model: Some(ModelName(model)),
             stream,
-        }) => (
-            model.into_owned(),
-            endpoint.streams() && stream == Some(true),
-        ),
+        }) => {
+            job.stream = endpoint.streams() && stream == Some(true);
+            model
+        }
         Ok(RequestHead { model: None, .. }) => {
             return invalid_request(
                 StatusCode::BAD_REQUEST,
@@ -199,12 +206,6 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
                 &shared.redactor.redact(&message),
             );
         }
-    };
-    let job = Job {
-        endpoint,
-        body,
-        stream,
-        max_response_body: shared.max_response_body,
     };
     // Found on the first attempt at a provider that renames the model.
     let mut span: Option<Option<Range<usize>>> = None;
@@ -228,10 +229,10 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
                 provider = served.provider,
                 attempts = served.attempts(),
                 rounds = served.rounds(),
-                stream,
+                stream = job.stream,
                 "served"
             );
-            respond(served, deadline, model, &shared)
+            respond(served, deadline, &model, &shared)
         }
         Err(e) => {
             let response = errors::pool_failure(&e, &shared.redactor);
@@ -268,7 +269,7 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
 fn respond(
     served: Served<Upstreamed>,
     deadline: Instant,
-    model: String,
+    model: &str,
     shared: &Shared,
 ) -> Response {
     let report = served.report;
@@ -295,7 +296,7 @@ fn respond(
             rest,
         } => {
             let context = StreamContext {
-                model,
+                model: model.to_owned(),
                 provider,
                 redactor: shared.redactor.clone(),
             };

@@ -24,10 +24,19 @@ use tokio::time::Instant;
 #[derive(Debug, Deserialize)]
 pub(crate) struct RequestHead<'a> {
     #[serde(borrow, default)]
-    pub(crate) model: Option<Cow<'a, str>>,
+    pub(crate) model: Option<ModelName<'a>>,
     #[serde(default)]
     pub(crate) stream: Option<bool>,
 }
+
+/// The `model` value, borrowed from the body unless it has escapes.
+///
+/// A newtype because serde borrows a `Cow<str>` only as a field of its own:
+/// inside an `Option` it deserializes an owned `String`, an allocation and
+/// a copy per request.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct ModelName<'a>(#[serde(borrow)] pub(crate) Cow<'a, str>);
 
 impl<'a> RequestHead<'a> {
     /// Parses (and so validates) a request body, which must be a JSON
@@ -256,14 +265,23 @@ mod tests {
     #[test]
     fn head_parses_borrowed_and_validates() {
         let h = RequestHead::parse(br#" {"model":"m","stream":true,"other":[1]}"#).unwrap();
-        assert_eq!((h.model.as_deref(), h.stream), (Some("m"), Some(true)));
+        let model = h.model.map(|m| m.0);
+        assert!(matches!(model, Some(Cow::Borrowed("m"))), "{model:?}");
+        assert_eq!(h.stream, Some(true));
+        // An escape cannot be borrowed: the unescaped name is owned.
+        let h = RequestHead::parse(br#"{"model":"a\u0062"}"#).unwrap();
+        let model = h.model.map(|m| m.0);
+        assert!(
+            matches!(&model, Some(Cow::Owned(m)) if m == "ab"),
+            "{model:?}"
+        );
         assert!(RequestHead::parse(br#"{"model":"m""#).is_err());
         assert!(RequestHead::parse(br#"{"model":5}"#).is_err());
         assert!(RequestHead::parse(br#"{"model":"a","model":"b"}"#).is_err());
         assert!(RequestHead::parse(br#"["model"]"#).is_err());
         assert!(RequestHead::parse(b"").is_err());
         let h = RequestHead::parse(br#"{"stream":null}"#).unwrap();
-        assert_eq!((h.model, h.stream), (None, None));
+        assert_eq!((h.model.is_none(), h.stream), (true, None));
     }
 
     #[tokio::test]
