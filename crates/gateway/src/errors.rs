@@ -15,7 +15,7 @@
 //! reach a client.
 
 use axum::body::Body;
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
@@ -74,10 +74,14 @@ pub(crate) fn invalid_request(status: StatusCode, code: &str, message: &str) -> 
 
 /// Adds the accounting headers.
 pub(crate) fn with_report(mut response: Response, report: &Report) -> Response {
-    let headers = response.headers_mut();
+    add_report(response.headers_mut(), report);
+    response
+}
+
+/// Adds the accounting headers to `headers`.
+pub(crate) fn add_report(headers: &mut HeaderMap, report: &Report) {
     headers.insert(ATTEMPTS_HEADER, count_value(report.attempts));
     headers.insert(ROUNDS_HEADER, count_value(report.rounds));
-    response
 }
 
 /// A count as a header value: the common small ones are static (no

@@ -109,7 +109,7 @@ pub use self::config::{
 pub use self::redact::{Redactor, redact};
 
 use self::attempt::{EndpointUrls, Provider, RequestHeaders, Transport};
-use self::proxy::Shared;
+use self::proxy::{ProviderHeaders, Shared};
 use crate::listener::{Connections, serve_connections};
 use crate::metrics_endpoint::MetricsError;
 use retryctl::policy::LivePolicy;
@@ -312,10 +312,10 @@ impl Gateway {
             max_response_body: config.max_response_body,
             max_headers: config.max_headers,
             request_timeout: config.request_timeout,
-            provider_names: config
+            provider_headers: config
                 .providers
                 .iter()
-                .filter_map(|p| Some((p.name.clone(), HeaderValue::from_str(&p.name).ok()?)))
+                .filter_map(|p| Some((p.name.clone(), ProviderHeaders::new(&p.name)?)))
                 .collect(),
         };
         Ok(Gateway {

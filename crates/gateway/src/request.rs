@@ -41,11 +41,22 @@ pub(crate) struct ModelName<'a>(#[serde(borrow)] pub(crate) Cow<'a, str>);
 impl<'a> RequestHead<'a> {
     /// Parses (and so validates) a request body, which must be a JSON
     /// object (serde would also accept an array as a struct).
+    ///
+    /// The body is checked to be UTF-8 once, as a whole, then parsed as a
+    /// `str`: parsed as bytes, every string in it would be validated on
+    /// its own, a call per string that cost more than the rest of the
+    /// parse (a chat request is mostly short strings).
     pub(crate) fn parse(body: &'a [u8]) -> Result<Self, serde_json::Error> {
         if body.get(skip_ws(body, 0)) != Some(&b'{') {
             return Err(serde::de::Error::custom("expected a JSON object"));
         }
-        serde_json::from_slice(body)
+        let text = std::str::from_utf8(body).map_err(|e| {
+            serde::de::Error::custom(format_args!(
+                "not UTF-8: invalid byte at offset {}",
+                e.valid_up_to()
+            ))
+        })?;
+        serde_json::from_str(text)
     }
 }
 
@@ -280,6 +291,8 @@ mod tests {
         assert!(RequestHead::parse(br#"{"model":"a","model":"b"}"#).is_err());
         assert!(RequestHead::parse(br#"["model"]"#).is_err());
         assert!(RequestHead::parse(b"").is_err());
+        let e = RequestHead::parse(b"{\"model\":\"m\xff\"}").unwrap_err();
+        assert_eq!(e.to_string(), "not UTF-8: invalid byte at offset 11");
         let h = RequestHead::parse(br#"{"stream":null}"#).unwrap();
         assert_eq!((h.model.is_none(), h.stream), (true, None));
     }

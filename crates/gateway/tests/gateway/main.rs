@@ -164,8 +164,32 @@ async fn a_5xx_before_the_first_byte_is_retried() {
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-retryctl-attempts"), Some("2"));
     assert_eq!(header(&r, "x-retryctl-rounds"), Some("2"));
+    assert_eq!(header(&r, "x-retryctl-provider"), Some("p0"));
+    assert_eq!(header(&r, "content-type"), Some("application/json"));
     assert_eq!(r.text().await.unwrap(), COMPLETION);
     assert_eq!(upstream.hits(), 2);
+}
+
+#[tokio::test]
+async fn the_upstream_content_type_is_kept() {
+    // Only the last takes the prebuilt headers of a JSON answer at the
+    // first attempt; the others' are set one by one, as they come.
+    let json_utf8 = Reply::ok("x").header("Content-Type", "application/json; charset=utf-8");
+    let upstream = HttpServer::start(vec![json_utf8, Reply::ok("y"), Reply::json("z")]).await;
+    let gw = start(&[upstream.url()]).await;
+    for (content_type, body) in [
+        ("application/json; charset=utf-8", "x"),
+        ("text/plain; charset=utf-8", "y"),
+        ("application/json", "z"),
+    ] {
+        let r = gw.chat(&chat_body(false)).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "content-type"), Some(content_type));
+        assert_eq!(header(&r, "x-retryctl-provider"), Some("p0"));
+        assert_eq!(header(&r, "x-retryctl-attempts"), Some("1"));
+        assert_eq!(header(&r, "x-retryctl-rounds"), Some("1"));
+        assert_eq!(r.text().await.unwrap(), body);
+    }
 }
 
 #[tokio::test]
