@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -123,14 +123,21 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Service 
 
     fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         let shared = self.shared.clone();
-        Box::pin(async move { Ok(dispatch(shared, req.map(Body::new)).await) })
+        Box::pin(async move { Ok(dispatch(shared, req).await) })
     }
 }
 
 /// Routes one request: `POST` to the three proxied endpoints, `GET` (and
 /// `HEAD`) `/healthz`; any other method there is a 405 naming the allowed
 /// ones, any other path a 404.
-pub(crate) async fn dispatch(shared: Arc<Shared>, req: Request) -> Response {
+///
+/// Generic over the request body: `serve` passes hyper's own (not boxed
+/// into `axum`'s `Body`, an allocation and a dynamic call per frame), the
+/// router `axum`'s.
+pub(crate) async fn dispatch<B>(shared: Arc<Shared>, req: http::Request<B>) -> Response
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+{
     let path = req.uri().path();
     if let Some(endpoint) = Endpoint::at(path) {
         return if req.method() == Method::POST {
@@ -169,7 +176,10 @@ fn method_not_allowed(method: &Method, allow: &'static str) -> Response {
     response
 }
 
-async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Response {
+async fn handle<B>(shared: Arc<Shared>, endpoint: Endpoint, req: http::Request<B>) -> Response
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+{
     let start = Instant::now();
     let limit = shared
         .request_timeout

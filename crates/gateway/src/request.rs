@@ -15,8 +15,8 @@ use std::ops::Range;
 use std::pin::pin;
 use std::task::Poll;
 
-use axum::body::{Body, Bytes};
-use futures_util::StreamExt;
+use axum::body::Bytes;
+use http_body_util::BodyExt as _;
 use serde::Deserialize;
 use tokio::time::Instant;
 
@@ -73,25 +73,32 @@ pub(crate) enum BodyError {
 
 /// Reads the whole body, refusing a declared or actual length above
 /// `limit` and a body not complete by `deadline`.
-pub(crate) async fn read_body(
-    body: Body,
+///
+/// Generic over the body: `serve` reads hyper's own, unboxed; an `axum`
+/// application mounting the gateway's router passes its `Body`.
+pub(crate) async fn read_body<B>(
+    mut body: B,
     declared: Option<u64>,
     limit: usize,
     deadline: Instant,
-) -> Result<Bytes, BodyError> {
+) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge { limit });
     }
     let read = async {
-        let mut stream = body.into_data_stream();
         // The first chunk is kept as it is: a body that arrives in one
         // (nearly every request's) is neither copied nor collected in a
         // `Vec` first.
         let mut first: Option<Bytes> = None;
         let mut more: Vec<Bytes> = Vec::new();
         let mut total = 0usize;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|_| BodyError::Read)?;
+        while let Some(frame) = body.frame().await {
+            let Ok(chunk) = frame.map_err(|_| BodyError::Read)?.into_data() else {
+                continue; // trailers
+            };
             total += chunk.len();
             if total > limit {
                 return Err(BodyError::TooLarge { limit });
@@ -242,6 +249,7 @@ pub(crate) fn rewrite_model(body: &Bytes, span: Range<usize>, model: &str) -> By
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
 
     fn span_text(body: &str) -> Option<&str> {
         model_span(body.as_bytes()).map(|r| &body[r])
