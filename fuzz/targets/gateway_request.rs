@@ -63,7 +63,10 @@ fn head(body: &[u8]) -> Option<Head<'_>> {
     if first.and_then(|i| body.get(i)) != Some(&b'{') {
         return None;
     }
-    serde_json::from_slice(body).ok()
+    // JSON is UTF-8 (RFC 8259, 8.1), all of it: serde_json's `from_slice`
+    // does not check the strings it skips, so the text is checked first,
+    // as the gateway does.
+    serde_json::from_str(std::str::from_utf8(body).ok()?).ok()
 }
 
 struct Harness {

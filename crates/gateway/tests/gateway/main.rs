@@ -381,6 +381,18 @@ async fn bad_requests_are_400_in_openai_shape() {
                 .is_some_and(|m| !m.is_empty())
         );
     }
+    // A byte that is not UTF-8 in a field the gateway does not read: JSON
+    // is UTF-8, so the body is refused here, not by every upstream.
+    let mut body = format!(r#"{{"model":"{MODEL}","messages":[{{"content":"#).into_bytes();
+    body.extend_from_slice(b"\"a\xffb\"}]}");
+    let offset = body.iter().position(|&b| b == 0xff).unwrap();
+    let r = gw.post("/v1/chat/completions", body).await;
+    assert_eq!(r.status(), 400);
+    let v = json(r).await;
+    assert_eq!(v["error"]["code"], "invalid_json");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    let expected = format!("not UTF-8: invalid byte at offset {offset}");
+    assert!(message.ends_with(&expected), "{message}");
     assert_eq!(upstream.hits(), 0);
 }
 
