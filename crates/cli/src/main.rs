@@ -13,7 +13,10 @@ use retryctl::policy::Policy;
 /// and free were ~13% of the gateway's instructions per proxied request.
 /// mimalloc's thread-local free lists take 7% off the instructions per
 /// request (callgrind, docs/benchmarks.md, "`retryctl serve` against
-/// nginx").
+/// nginx"). Its v2 allocator (the workspace's `features = ["v2"]`): v3
+/// takes every aligned request above 1 KiB, as this allocator makes them
+/// all, down an over-allocating path (docs/benchmarks.md, "The gateway at
+/// 44,400 instructions").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
