@@ -86,14 +86,6 @@ impl Shared {
             .find(|(name, _)| name == provider)
             .map(|(_, headers)| headers)
     }
-
-    /// The [`PROVIDER_HEADER`] value naming `provider`.
-    fn provider_header(&self, provider: &str) -> Option<HeaderValue> {
-        match self.provider_headers(provider) {
-            Some(headers) => Some(headers.name.clone()),
-            None => HeaderValue::from_str(provider).ok(),
-        }
-    }
 }
 
 /// The gateway's routes, for embedding in a larger `axum` application:
@@ -322,6 +314,7 @@ fn respond(
 ) -> Response {
     let report = served.report;
     let provider = served.provider;
+    let prebuilt = shared.provider_headers(provider);
     let mut response = match served.value {
         Upstreamed::Full {
             status,
@@ -332,7 +325,7 @@ fn respond(
             *response.status_mut() = status;
             let json = content_type.as_ref().is_none_or(|t| t == JSON);
             if json && report.attempts == 1 && report.rounds == 1 {
-                if let Some(headers) = shared.provider_headers(provider) {
+                if let Some(headers) = prebuilt {
                     *response.headers_mut() = headers.first_try_json.clone();
                     return response;
                 }
@@ -371,7 +364,11 @@ fn respond(
             response
         }
     };
-    if let Some(name) = shared.provider_header(provider) {
+    let name = match prebuilt {
+        Some(headers) => Some(headers.name.clone()),
+        None => HeaderValue::from_str(provider).ok(),
+    };
+    if let Some(name) = name {
         response.headers_mut().insert(PROVIDER_HEADER, name);
     }
     errors::with_report(response, &report)
