@@ -359,11 +359,11 @@ impl Gateway {
     /// up to the configured `shutdown_timeout`; after that it returns and
     /// the remaining connections are dropped with the runtime.
     ///
-    /// Clients are served HTTP/1.1 by hyper with a timer: a connection
+    /// Clients are served HTTP/1.1 by hyper, each connection watched: one
     /// that does not send a complete request head within
-    /// `request_timeout` (at most 30 s; 30 s when unset) is closed, so a
-    /// client that trickles its headers, or sends nothing, holds no socket
-    /// for long.
+    /// `request_timeout` (at most 30 s; 30 s when unset) is closed, and a
+    /// keep-alive one idle for one to two of it, so a client that trickles
+    /// its headers, or sends nothing, holds no socket for long.
     pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> Result<(), GatewayError>
     where
         F: Future<Output = ()> + Send + 'static,
@@ -386,7 +386,7 @@ impl Gateway {
 }
 
 /// Keeps `{prefix}runtime_alive_tasks` current while the gateway serves:
-/// the tasks its runtime holds (a connection, a stream, a timer of the
+/// the tasks its runtime holds (a connection and its watchdog, a stream, a timer of the
 /// policy watcher each), the number a leak grows. Read once a second, so a
 /// scrape sees it at most a second old.
 async fn count_tasks(prefix: String) {

@@ -75,9 +75,10 @@ impl Drop for MetricsServer {
 #[non_exhaustive]
 pub struct ListenerOptions {
     /// The longest a client may take to send a request head, and the
-    /// longest a keep-alive connection may stay idle between scrapes
-    /// (hyper arms one timer for both); the connection is closed after
-    /// it. [`METRICS_HEADER_READ_TIMEOUT`] by default.
+    /// longest a keep-alive connection may stay idle between scrapes (one
+    /// watchdog per connection checks both, once per timeout: a silent
+    /// or trickling new connection closes after one, an idle keep-alive
+    /// one after one to two). [`METRICS_HEADER_READ_TIMEOUT`] by default.
     pub header_read_timeout: Duration,
 }
 
@@ -118,9 +119,10 @@ pub fn serve(addr: SocketAddr) -> Result<MetricsServer, MetricsError> {
 /// global one) on `addr`, with `options`. Installs nothing. Must run inside
 /// a tokio runtime.
 ///
-/// The listener is the gateway's: HTTP/1.1 by hyper with a timer, so a
-/// client that trickles its request head, or holds a keep-alive
-/// connection idle, is closed after `options.header_read_timeout`.
+/// The listener is the gateway's: HTTP/1.1 by hyper, each connection
+/// watched, so a client that trickles its request head, or holds a
+/// keep-alive connection idle, is closed after
+/// `options.header_read_timeout` (one to two of it when idle).
 /// Connections are not counted or capped: a cap would let whoever holds
 /// that many connections shut the scraper out, while the timeout bounds
 /// what each one costs.

@@ -5,8 +5,8 @@
 //! more than `max_headers` headers (431), and a client that sends its body
 //! slowly is cut off by the request's time limit (408) before the pool is
 //! ever called. A client that sends its *headers* slowly, or opens a
-//! connection and says nothing, is cut off by hyper's header-read timeout
-//! (`request_timeout`, at most 30 s). The gateway speaks HTTP/1.1 only:
+//! connection and says nothing, is cut off by the listener's header-read
+//! timeout (`request_timeout`, at most 30 s). The gateway speaks HTTP/1.1 only:
 //! cleartext HTTP/2 (h2c) is refused.
 
 use std::net::SocketAddr;
@@ -138,7 +138,7 @@ async fn too_many_headers_are_431() {
 /// The gateway speaks HTTP/1.1 only. A client that opens with the HTTP/2
 /// preface (cleartext HTTP/2, h2c) is refused before any request is read:
 /// hyper's 100-header limit and the header-read timeout tested here are
-/// HTTP/1 settings, and a second protocol would need its own.
+/// HTTP/1 protections, and a second protocol would need its own.
 #[tokio::test]
 async fn a_cleartext_http2_client_is_refused() {
     let upstream = HttpServer::always(Reply::json("{}")).await;
@@ -299,10 +299,10 @@ pub(crate) async fn slow_loris(addr: SocketAddr, head: &[u8]) -> (TcpStream, Vec
 /// A slow-loris client: the request line, then its headers one byte at a
 /// time, forever. Each such connection would hold a task and a socket,
 /// and enough of them would exhaust the gateway's file descriptors. The
-/// gateway serves with hyper's `http1::Builder` and a `TokioTimer`, with
-/// `header_read_timeout` = the request's time limit (at most 30 s), so
-/// hyper cuts it off. (Under `axum::serve` hyper had no timer, and this
-/// connection and the next test's were held until the client left.)
+/// gateway's listener closes a connection on which no request head
+/// completes within `header_read_timeout` = the request's time limit (at
+/// most 30 s). (Under `axum::serve` nothing did, and this connection and
+/// the next test's were held until the client left.)
 #[tokio::test]
 async fn a_client_trickling_its_headers_is_cut_off() {
     let upstream = HttpServer::always(Reply::json("{}")).await;
