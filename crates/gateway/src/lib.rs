@@ -368,9 +368,7 @@ impl Gateway {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let service = proxy::Service {
-            shared: self.shared.clone(),
-        };
+        let service = proxy::service(self.shared.clone());
         // The policy file is followed until the server stops.
         let _watcher = self.watcher;
         let connections = Connections {
