@@ -9,7 +9,8 @@
 //! head on a new connection and between the requests of a keep-alive
 //! connection alike, which makes it the idle keep-alive timeout too.
 //! Stopping is graceful: the listener closes, idle connections close, and
-//! requests in flight get `drain`.
+//! requests in flight get `drain` (each connection's watchdog tells it to
+//! close gracefully, see [`Drainable`]).
 //!
 //! **Why a watchdog and not hyper's own `header_read_timeout`**: hyper
 //! arms that timer anew for every request head (a boxed `Sleep`, registered
@@ -28,19 +29,21 @@
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::response::Response;
+use futures_util::task::AtomicWaker;
 use hyper::Request;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::Service;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// How one server treats its connections.
@@ -86,7 +89,10 @@ pub(crate) async fn serve_connections<S, F>(
         // queue (~400 instructions per proxied request); a large body
         // costs one memcpy, bounded by hyper's buffer size.
         .writev(false);
-    let graceful = GracefulShutdown::new();
+    // Told to every connection's watchdog when the server stops (sent, or
+    // dropped with this future); closed once every watchdog has ended,
+    // i.e. every connection.
+    let (stopping, _) = watch::channel(());
     let mut shutdown = pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -112,7 +118,11 @@ pub(crate) async fn serve_connections<S, F>(
             service: service.clone(),
             activity: activity.clone(),
         };
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), watched));
+        let connection = Drainable {
+            connection: http.serve_connection(TokioIo::new(stream), watched),
+            activity: activity.clone(),
+            draining: false,
+        };
         let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 // Resets, malformed requests: the client's doing, and no
@@ -124,13 +134,16 @@ pub(crate) async fn serve_connections<S, F>(
             activity,
             task,
             connections.header_read_timeout,
+            stopping.subscribe(),
             server,
         ));
     }
     drop(listener);
     tracing::info!(target: "retryctl::listener", server, "shutting down: draining in-flight requests");
     let drain = connections.drain;
-    if tokio::time::timeout(drain, graceful.shutdown())
+    // No connection left: nobody to tell, nothing to wait for.
+    let _ = stopping.send(());
+    if tokio::time::timeout(drain, stopping.closed())
         .await
         .is_err()
     {
@@ -145,11 +158,16 @@ pub(crate) async fn serve_connections<S, F>(
 
 /// What a connection's watchdog sees of it: how many requests began
 /// (their head arrived and the service was called) and how many ended
-/// (their response written, or dropped).
+/// (their response written, or dropped); and how the watchdog tells the
+/// connection that the server stops.
 #[derive(Debug, Default)]
 struct Activity {
     begun: AtomicU64,
     ended: AtomicU64,
+    /// Set when the server stops: the connection closes gracefully.
+    draining: AtomicBool,
+    /// The connection's task, woken when `draining` is set.
+    task: AtomicWaker,
 }
 
 impl Activity {
@@ -163,14 +181,32 @@ impl Activity {
 
 /// Closes the connection served by `task` (aborting the task drops it)
 /// once a whole `every` has passed with no request in flight and none
-/// begun or ended; returns when the connection ends by itself.
-async fn watch(activity: Arc<Activity>, mut task: JoinHandle<()>, every: Duration, server: &str) {
+/// begun or ended; when `stopping` changes or closes (the server stops),
+/// tells the connection to close gracefully. Returns when the connection
+/// has ended, and only then drops `stopping` (the server's drain waits
+/// for every receiver to go).
+async fn watch(
+    activity: Arc<Activity>,
+    mut task: JoinHandle<()>,
+    every: Duration,
+    mut stopping: watch::Receiver<()>,
+    server: &str,
+) {
     let mut seen = activity.now();
+    let mut told = false;
+    let mut tick = pin!(tokio::time::sleep(every));
     loop {
         tokio::select! {
             _ = &mut task => return,
-            () = tokio::time::sleep(every) => {}
+            _ = stopping.changed(), if !told => {
+                told = true;
+                activity.draining.store(true, Ordering::Release);
+                activity.task.wake();
+                continue;
+            }
+            () = &mut tick => {}
         }
+        tick.as_mut().reset(tokio::time::Instant::now() + every);
         let now = activity.now();
         let idle = now.0 == now.1;
         if idle && now == seen {
@@ -184,6 +220,43 @@ async fn watch(activity: Arc<Activity>, mut task: JoinHandle<()>, every: Duratio
             return;
         }
         seen = now;
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection that closes gracefully once its watchdog says the
+    /// server stops: hyper's `graceful_shutdown`, so a request in flight
+    /// is answered (with `Connection: close`) and an idle connection
+    /// closes at once.
+    ///
+    /// hyper-util's `GracefulShutdown` does the same by polling a `watch`
+    /// receiver's `changed()` at every poll of the connection (~560
+    /// instructions per proxied request); the watchdog, woken once per
+    /// timeout anyway, watches the server instead, and a poll of the
+    /// connection only registers its waker and reads a flag.
+    struct Drainable<C> {
+        #[pin]
+        connection: C,
+        activity: Arc<Activity>,
+        draining: bool,
+    }
+}
+
+impl<C: GracefulConnection> Future for Drainable<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let mut this = self.project();
+        if !*this.draining {
+            // Registered before the flag is read: a watchdog that sets it
+            // after the read wakes this task.
+            this.activity.task.register(cx.waker());
+            if this.activity.draining.load(Ordering::Acquire) {
+                *this.draining = true;
+                this.connection.as_mut().graceful_shutdown();
+            }
+        }
+        this.connection.poll(cx)
     }
 }
 
@@ -304,6 +377,11 @@ mod tests {
         tokio::spawn(std::future::pending())
     }
 
+    /// A server that does not stop (while the sender is kept).
+    fn running() -> (watch::Sender<()>, watch::Receiver<()>) {
+        watch::channel(())
+    }
+
     /// Lets the spawned watchdog and task run after the clock moved.
     async fn settle() {
         for _ in 0..10 {
@@ -318,7 +396,8 @@ mod tests {
         let activity = Arc::new(Activity::default());
         let task = forever();
         let abort = task.abort_handle();
-        let watchdog = tokio::spawn(watch(activity, task, EVERY, "test"));
+        let (_server, stopping) = running();
+        let watchdog = tokio::spawn(watch(activity, task, EVERY, stopping, "test"));
         settle().await;
         tokio::time::advance(EVERY - Duration::from_millis(1)).await;
         settle().await;
@@ -337,7 +416,8 @@ mod tests {
         activity.begun.fetch_add(1, Ordering::Relaxed);
         let task = forever();
         let abort = task.abort_handle();
-        tokio::spawn(watch(activity.clone(), task, EVERY, "test"));
+        let (_server, stopping) = running();
+        tokio::spawn(watch(activity.clone(), task, EVERY, stopping, "test"));
         settle().await;
         tokio::time::advance(EVERY * 10).await;
         settle().await;
@@ -361,7 +441,8 @@ mod tests {
         let activity = Arc::new(Activity::default());
         let task = forever();
         let abort = task.abort_handle();
-        tokio::spawn(watch(activity.clone(), task, EVERY, "test"));
+        let (_server, stopping) = running();
+        tokio::spawn(watch(activity.clone(), task, EVERY, stopping, "test"));
         settle().await;
         for _ in 0..20 {
             activity.begun.fetch_add(1, Ordering::Relaxed);
@@ -388,9 +469,164 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_watchdog_ends_with_its_connection() {
         let task = tokio::spawn(async {});
-        let watchdog = tokio::spawn(watch(Arc::default(), task, EVERY, "test"));
+        let (_server, stopping) = running();
+        let watchdog = tokio::spawn(watch(Arc::default(), task, EVERY, stopping, "test"));
         settle().await;
         assert!(watchdog.is_finished());
+    }
+
+    /// Counts the wakes it gets.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The server stops: the watchdog sets the connection's flag and wakes
+    /// its task (which then closes gracefully), and it holds the server's
+    /// drain open until the connection has ended.
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_server_drains_each_connection_through_its_watchdog() {
+        let activity = Arc::new(Activity::default());
+        // A request in flight: the connection is not idle-closed meanwhile.
+        activity.begun.fetch_add(1, Ordering::Relaxed);
+        let wakes = Arc::new(Wakes::default());
+        activity
+            .task
+            .register(&std::task::Waker::from(wakes.clone()));
+        let task = forever();
+        let abort = task.abort_handle();
+        let (server, stopping) = running();
+        let watchdog = tokio::spawn(watch(activity.clone(), task, EVERY, stopping, "test"));
+        settle().await;
+        assert!(!activity.draining.load(Ordering::Relaxed));
+        server.send(()).unwrap();
+        settle().await;
+        assert!(activity.draining.load(Ordering::Relaxed), "not told");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1, "the task not woken");
+        let drained = tokio::spawn(async move { server.closed().await });
+        tokio::time::advance(EVERY * 3).await;
+        settle().await;
+        assert!(!drained.is_finished(), "drained with a connection open");
+        assert!(!abort.is_finished());
+        // The connection ends (its response written, hyper closes it).
+        abort.abort();
+        settle().await;
+        assert!(watchdog.is_finished());
+        assert!(drained.is_finished(), "the drain did not see the end");
+    }
+
+    /// A server whose `shutdown` future is never polled again because
+    /// the whole future was dropped tells its connections to drain too.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_server_drains_its_connections() {
+        let activity = Arc::new(Activity::default());
+        let (server, stopping) = running();
+        tokio::spawn(watch(activity.clone(), forever(), EVERY, stopping, "test"));
+        settle().await;
+        drop(server);
+        settle().await;
+        assert!(activity.draining.load(Ordering::Relaxed));
+    }
+
+    /// A gateway-like server on a real socket: answers `GET /slow` when
+    /// `go` is notified (notifying `entered` when it starts waiting),
+    /// anything else at once.
+    async fn serve_until(
+        stop: oneshot::Receiver<()>,
+        entered: Arc<tokio::sync::Notify>,
+        go: Arc<tokio::sync::Notify>,
+    ) -> (std::net::SocketAddr, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (entered, go) = (entered.clone(), go.clone());
+            async move {
+                if req.uri().path() == "/slow" {
+                    entered.notify_one();
+                    go.notified().await;
+                }
+                Ok::<_, Infallible>(Response::new(Body::from("done")))
+            }
+        });
+        let connections = Connections {
+            server: "test",
+            header_read_timeout: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
+        };
+        let server = tokio::spawn(serve_connections(listener, service, connections, async {
+            let _ = stop.await;
+        }));
+        (addr, server)
+    }
+
+    /// Sends `GET path` on `client` and reads one response (its body is
+    /// "done"): the response head, lowercased.
+    async fn get(client: &mut tokio::net::TcpStream, path: &str) -> String {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        client.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"done") {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the response");
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).to_lowercase()
+    }
+
+    /// Whether the server closes `client` within 5 s.
+    async fn closed(client: &mut tokio::net::TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// Stopping: an idle keep-alive connection is closed at once (not
+    /// after its 60 s idle timeout), a request in flight is answered with
+    /// `Connection: close` and its connection closed, and the server
+    /// returns once both are gone.
+    #[tokio::test]
+    async fn stopping_answers_the_request_in_flight_and_closes_idle_connections() {
+        let entered = Arc::new(tokio::sync::Notify::new());
+        let go = Arc::new(tokio::sync::Notify::new());
+        let (stop, stop_rx) = oneshot::channel();
+        let (addr, server) = serve_until(stop_rx, entered.clone(), go.clone()).await;
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = get(&mut idle, "/").await;
+        assert!(!head.contains("connection: close"), "{head}");
+        let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
+        busy.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        entered.notified().await;
+        stop.send(()).unwrap();
+        assert!(closed(&mut idle).await, "the idle connection stayed open");
+        assert!(!server.is_finished(), "returned with a request in flight");
+        go.notify_one();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"done") {
+            let n = busy.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the request in flight was not answered");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&got).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(
+            closed(&mut busy).await,
+            "the answered connection stayed open"
+        );
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server returned once its connections were gone")
+            .unwrap();
     }
 
     /// On a real connection: a request is in flight from its head until
