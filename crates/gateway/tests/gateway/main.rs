@@ -695,12 +695,18 @@ async fn the_upstream_model_name_is_spliced_into_the_same_bytes() {
     );
     let gw = start_with(&text, env_none).await.unwrap();
     let body = format!(r#"{{"messages":[{{"model":"inner"}}], "model":"{MODEL}" ,"n":1}}"#);
+    let sent = body.len();
     assert_eq!(gw.post("/v1/chat/completions", body).await.status(), 200);
-    let seen = String::from_utf8(upstream.requests()[0].body.clone()).unwrap();
+    let request = &upstream.requests()[0];
+    let seen = String::from_utf8(request.body.clone()).unwrap();
     assert_eq!(
         seen,
         r#"{"messages":[{"model":"inner"}], "model":"gpt-oss-120b" ,"n":1}"#
     );
+    // The length of the body sent, not of the client's.
+    let length = seen.len().to_string();
+    assert_ne!(length, sent.to_string());
+    assert_eq!(request.header("content-length"), Some(length.as_str()));
 }
 
 #[tokio::test]
