@@ -372,14 +372,27 @@ mod tests {
 
     const EVERY: Duration = Duration::from_secs(10);
 
-    /// A task that runs until aborted, and whether it has ended.
-    fn forever() -> JoinHandle<()> {
-        tokio::spawn(std::future::pending())
+    /// A connection (a task that runs until aborted) under a watchdog
+    /// whose first timeout has started.
+    struct Connection {
+        /// Whether the connection's task has ended (been aborted).
+        abort: tokio::task::AbortHandle,
+        watchdog: JoinHandle<()>,
+        /// The server: it stops when this sends or is dropped.
+        server: watch::Sender<()>,
     }
 
-    /// A server that does not stop (while the sender is kept).
-    fn running() -> (watch::Sender<()>, watch::Receiver<()>) {
-        watch::channel(())
+    async fn connection(activity: &Arc<Activity>) -> Connection {
+        let task = tokio::spawn(std::future::pending());
+        let abort = task.abort_handle();
+        let (server, stopping) = watch::channel(());
+        let watchdog = tokio::spawn(watch(activity.clone(), task, EVERY, stopping, "test"));
+        settle().await;
+        Connection {
+            abort,
+            watchdog,
+            server,
+        }
     }
 
     /// Lets the spawned watchdog and task run after the clock moved.
@@ -393,19 +406,14 @@ mod tests {
     /// was accepted, not before.
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_closes_after_one_timeout() {
-        let activity = Arc::new(Activity::default());
-        let task = forever();
-        let abort = task.abort_handle();
-        let (_server, stopping) = running();
-        let watchdog = tokio::spawn(watch(activity, task, EVERY, stopping, "test"));
-        settle().await;
+        let c = connection(&Arc::default()).await;
         tokio::time::advance(EVERY - Duration::from_millis(1)).await;
         settle().await;
-        assert!(!abort.is_finished(), "closed before the timeout");
+        assert!(!c.abort.is_finished(), "closed before the timeout");
         tokio::time::advance(Duration::from_millis(2)).await;
         settle().await;
-        assert!(abort.is_finished(), "still open after the timeout");
-        assert!(watchdog.is_finished());
+        assert!(c.abort.is_finished(), "still open after the timeout");
+        assert!(c.watchdog.is_finished());
     }
 
     /// A request in flight (a long completion, a stream) keeps its
@@ -414,14 +422,10 @@ mod tests {
     async fn a_request_in_flight_keeps_the_connection() {
         let activity = Arc::new(Activity::default());
         activity.begun.fetch_add(1, Ordering::Relaxed);
-        let task = forever();
-        let abort = task.abort_handle();
-        let (_server, stopping) = running();
-        tokio::spawn(watch(activity.clone(), task, EVERY, stopping, "test"));
-        settle().await;
+        let c = connection(&activity).await;
         tokio::time::advance(EVERY * 10).await;
         settle().await;
-        assert!(!abort.is_finished(), "closed with a request in flight");
+        assert!(!c.abort.is_finished(), "closed with a request in flight");
         // The response ends: idle from then on, closed one to two
         // timeouts later.
         activity.ended.fetch_add(1, Ordering::Relaxed);
@@ -431,7 +435,7 @@ mod tests {
         settle().await;
         tokio::time::advance(EVERY).await;
         settle().await;
-        assert!(abort.is_finished(), "an idle connection stayed open");
+        assert!(c.abort.is_finished(), "an idle connection stayed open");
     }
 
     /// Requests every half timeout keep a keep-alive connection open; once
@@ -439,20 +443,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_keep_alive_connection_closes_two_timeouts_after_its_last_request_at_most() {
         let activity = Arc::new(Activity::default());
-        let task = forever();
-        let abort = task.abort_handle();
-        let (_server, stopping) = running();
-        tokio::spawn(watch(activity.clone(), task, EVERY, stopping, "test"));
-        settle().await;
+        let c = connection(&activity).await;
         for _ in 0..20 {
             activity.begun.fetch_add(1, Ordering::Relaxed);
             activity.ended.fetch_add(1, Ordering::Relaxed);
             tokio::time::advance(EVERY / 2).await;
             settle().await;
-            assert!(!abort.is_finished(), "closed while requests came");
+            assert!(!c.abort.is_finished(), "closed while requests came");
         }
         let mut waited = EVERY / 2;
-        while !abort.is_finished() {
+        while !c.abort.is_finished() {
             tokio::time::advance(Duration::from_millis(100)).await;
             settle().await;
             waited += Duration::from_millis(100);
@@ -464,15 +464,14 @@ mod tests {
         assert!(waited > EVERY, "closed {waited:?} after the last request");
     }
 
-    /// A connection that ends by itself ends its watchdog too (no task is
+    /// A connection that ends (by itself or aborted) ends its watchdog too (no task is
     /// left behind for a timeout).
     #[tokio::test(start_paused = true)]
     async fn the_watchdog_ends_with_its_connection() {
-        let task = tokio::spawn(async {});
-        let (_server, stopping) = running();
-        let watchdog = tokio::spawn(watch(Arc::default(), task, EVERY, stopping, "test"));
+        let c = connection(&Arc::default()).await;
+        c.abort.abort();
         settle().await;
-        assert!(watchdog.is_finished());
+        assert!(c.watchdog.is_finished());
     }
 
     /// Counts the wakes it gets.
@@ -497,11 +496,11 @@ mod tests {
         activity
             .task
             .register(&std::task::Waker::from(wakes.clone()));
-        let task = forever();
-        let abort = task.abort_handle();
-        let (server, stopping) = running();
-        let watchdog = tokio::spawn(watch(activity.clone(), task, EVERY, stopping, "test"));
-        settle().await;
+        let Connection {
+            abort,
+            watchdog,
+            server,
+        } = connection(&activity).await;
         assert!(!activity.draining.load(Ordering::Relaxed));
         server.send(()).unwrap();
         settle().await;
@@ -524,10 +523,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_dropped_server_drains_its_connections() {
         let activity = Arc::new(Activity::default());
-        let (server, stopping) = running();
-        tokio::spawn(watch(activity.clone(), forever(), EVERY, stopping, "test"));
-        settle().await;
-        drop(server);
+        let c = connection(&activity).await;
+        drop(c.server);
         settle().await;
         assert!(activity.draining.load(Ordering::Relaxed));
     }
