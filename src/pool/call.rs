@@ -23,13 +23,13 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::clock::Moment;
-use tokio::time::error::Elapsed;
 
 use super::admission::{self, Outcome, Permit, Refused};
 use super::order::ProbeGuard;
 use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
 use super::schedule::{Retry, schedule};
 use super::shadow::{Ended, ShadowCall};
+use super::timer::{Expired, Timer};
 use super::{Model, Pool};
 use crate::classifier::Classifier;
 use crate::classify::{Cause, Classification, Verdict};
@@ -406,15 +406,17 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                                         + CONNECT_MARGIN,
                                 )
                                 .map_or(begun.until, |t| t.min(begun.until));
-                            match tokio::time::timeout_at(connected.instant(), fut.as_mut()).await {
+                            let mut timer = Timer::until(connected.instant());
+                            match timer.within(fut.as_mut()).await {
                                 Ok(output) => Ok(output),
-                                Err(_) => {
+                                Err(Expired) => {
                                     p.connected(&self.policy.admission);
-                                    tokio::time::timeout_at(begun.until.instant(), fut).await
+                                    timer.reset(begun.until.instant());
+                                    timer.within(fut).await
                                 }
                             }
                         }
-                        None => tokio::time::timeout_at(begun.until.instant(), fut).await,
+                        None => Timer::until(begun.until.instant()).within(fut).await,
                     },
                 };
                 let paid = matches!(step, Step::Timed(_));
@@ -672,7 +674,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         paid: bool,
         begun: Begun,
         permit: Option<Permit<'a>>,
-        result: Result<Result<T, E>, Elapsed>,
+        result: Result<Result<T, E>, Expired>,
     ) -> Attempted<T> {
         let m = self.m;
         let policy = self.policy;
@@ -724,7 +726,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         paid: bool,
         begun: Begun,
         permit: Option<Permit<'a>>,
-        failed: Result<E, Elapsed>,
+        failed: Result<E, Expired>,
     ) -> Attempted<T> {
         let m = self.m;
         let active = self.resolved;

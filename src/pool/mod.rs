@@ -55,6 +55,7 @@ mod order;
 mod outcome;
 mod schedule;
 mod shadow;
+mod timer;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -1,0 +1,275 @@
+//! An attempt's time limit, on timers reused within a thread.
+//!
+//! `tokio::time::timeout` gives every attempt a timer of its own: at its
+//! first wait the timer is inserted into the runtime's timer wheel, under
+//! the wheel's lock, and when the attempt ends it is taken out again,
+//! under the lock. For an attempt that ends long before its limit, which
+//! is nearly every one, that is about 700 instructions of a proxied
+//! request's 41,000, spent on a deadline that never comes.
+//!
+//! A tokio timer that is already in the wheel and is moved to a *later*
+//! deadline does not touch the wheel: it stores the new deadline (one
+//! compare-and-swap), and the wheel moves the entry when its old deadline
+//! comes round. Attempt limits only move later as time goes on (now plus
+//! the same limit), so an attempt here borrows a timer from a small stock
+//! kept per thread, sets it to its own limit, and gives it back when it
+//! ends, still in the wheel. The wheel then sees each stocked timer once
+//! per attempt limit (to move it), instead of twice per attempt.
+//!
+//! What a stocked timer keeps: its place in the wheel and the waker of the
+//! last task that waited on it. When its deadline does come while it sits
+//! in the stock (the thread went idle), it wakes that task once, for
+//! nothing, and lets the waker go. The stock belongs to one runtime: a
+//! thread that runs another runtime's tasks (a test's runtime after
+//! another's) drops the stock first, as a timer only ever fires on the
+//! runtime it was first armed in.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::runtime::{Handle, Id};
+use tokio::time::{Instant, Sleep};
+
+/// Timers kept per thread: enough for the attempts one thread ends
+/// between two of its attempt starts.
+const KEPT: usize = 16;
+
+/// One thread's timers, and the runtime they belong to.
+#[derive(Default)]
+struct Stock {
+    runtime: Option<Id>,
+    timers: Vec<Pin<Box<Sleep>>>,
+}
+
+thread_local! {
+    static STOCK: RefCell<Stock> = RefCell::default();
+}
+
+/// The deadline came first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Expired;
+
+/// A timer borrowed for one attempt; back to its thread's stock when
+/// dropped.
+pub(crate) struct Timer {
+    /// `None` only once given back.
+    sleep: Option<Pin<Box<Sleep>>>,
+    runtime: Option<Id>,
+}
+
+impl Timer {
+    /// A timer for `deadline`, from the stock when it holds one of this
+    /// runtime's.
+    pub(crate) fn until(deadline: Instant) -> Timer {
+        let runtime = Handle::try_current().ok().map(|h| h.id());
+        let stocked = STOCK
+            .try_with(|stock| {
+                let mut stock = stock.borrow_mut();
+                if stock.runtime != runtime {
+                    stock.timers.clear();
+                    stock.runtime = runtime;
+                }
+                stock.timers.pop()
+            })
+            .ok()
+            .flatten();
+        let sleep = match stocked {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        Timer {
+            sleep: Some(sleep),
+            runtime,
+        }
+    }
+
+    /// Moves the deadline (to a later one: one compare-and-swap).
+    pub(crate) fn reset(&mut self, deadline: Instant) {
+        if let Some(sleep) = &mut self.sleep {
+            sleep.as_mut().reset(deadline);
+        }
+    }
+
+    /// Runs `fut` until this timer's deadline: `Err(Expired)` if the
+    /// deadline comes first. `fut` is polled first, so one that is ready
+    /// wins over a deadline that has passed too.
+    pub(crate) fn within<'a, F: Future>(
+        &'a mut self,
+        mut fut: Pin<&'a mut F>,
+    ) -> impl Future<Output = Result<F::Output, Expired>> + 'a {
+        std::future::poll_fn(move |cx| {
+            let had_budget = tokio::task::coop::has_budget_remaining();
+            if let Poll::Ready(output) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(output));
+            }
+            self.poll_expired(cx, had_budget).map(|()| Err(Expired))
+        })
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>, had_budget: bool) -> Poll<()> {
+        let Some(sleep) = &mut self.sleep else {
+            return Poll::Pending;
+        };
+        if had_budget && !tokio::task::coop::has_budget_remaining() {
+            // The operation used up the task's budget: the deadline is
+            // looked at regardless (as tokio's `timeout` does), or an
+            // operation that always uses it up would never time out.
+            Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx)
+        } else {
+            sleep.as_mut().poll(cx)
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        let Some(sleep) = self.sleep.take() else {
+            return;
+        };
+        // A full stock (or a thread being torn down) drops the timer,
+        // which takes it out of the wheel.
+        let _ = STOCK.try_with(|stock| {
+            let mut stock = stock.borrow_mut();
+            if stock.runtime == self.runtime && stock.timers.len() < KEPT {
+                stock.timers.push(sleep);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn stocked() -> usize {
+        STOCK.with(|s| s.borrow().timers.len())
+    }
+
+    /// Runs `Timer::until(deadline).within(fut)`, and says when it ended.
+    async fn attempt<F: Future>(
+        deadline: Instant,
+        fut: F,
+    ) -> (Result<F::Output, Expired>, Instant) {
+        let fut = std::pin::pin!(fut);
+        let out = Timer::until(deadline).within(fut).await;
+        (out, Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expires_at_the_deadline_not_before() {
+        let t0 = Instant::now();
+        let (out, at) = attempt(
+            t0 + Duration::from_millis(250),
+            std::future::pending::<()>(),
+        )
+        .await;
+        assert_eq!(out, Err(Expired));
+        assert_eq!(at - t0, Duration::from_millis(250));
+        // An operation that ends first wins.
+        let t1 = Instant::now();
+        let (out, at) = attempt(
+            t1 + Duration::from_millis(250),
+            tokio::time::sleep(Duration::from_millis(40)),
+        )
+        .await;
+        assert_eq!(out, Ok(()));
+        assert_eq!(at - t1, Duration::from_millis(40));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_given_back_serves_the_next_attempt_at_its_own_deadline() {
+        let t0 = Instant::now();
+        // Ends after 10 ms: its timer goes back to the stock, still armed
+        // for t0 + 100 ms.
+        let (out, _) = attempt(
+            t0 + Duration::from_millis(100),
+            tokio::time::sleep(Duration::from_millis(10)),
+        )
+        .await;
+        assert_eq!(out, Ok(()));
+        assert_eq!(stocked(), 1);
+        // The next attempt takes it (the stock is empty meanwhile) and
+        // moves it later: the old deadline must not end it.
+        let t1 = Instant::now();
+        let fut = std::pin::pin!(std::future::pending::<()>());
+        let mut timer = Timer::until(t1 + Duration::from_millis(300));
+        assert_eq!(stocked(), 0);
+        assert_eq!(timer.within(fut).await, Err(Expired));
+        assert_eq!(Instant::now() - t1, Duration::from_millis(300));
+        drop(timer);
+        assert_eq!(stocked(), 1);
+        // Moved earlier, it ends at the earlier deadline.
+        let t2 = Instant::now();
+        let fut = std::pin::pin!(std::future::pending::<()>());
+        let mut timer = Timer::until(t2 + Duration::from_millis(500));
+        timer.reset(t2 + Duration::from_millis(20));
+        assert_eq!(timer.within(fut).await, Err(Expired));
+        assert_eq!(Instant::now() - t2, Duration::from_millis(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stock_is_bounded() {
+        let t0 = Instant::now();
+        let timers: Vec<Timer> = (0..KEPT + 5)
+            .map(|_| Timer::until(t0 + Duration::from_secs(1)))
+            .collect();
+        drop(timers);
+        assert_eq!(stocked(), KEPT);
+    }
+
+    #[test]
+    fn a_timer_never_serves_another_runtime() {
+        let paused = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        let first = paused();
+        first.block_on(async {
+            let (out, _) = attempt(Instant::now() + Duration::from_secs(1), async {}).await;
+            assert_eq!(out, Ok(()));
+        });
+        assert_eq!(stocked(), 1);
+        drop(first);
+        // A timer of the first runtime would panic here (its driver is
+        // shut down), or never fire.
+        paused().block_on(async {
+            let t0 = Instant::now();
+            let (out, at) =
+                attempt(t0 + Duration::from_millis(70), std::future::pending::<()>()).await;
+            assert_eq!(out, Err(Expired));
+            assert_eq!(at - t0, Duration::from_millis(70));
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operation_that_uses_up_the_budget_still_times_out() {
+        let t0 = Instant::now();
+        tokio::spawn(tokio::time::advance(Duration::from_millis(50)));
+        // Always busy: uses up the task's budget at every poll (and is
+        // polled again at once); done by itself after many polls.
+        let mut polls = 0u32;
+        let busy = std::future::poll_fn(|cx| {
+            polls += 1;
+            if polls == 100_000 {
+                return Poll::Ready(polls);
+            }
+            while tokio::task::coop::has_budget_remaining() {
+                let _ = std::pin::pin!(tokio::task::consume_budget()).poll(cx);
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        });
+        let (out, _) = attempt(t0 + Duration::from_millis(10), busy).await;
+        assert_eq!(out, Err(Expired));
+    }
+}
