@@ -27,7 +27,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tokio::runtime::{Handle, Id};
 use tokio::time::{Instant, Sleep};
@@ -57,6 +57,10 @@ pub(crate) struct Timer {
     /// `None` only once given back.
     sleep: Option<Pin<Box<Sleep>>>,
     runtime: Option<Id>,
+    /// The waker the timer holds, once this attempt has waited on it: as
+    /// long as the same task polls, the timer is only looked at (polling
+    /// it again would register the same waker again).
+    waker: Option<Waker>,
 }
 
 impl Timer {
@@ -85,6 +89,7 @@ impl Timer {
         Timer {
             sleep: Some(sleep),
             runtime,
+            waker: None,
         }
     }
 
@@ -115,14 +120,25 @@ impl Timer {
         let Some(sleep) = &mut self.sleep else {
             return Poll::Pending;
         };
-        if had_budget && !tokio::task::coop::has_budget_remaining() {
+        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return if sleep.is_elapsed() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            };
+        }
+        let polled = if had_budget && !tokio::task::coop::has_budget_remaining() {
             // The operation used up the task's budget: the deadline is
             // looked at regardless (as tokio's `timeout` does), or an
             // operation that always uses it up would never time out.
             Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx)
         } else {
             sleep.as_mut().poll(cx)
+        };
+        if polled.is_pending() {
+            self.waker = Some(cx.waker().clone());
         }
+        polled
     }
 }
 
@@ -271,5 +287,20 @@ mod tests {
         });
         let (out, _) = attempt(t0 + Duration::from_millis(10), busy).await;
         assert_eq!(out, Err(Expired));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_waker_is_registered() {
+        let t0 = Instant::now();
+        let mut timer = Timer::until(t0 + Duration::from_millis(30));
+        let mut fut = std::pin::pin!(std::future::pending::<()>());
+        let mut within = std::pin::pin!(timer.within(fut.as_mut()));
+        // Polled once by someone else (who will never poll again).
+        let mut elsewhere = Context::from_waker(Waker::noop());
+        assert!(within.as_mut().poll(&mut elsewhere).is_pending());
+        // This task must be woken at the deadline, not by the later one.
+        let out = tokio::time::timeout(Duration::from_millis(200), within).await;
+        assert_eq!(out, Ok(Err(Expired)));
+        assert_eq!(Instant::now() - t0, Duration::from_millis(30));
     }
 }
