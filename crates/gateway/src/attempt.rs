@@ -485,14 +485,16 @@ async fn read_full(
     response: http::Response<Incoming>,
     limit: usize,
 ) -> Result<Upstreamed, AttemptFailure> {
-    let (mut parts, mut body) = response.into_parts();
+    let (parts, mut body) = response.into_parts();
     // A declared Content-Length (hyper's exact size hint) over the limit
     // fails before any byte is read.
     if body.size_hint().exact().is_some_and(|n| n > limit as u64) {
         return Err(AttemptFailure::TooLarge { limit });
     }
     let status = parts.status;
-    let content_type = parts.headers.remove(CONTENT_TYPE);
+    // A copy (one reference count), not `remove`: taking an entry out of
+    // the map rearranges it, and the map is dropped next anyway.
+    let content_type = parts.headers.get(CONTENT_TYPE).cloned();
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
     while let Some(chunk) = next_chunk(&mut body)
