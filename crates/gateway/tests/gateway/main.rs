@@ -888,3 +888,56 @@ async fn the_shipped_config_is_valid_and_needs_its_key() {
         "[redacted]"
     );
 }
+
+/// A client that hangs up while its request is at the upstream: the
+/// gateway drops the attempt and closes that upstream connection (an LLM
+/// server stops generating for nobody), long before the attempt's 5 s
+/// limit, and sends the request nowhere else.
+#[tokio::test]
+async fn a_client_that_hangs_up_closes_the_upstream_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Reads requests and never answers; says what it saw.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", upstream.local_addr().unwrap());
+    let (seen, mut events) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = upstream.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return seen.send("closed"),
+                        Ok(n) if buf[..n].starts_with(b"POST ") => seen.send("request").unwrap(),
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    let gw = start(&[url]).await;
+    let body = chat_body(false).to_string();
+    let mut client = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let soon = Duration::from_secs(2);
+    let request = tokio::time::timeout(soon, events.recv()).await;
+    assert_eq!(
+        request.expect("the request reached the upstream"),
+        Some("request")
+    );
+    let hung_up = tokio::time::Instant::now();
+    drop(client);
+    let closed = tokio::time::timeout(soon, events.recv()).await;
+    assert_eq!(
+        closed.expect("the upstream connection closed"),
+        Some("closed")
+    );
+    assert!(hung_up.elapsed() < soon);
+    // No other attempt: nothing more reaches the upstream.
+    assert!(events.try_recv().is_err());
+}
