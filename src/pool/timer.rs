@@ -98,6 +98,9 @@ impl Timer {
         if let Some(sleep) = &mut self.sleep {
             sleep.as_mut().reset(deadline);
         }
+        // A timer that fired has let its waker go: the next wait must
+        // register one again.
+        self.waker = None;
     }
 
     /// Runs `fut` until this timer's deadline: `Err(Expired)` if the
@@ -302,5 +305,21 @@ mod tests {
         let out = tokio::time::timeout(Duration::from_millis(200), within).await;
         assert_eq!(out, Ok(Err(Expired)));
         assert_eq!(Instant::now() - t0, Duration::from_millis(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_moved_after_it_fired_wakes_the_task_again() {
+        // The connect phase's limit, then the attempt's, on one timer.
+        let t0 = Instant::now();
+        let mut timer = Timer::until(t0 + Duration::from_millis(10));
+        let mut fut = std::pin::pin!(std::future::pending::<()>());
+        assert_eq!(timer.within(fut.as_mut()).await, Err(Expired));
+        assert_eq!(Instant::now() - t0, Duration::from_millis(10));
+        timer.reset(t0 + Duration::from_millis(60));
+        // A later timer of its own would end this wait too, later: the
+        // moved timer must end it first.
+        let out = tokio::time::timeout(Duration::from_millis(500), timer.within(fut)).await;
+        assert_eq!(out, Ok(Err(Expired)));
+        assert_eq!(Instant::now() - t0, Duration::from_millis(60));
     }
 }
