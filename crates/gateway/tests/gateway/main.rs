@@ -889,17 +889,16 @@ async fn the_shipped_config_is_valid_and_needs_its_key() {
     );
 }
 
-/// A client that hangs up while its request is at the upstream: the
-/// gateway drops the attempt and closes that upstream connection (an LLM
-/// server stops generating for nobody), long before the attempt's 5 s
-/// limit, and sends the request nowhere else.
-#[tokio::test]
-async fn a_client_that_hangs_up_closes_the_upstream_request() {
+/// An upstream that answers each request with `answer` (nothing at all if
+/// empty), then holds the connection open; it says what it saw: each
+/// request ("request") and each connection's end ("closed").
+async fn holding_upstream(
+    answer: &'static str,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<&'static str>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Reads requests and never answers; says what it saw.
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", upstream.local_addr().unwrap());
-    let (seen, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let (seen, events) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = upstream.accept().await {
             let seen = seen.clone();
@@ -908,15 +907,26 @@ async fn a_client_that_hangs_up_closes_the_upstream_request() {
                 loop {
                     match conn.read(&mut buf).await {
                         Ok(0) | Err(_) => return seen.send("closed"),
-                        Ok(n) if buf[..n].starts_with(b"POST ") => seen.send("request").unwrap(),
+                        Ok(n) if buf[..n].starts_with(b"POST ") => {
+                            seen.send("request").unwrap();
+                            if !answer.is_empty() {
+                                conn.write_all(answer.as_bytes()).await.unwrap();
+                            }
+                        }
                         Ok(_) => {}
                     }
                 }
             });
         }
     });
-    let gw = start(&[url]).await;
-    let body = chat_body(false).to_string();
+    (url, events)
+}
+
+/// Sends a chat request on a new connection of its own, by hand (the
+/// test decides when the connection goes).
+async fn raw_chat(gw: &TestGateway, stream: bool) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let body = chat_body(stream).to_string();
     let mut client = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n\
@@ -924,6 +934,16 @@ async fn a_client_that_hangs_up_closes_the_upstream_request() {
         body.len()
     );
     client.write_all(request.as_bytes()).await.unwrap();
+    client
+}
+
+/// Hangs `client` up once the upstream has the request, and asserts that
+/// the upstream's connection closes soon after, and that no other request
+/// reaches it.
+async fn hang_up_and_see_the_upstream_close(
+    client: tokio::net::TcpStream,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+) {
     let soon = Duration::from_secs(2);
     let request = tokio::time::timeout(soon, events.recv()).await;
     assert_eq!(
@@ -940,4 +960,48 @@ async fn a_client_that_hangs_up_closes_the_upstream_request() {
     assert!(hung_up.elapsed() < soon);
     // No other attempt: nothing more reaches the upstream.
     assert!(events.try_recv().is_err());
+}
+
+/// A client that hangs up while its request is at the upstream: the
+/// gateway drops the attempt and closes that upstream connection (an LLM
+/// server stops generating for nobody), long before the attempt's 5 s
+/// limit, and sends the request nowhere else.
+#[tokio::test]
+async fn a_client_that_hangs_up_closes_the_upstream_request() {
+    let (url, mut events) = holding_upstream("").await;
+    let gw = start(&[url]).await;
+    let client = raw_chat(&gw, false).await;
+    hang_up_and_see_the_upstream_close(client, &mut events).await;
+}
+
+/// The same in the middle of a stream: the client has its first event,
+/// the upstream holds the stream open (generating), the client goes.
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_stream_closes_the_upstream_stream() {
+    use tokio::io::AsyncReadExt;
+    const FIRST: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"he\"}}]}\n\n";
+    let answer: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{FIRST}\r\n",
+            FIRST.len()
+        )
+        .into_boxed_str(),
+    );
+    let (url, mut events) = holding_upstream(answer).await;
+    let gw = start(&[url]).await;
+    let mut client = raw_chat(&gw, true).await;
+    // The first event reaches the client.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"he\"") {
+        let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
+            .await
+            .expect("the first event")
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    hang_up_and_see_the_upstream_close(client, &mut events).await;
 }
