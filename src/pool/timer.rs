@@ -181,6 +181,15 @@ mod tests {
         (out, Instant::now())
     }
 
+    /// An attempt whose operation takes `op`, under a limit of `limit`:
+    /// served; how long it took.
+    async fn served(limit: Duration, op: Duration) -> Duration {
+        let t = Instant::now();
+        let (out, at) = attempt(t + limit, tokio::time::sleep(op)).await;
+        assert_eq!(out, Ok(()));
+        at - t
+    }
+
     #[tokio::test(start_paused = true)]
     async fn expires_at_the_deadline_not_before() {
         let t0 = Instant::now();
@@ -192,27 +201,15 @@ mod tests {
         assert_eq!(out, Err(Expired));
         assert_eq!(at - t0, Duration::from_millis(250));
         // An operation that ends first wins.
-        let t1 = Instant::now();
-        let (out, at) = attempt(
-            t1 + Duration::from_millis(250),
-            tokio::time::sleep(Duration::from_millis(40)),
-        )
-        .await;
-        assert_eq!(out, Ok(()));
-        assert_eq!(at - t1, Duration::from_millis(40));
+        let took = served(Duration::from_millis(250), Duration::from_millis(40)).await;
+        assert_eq!(took, Duration::from_millis(40));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_timer_given_back_serves_the_next_attempt_at_its_own_deadline() {
-        let t0 = Instant::now();
         // Ends after 10 ms: its timer goes back to the stock, still armed
-        // for t0 + 100 ms.
-        let (out, _) = attempt(
-            t0 + Duration::from_millis(100),
-            tokio::time::sleep(Duration::from_millis(10)),
-        )
-        .await;
-        assert_eq!(out, Ok(()));
+        // for 100 ms after the start.
+        served(Duration::from_millis(100), Duration::from_millis(10)).await;
         assert_eq!(stocked(), 1);
         // The next attempt takes it (the stock is empty meanwhile) and
         // moves it later: the old deadline must not end it.
