@@ -387,7 +387,8 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                 // a timer-wheel entry, which an operation that completes at
                 // once (a cached answer, a local call) should not pay. The
                 // future is polled where it was pinned, never moved: an HTTP
-                // client's request future is over a kilobyte.
+                // client's request future is over a kilobyte. Pending, it
+                // is polled again only when it wakes (`after_pending`).
                 let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
                 let result = match first {
                     Poll::Ready(output) => Ok(output),
@@ -407,16 +408,18 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                                 )
                                 .map_or(begun.until, |t| t.min(begun.until));
                             let mut timer = Timer::until(connected.instant());
-                            match timer.within(fut.as_mut()).await {
+                            match timer.after_pending(fut.as_mut()).await {
                                 Ok(output) => Ok(output),
                                 Err(Expired) => {
                                     p.connected(&self.policy.admission);
                                     timer.reset(begun.until.instant());
-                                    timer.within(fut).await
+                                    // `fut` was polled in this same poll,
+                                    // before the timer was found elapsed.
+                                    timer.after_pending(fut).await
                                 }
                             }
                         }
-                        None => Timer::until(begun.until.instant()).within(fut).await,
+                        None => Timer::until(begun.until.instant()).after_pending(fut).await,
                     },
                 };
                 let paid = matches!(step, Step::Timed(_));

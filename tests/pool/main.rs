@@ -133,6 +133,57 @@ async fn success_first_time_costs_one_attempt_and_no_wait() {
     assert!(served.report.failures().is_empty());
 }
 
+/// An operation that takes `took` and counts its polls.
+struct CountedPolls {
+    polls: Arc<std::sync::atomic::AtomicUsize>,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl std::future::Future for CountedPolls {
+    type Output = Result<&'static str, TestError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.polls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.sleep.as_mut().poll(cx).map(|()| Ok("ok"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_is_polled_again_only_when_it_wakes() {
+    // An HTTP client's request future is a deep stack of futures: a poll
+    // that nothing woke walks all of it for nothing. The attempt's first
+    // poll sends the request; the next one is the answer's.
+    for admission in [false, true] {
+        let mut policy = Policy::default();
+        policy.admission.enabled = admission;
+        let pool: Pool<()> = Pool::builder()
+            .policy(LivePolicy::new(policy).unwrap())
+            .provider(MODEL, "a", ())
+            .build()
+            .unwrap();
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let start = Instant::now();
+        let served = pool
+            .call(MODEL, |_| CountedPolls {
+                polls: polls.clone(),
+                sleep: Box::pin(tokio::time::sleep(Duration::from_millis(10))),
+            })
+            .await
+            .unwrap();
+        assert_eq!(served.value, "ok");
+        assert_eq!(Instant::now() - start, Duration::from_millis(10));
+        assert_eq!(
+            polls.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "admission {admission}"
+        );
+    }
+}
+
 // ---- the review's findings ------------------------------------------------
 
 #[tokio::test(start_paused = true)]
