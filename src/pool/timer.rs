@@ -36,11 +36,16 @@ use tokio::time::{Instant, Sleep};
 /// between two of its attempt starts.
 const KEPT: usize = 16;
 
+/// A timer in the stock, and the waker it holds (`None` once it fired, or
+/// if it was never polled): the next attempt of the same task need not
+/// register it again.
+type Stocked = (Pin<Box<Sleep>>, Option<Waker>);
+
 /// One thread's timers, and the runtime they belong to.
 #[derive(Default)]
 struct Stock {
     runtime: Option<Id>,
-    timers: Vec<Pin<Box<Sleep>>>,
+    timers: Vec<Stocked>,
 }
 
 thread_local! {
@@ -57,9 +62,12 @@ pub(crate) struct Timer {
     /// `None` only once given back.
     sleep: Option<Pin<Box<Sleep>>>,
     runtime: Option<Id>,
-    /// The waker the timer holds, once this attempt has waited on it: as
-    /// long as the same task polls, the timer is only looked at (polling
-    /// it again would register the same waker again).
+    /// The attempt's deadline. The timer itself may be set earlier: a
+    /// stocked timer is not moved to a later deadline until it fires.
+    deadline: Instant,
+    /// The waker the timer holds until it fires: as long as the same
+    /// task polls, the timer is only looked at (polling it again would
+    /// register the same waker again).
     waker: Option<Waker>,
     /// The next poll only looks at the deadline: the operation was just
     /// polled ([`Timer::after_pending`]).
@@ -82,29 +90,40 @@ impl Timer {
             })
             .ok()
             .flatten();
-        let sleep = match stocked {
-            Some(mut sleep) => {
-                sleep.as_mut().reset(deadline);
-                sleep
-            }
-            None => Box::pin(tokio::time::sleep_until(deadline)),
-        };
-        Timer {
-            sleep: Some(sleep),
+        let mut timer = Timer {
+            sleep: None,
             runtime,
+            deadline,
             waker: None,
             skip: false,
+        };
+        match stocked {
+            Some((sleep, waker)) => {
+                timer.sleep = Some(sleep);
+                timer.waker = waker;
+                timer.reset(deadline);
+            }
+            None => timer.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
+        timer
     }
 
-    /// Moves the deadline (to a later one: one compare-and-swap).
+    /// Sets the attempt's deadline. The timer is left where it is when it
+    /// is set no later than `deadline` and has not fired: it will fire
+    /// early, once, and be moved then ([`Timer::poll_expired`]). Moving
+    /// it later now would cost tokio's conversion of the deadline to a
+    /// tick on every attempt, for a deadline that nearly never comes.
     pub(crate) fn reset(&mut self, deadline: Instant) {
-        if let Some(sleep) = &mut self.sleep {
+        self.deadline = deadline;
+        let Some(sleep) = &mut self.sleep else {
+            return;
+        };
+        if sleep.is_elapsed() || sleep.deadline() > deadline {
             sleep.as_mut().reset(deadline);
+            // A timer that fired has let its waker go, and one moved
+            // earlier may fire at once: the next wait registers again.
+            self.waker = None;
         }
-        // A timer that fired has let its waker go: the next wait must
-        // register one again.
-        self.waker = None;
     }
 
     /// Runs `fut` until this timer's deadline: `Err(Expired)` if the
@@ -151,23 +170,33 @@ impl Timer {
         let Some(sleep) = &mut self.sleep else {
             return Poll::Pending;
         };
-        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            return if sleep.is_elapsed() {
-                Poll::Ready(())
+        loop {
+            if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                if !sleep.is_elapsed() {
+                    return Poll::Pending;
+                }
             } else {
-                Poll::Pending
-            };
+                // Outside the task's budget: a timer polled with the
+                // budget used up (by the operation, or before it) would
+                // neither register the waker nor look at the deadline,
+                // and the polls after it, from the same task, only look
+                // at `is_elapsed`. The operation's own resources take
+                // part in the budget; the limit over them need not.
+                let polled = Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx);
+                if polled.is_pending() {
+                    self.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+            // It fired: at the attempt's deadline, or before it when it
+            // was left at an earlier one. Then it is moved to the
+            // attempt's deadline and waited on again.
+            if sleep.deadline() >= self.deadline {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(self.deadline);
+            self.waker = None;
         }
-        // Outside the task's budget: a timer polled with the budget used
-        // up (by the operation, or before it) would neither register the
-        // waker nor look at the deadline, and the polls after it, from the
-        // same task, only look at `is_elapsed`. The operation's own
-        // resources take part in the budget; the limit over them need not.
-        let polled = Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx);
-        if polled.is_pending() {
-            self.waker = Some(cx.waker().clone());
-        }
-        polled
     }
 }
 
@@ -178,10 +207,11 @@ impl Drop for Timer {
         };
         // A full stock (or a thread being torn down) drops the timer,
         // which takes it out of the wheel.
+        let waker = self.waker.take();
         let _ = STOCK.try_with(|stock| {
             let mut stock = stock.borrow_mut();
             if stock.runtime == self.runtime && stock.timers.len() < KEPT {
-                stock.timers.push(sleep);
+                stock.timers.push((sleep, waker));
             }
         });
     }
@@ -254,6 +284,54 @@ mod tests {
         timer.reset(t2 + Duration::from_millis(20));
         assert_eq!(timer.within(fut).await, Err(Expired));
         assert_eq!(Instant::now() - t2, Duration::from_millis(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_another_task_waited_on_wakes_this_one() {
+        // A task's attempt waits on the timer (its waker is registered)
+        // and ends; the timer goes back to the stock with that waker.
+        tokio::spawn(served(Duration::from_millis(20), Duration::from_millis(5)))
+            .await
+            .unwrap();
+        assert_eq!(stocked(), 1);
+        // This task's attempt takes it, left at the earlier deadline: the
+        // timer must wake this task, not the one that has ended, then
+        // and at this attempt's own deadline.
+        let t0 = Instant::now();
+        let out = tokio::time::timeout(
+            Duration::from_secs(1),
+            attempt(t0 + Duration::from_millis(50), std::future::pending::<()>()),
+        )
+        .await;
+        let (out, at) = out.expect("the deadline woke another task");
+        assert_eq!(out, Err(Expired));
+        assert_eq!(at - t0, Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_left_at_an_earlier_deadline_ends_the_attempt_at_its_own() {
+        // The same task, attempt after attempt, each deadline later than
+        // the one before: the stocked timer stays at the first one's
+        // deadline (t0 + 100 ms) until that passes, during the third
+        // attempt, which it wakes early, and is moved then.
+        let t0 = Instant::now();
+        for _ in 0..4 {
+            let took = served(Duration::from_millis(100), Duration::from_millis(40)).await;
+            assert_eq!(took, Duration::from_millis(40));
+            assert_eq!(stocked(), 1);
+        }
+        assert_eq!(Instant::now() - t0, Duration::from_millis(160));
+        let t1 = Instant::now();
+        let (out, at) = attempt(
+            t1 + Duration::from_millis(100),
+            std::future::pending::<()>(),
+        )
+        .await;
+        assert_eq!(out, Err(Expired));
+        assert_eq!(at - t1, Duration::from_millis(100));
+        // And an attempt that is served just before its deadline is served.
+        let took = served(Duration::from_millis(100), Duration::from_millis(99)).await;
+        assert_eq!(took, Duration::from_millis(99));
     }
 
     #[tokio::test(start_paused = true)]
