@@ -12,10 +12,15 @@
 //! `success_no_metrics`, `retry` (refused once, zero delay), `tower` (tower's
 //! `Retry` with `TpsBudget`, success), `direct`, and loopback HTTP through
 //! reqwest, `http_plain`, `http_plain_timeout` (plain reqwest with the
-//! per-request timeout the pool applies to an attempt) and `http_pool` (only the calling thread's
-//! instructions are collected: the server's thread is not in the region). Instructions per call are
-//! the difference between two runs (e.g. 20,000 and 40,000 calls) / 20,000:
-//! noise-free, unlike times on a shared machine.
+//! per-request timeout the pool applies to an attempt) and `http_pool`, each
+//! run in a task of its own, as a server runs a connection's requests (only
+//! the calling thread's instructions are collected: the server's thread is
+//! not in the region). Instructions per call are the difference between two
+//! runs (e.g. 20,000 and 40,000 calls) / 20,000: repeatable, unlike times on
+//! a shared machine. An HTTP case's count also moves by a few hundred with
+//! the state of glibc's heap (its consolidation of freed blocks), which a
+//! change elsewhere in the binary can shift: read its ratios to a tenth of
+//! a percent, not its instructions to the unit.
 //! Run under `cargo bench` it does a `success` run of 100,000 calls.
 //!
 //! `profile ab A B [ROUNDS] [CALLS]` times two cases in alternating

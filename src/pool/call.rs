@@ -407,19 +407,19 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                                         + CONNECT_MARGIN,
                                 )
                                 .map_or(begun.until, |t| t.min(begun.until));
-                            let mut timer = Timer::until(connected.instant());
+                            let mut timer = Timer::until(connected);
                             match timer.after_pending(fut.as_mut()).await {
                                 Ok(output) => Ok(output),
                                 Err(Expired) => {
                                     p.connected(&self.policy.admission);
-                                    timer.reset(begun.until.instant());
+                                    timer.reset(begun.until);
                                     // `fut` was polled in this same poll,
                                     // before the timer was found elapsed.
                                     timer.after_pending(fut).await
                                 }
                             }
                         }
-                        None => Timer::until(begun.until.instant()).after_pending(fut).await,
+                        None => Timer::until(begun.until).after_pending(fut).await,
                     },
                 };
                 let paid = matches!(step, Step::Timed(_));

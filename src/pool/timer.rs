@@ -12,9 +12,16 @@
 //! compare-and-swap), and the wheel moves the entry when its old deadline
 //! comes round. Attempt limits only move later as time goes on (now plus
 //! the same limit), so an attempt here borrows a timer from a small stock
-//! kept per thread, sets it to its own limit, and gives it back when it
-//! ends, still in the wheel. The wheel then sees each stocked timer once
-//! per attempt limit (to move it), instead of twice per attempt.
+//! kept per thread and gives it back when it ends, still in the wheel.
+//!
+//! Even that move costs tokio's conversion of the deadline to a tick (a
+//! 128-bit division) on every attempt. So a stocked timer set no later
+//! than the attempt's deadline is not moved at all: it fires early, at its
+//! old deadline, once per attempt limit (90 s by default), and is moved
+//! to the deadline of the attempt holding it then, which therefore ends
+//! exactly at its own deadline. The timer also keeps the waker it holds:
+//! the next attempt of the same task (the next request on a keep-alive
+//! connection) need not register it again.
 //!
 //! What a stocked timer keeps: its place in the wheel and the waker of the
 //! last task that waited on it. When its deadline does come while it sits
@@ -30,16 +37,18 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use tokio::runtime::{Handle, Id};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
+
+use crate::clock::Moment;
 
 /// Timers kept per thread: enough for the attempts one thread ends
 /// between two of its attempt starts.
 const KEPT: usize = 16;
 
-/// A timer in the stock, and the waker it holds (`None` once it fired, or
-/// if it was never polled): the next attempt of the same task need not
-/// register it again.
-type Stocked = (Pin<Box<Sleep>>, Option<Waker>);
+/// A timer in the stock, the deadline it is set to, and the waker it holds
+/// (`None` once it fired, or if it was never polled): the next attempt of
+/// the same task need not register it again.
+type Stocked = (Pin<Box<Sleep>>, Moment, Option<Waker>);
 
 /// One thread's timers, and the runtime they belong to.
 #[derive(Default)]
@@ -64,7 +73,10 @@ pub(crate) struct Timer {
     runtime: Option<Id>,
     /// The attempt's deadline. The timer itself may be set earlier: a
     /// stocked timer is not moved to a later deadline until it fires.
-    deadline: Instant,
+    deadline: Moment,
+    /// The deadline the timer is set to, as a moment: compared with the
+    /// next one without converting either to tokio's `Instant`.
+    set: Moment,
     /// The waker the timer holds until it fires: as long as the same
     /// task polls, the timer is only looked at (polling it again would
     /// register the same waker again).
@@ -77,7 +89,7 @@ pub(crate) struct Timer {
 impl Timer {
     /// A timer for `deadline`, from the stock when it holds one of this
     /// runtime's.
-    pub(crate) fn until(deadline: Instant) -> Timer {
+    pub(crate) fn until(deadline: Moment) -> Timer {
         let runtime = Handle::try_current().ok().map(|h| h.id());
         let stocked = STOCK
             .try_with(|stock| {
@@ -94,16 +106,20 @@ impl Timer {
             sleep: None,
             runtime,
             deadline,
+            set: deadline,
             waker: None,
             skip: false,
         };
         match stocked {
-            Some((sleep, waker)) => {
+            Some((sleep, set, waker)) => {
                 timer.sleep = Some(sleep);
+                timer.set = set;
                 timer.waker = waker;
                 timer.reset(deadline);
             }
-            None => timer.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            None => {
+                timer.sleep = Some(Box::pin(tokio::time::sleep_until(deadline.instant())));
+            }
         }
         timer
     }
@@ -113,13 +129,14 @@ impl Timer {
     /// early, once, and be moved then ([`Timer::poll_expired`]). Moving
     /// it later now would cost tokio's conversion of the deadline to a
     /// tick on every attempt, for a deadline that nearly never comes.
-    pub(crate) fn reset(&mut self, deadline: Instant) {
+    pub(crate) fn reset(&mut self, deadline: Moment) {
         self.deadline = deadline;
         let Some(sleep) = &mut self.sleep else {
             return;
         };
-        if sleep.is_elapsed() || sleep.deadline() > deadline {
-            sleep.as_mut().reset(deadline);
+        if sleep.is_elapsed() || self.set > deadline {
+            sleep.as_mut().reset(deadline.instant());
+            self.set = deadline;
             // A timer that fired has let its waker go, and one moved
             // earlier may fire at once: the next wait registers again.
             self.waker = None;
@@ -191,10 +208,11 @@ impl Timer {
             // It fired: at the attempt's deadline, or before it when it
             // was left at an earlier one. Then it is moved to the
             // attempt's deadline and waited on again.
-            if sleep.deadline() >= self.deadline {
+            if self.set >= self.deadline {
                 return Poll::Ready(());
             }
-            sleep.as_mut().reset(self.deadline);
+            sleep.as_mut().reset(self.deadline.instant());
+            self.set = self.deadline;
             self.waker = None;
         }
     }
@@ -211,7 +229,7 @@ impl Drop for Timer {
         let _ = STOCK.try_with(|stock| {
             let mut stock = stock.borrow_mut();
             if stock.runtime == self.runtime && stock.timers.len() < KEPT {
-                stock.timers.push((sleep, waker));
+                stock.timers.push((sleep, self.set, waker));
             }
         });
     }
@@ -222,6 +240,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use tokio::time::Instant;
 
     fn stocked() -> usize {
         STOCK.with(|s| s.borrow().timers.len())
@@ -233,7 +252,7 @@ mod tests {
         fut: F,
     ) -> (Result<F::Output, Expired>, Instant) {
         let fut = std::pin::pin!(fut);
-        let out = Timer::until(deadline).within(fut).await;
+        let out = Timer::until(Moment::of(deadline)).within(fut).await;
         (out, Instant::now())
     }
 
@@ -271,7 +290,7 @@ mod tests {
         // moves it later: the old deadline must not end it.
         let t1 = Instant::now();
         let fut = std::pin::pin!(std::future::pending::<()>());
-        let mut timer = Timer::until(t1 + Duration::from_millis(300));
+        let mut timer = Timer::until(Moment::of(t1 + Duration::from_millis(300)));
         assert_eq!(stocked(), 0);
         assert_eq!(timer.within(fut).await, Err(Expired));
         assert_eq!(Instant::now() - t1, Duration::from_millis(300));
@@ -280,8 +299,8 @@ mod tests {
         // Moved earlier, it ends at the earlier deadline.
         let t2 = Instant::now();
         let fut = std::pin::pin!(std::future::pending::<()>());
-        let mut timer = Timer::until(t2 + Duration::from_millis(500));
-        timer.reset(t2 + Duration::from_millis(20));
+        let mut timer = Timer::until(Moment::of(t2 + Duration::from_millis(500)));
+        timer.reset(Moment::of(t2 + Duration::from_millis(20)));
         assert_eq!(timer.within(fut).await, Err(Expired));
         assert_eq!(Instant::now() - t2, Duration::from_millis(20));
     }
@@ -338,7 +357,7 @@ mod tests {
     async fn the_stock_is_bounded() {
         let t0 = Instant::now();
         let timers: Vec<Timer> = (0..KEPT + 5)
-            .map(|_| Timer::until(t0 + Duration::from_secs(1)))
+            .map(|_| Timer::until(Moment::of(t0 + Duration::from_secs(1))))
             .collect();
         drop(timers);
         assert_eq!(stocked(), KEPT);
@@ -402,7 +421,7 @@ mod tests {
         let mut fut = std::pin::pin!(fut);
         let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
         assert!(first.is_pending());
-        let out = Timer::until(deadline).after_pending(fut).await;
+        let out = Timer::until(Moment::of(deadline)).after_pending(fut).await;
         (out, Instant::now())
     }
 
@@ -452,7 +471,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_new_waker_is_registered() {
         let t0 = Instant::now();
-        let mut timer = Timer::until(t0 + Duration::from_millis(30));
+        let mut timer = Timer::until(Moment::of(t0 + Duration::from_millis(30)));
         let mut fut = std::pin::pin!(std::future::pending::<()>());
         let mut within = std::pin::pin!(timer.within(fut.as_mut()));
         // Polled once by someone else (who will never poll again).
@@ -468,11 +487,11 @@ mod tests {
     async fn a_timer_moved_after_it_fired_wakes_the_task_again() {
         // The connect phase's limit, then the attempt's, on one timer.
         let t0 = Instant::now();
-        let mut timer = Timer::until(t0 + Duration::from_millis(10));
+        let mut timer = Timer::until(Moment::of(t0 + Duration::from_millis(10)));
         let mut fut = std::pin::pin!(std::future::pending::<()>());
         assert_eq!(timer.within(fut.as_mut()).await, Err(Expired));
         assert_eq!(Instant::now() - t0, Duration::from_millis(10));
-        timer.reset(t0 + Duration::from_millis(60));
+        timer.reset(Moment::of(t0 + Duration::from_millis(60)));
         // A later timer of its own would end this wait too, later: the
         // moved timer must end it first.
         let out = tokio::time::timeout(Duration::from_millis(500), timer.within(fut)).await;
