@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::clock::Moment;
 
 use super::admission::{self, Outcome, Permit, Refused};
-use super::order::ProbeGuard;
+use super::order::{self, ProbeGuard};
 use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
 use super::schedule::{Retry, schedule};
 use super::shadow::{Ended, ShadowCall};
@@ -332,13 +332,19 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         Fut: Future<Output = Result<T, E>>,
     {
         let m = self.m;
-        let (order, probe) = m.plan(self.start, &self.policy.adaptive);
-        self.probe = probe;
-        self.first = order[0];
         // Round 1: every provider once, no waiting between them.
         self.report.rounds = 1;
         let mut steps = Steps::default();
-        steps.extend(order.iter().map(|&i| Step::First(i)));
+        if let [route] = &m.routes[..] {
+            // One provider, the common deployment: no order to plan.
+            self.probe = order::probe_alone(&route.health, self.start);
+            steps.push_back(Step::First(0));
+        } else {
+            let (order, probe) = m.plan(self.start, &self.policy.adaptive);
+            self.probe = probe;
+            self.first = order[0];
+            steps.extend(order.iter().map(|&i| Step::First(i)));
+        }
         let mut round = 1;
         loop {
             while let Some(step) = steps.pop_front() {

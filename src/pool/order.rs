@@ -123,6 +123,15 @@ pub(super) fn by_latency(order: &mut Order, rule: &LatencyRule<'_>) -> OrderDeci
     decision
 }
 
+/// The order of a model with one provider is that provider: a request
+/// only takes its health probe, when it is demoted and the probe is due.
+#[inline]
+pub(super) fn probe_alone(health: &ProviderHealth, now: Moment) -> Option<ProbeGuard<'_>> {
+    health
+        .try_start_probe(now)
+        .then_some(ProbeGuard { index: 0, health })
+}
+
 /// Plans the order for one request; with a latency rule, the healthy
 /// providers are ordered by [`by_latency`] (`None` as the decision: the
 /// rule was not given, or there was nothing to order).
@@ -135,11 +144,7 @@ pub(super) fn plan<'a>(
     let n = healths.len();
     let mut order = Order::new();
     if n == 1 {
-        let probe = healths
-            .clone()
-            .next()
-            .filter(|h| h.try_start_probe(now))
-            .map(|health| ProbeGuard { index: 0, health });
+        let probe = healths.clone().next().and_then(|h| probe_alone(h, now));
         order.push(0);
         return (order, probe, None);
     }

@@ -401,6 +401,51 @@ async fn failed_probe_doubles_the_cooldown() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_lone_provider_is_probed_too() {
+    // One provider per model, the deployment the production incident had:
+    // demoted, it is still the one tried, and the request that comes once
+    // its cool-down has passed is its probe (a failed one doubles the
+    // cool-down; one that succeeds recovers it).
+    let policy = Policy {
+        health: HealthPolicy {
+            demote_after: 2,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(300),
+        },
+        max_rounds: 1,
+        ..Policy::default()
+    };
+    let a = Scripted::new("a", vec![refused()]);
+    let pool = pool([a.clone()], policy);
+    for _ in 0..2 {
+        call(&pool).await.unwrap_err();
+    }
+    let h = &pool.stats()[0].health;
+    assert!(h.demoted);
+    assert_eq!(h.next_probe_in, Some(Duration::from_secs(30)));
+    // Before the cool-down ends: tried (the only provider), not a probe.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    call(&pool).await.unwrap_err();
+    assert_eq!(
+        pool.stats()[0].health.next_probe_in,
+        Some(Duration::from_secs(20))
+    );
+    // Due: this request is the probe, and it fails.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    call(&pool).await.unwrap_err();
+    assert_eq!(
+        pool.stats()[0].health.next_probe_in,
+        Some(Duration::from_secs(60))
+    );
+    // The next probe succeeds: recovered.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    a.set(vec![Step::Ok]);
+    assert_eq!(call(&pool).await.unwrap().value, "a");
+    let h = &pool.stats()[0].health;
+    assert_eq!((h.demoted, h.recoveries), (false, 1));
+}
+
+#[tokio::test(start_paused = true)]
 async fn all_demoted_are_still_served() {
     let policy = Policy {
         health: HealthPolicy {
