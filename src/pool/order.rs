@@ -127,9 +127,11 @@ pub(super) fn by_latency(order: &mut Order, rule: &LatencyRule<'_>) -> OrderDeci
 /// only takes its health probe, when it is demoted and the probe is due.
 #[inline]
 pub(super) fn probe_alone(health: &ProviderHealth, now: Moment) -> Option<ProbeGuard<'_>> {
+    // Built only when taken: a guard gives the probe slot back when
+    // dropped, even the one it did not take.
     health
         .try_start_probe(now)
-        .then_some(ProbeGuard { index: 0, health })
+        .then(|| ProbeGuard { index: 0, health })
 }
 
 /// Plans the order for one request; with a latency rule, the healthy
@@ -141,13 +143,7 @@ pub(super) fn plan<'a>(
     now: Moment,
     latency: Option<&LatencyRule<'_>>,
 ) -> (Order, Option<ProbeGuard<'a>>, Option<OrderDecision>) {
-    let n = healths.len();
     let mut order = Order::new();
-    if n == 1 {
-        let probe = healths.clone().next().and_then(|h| probe_alone(h, now));
-        order.push(0);
-        return (order, probe, None);
-    }
     order.extend(
         healths
             .clone()

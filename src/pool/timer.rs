@@ -256,6 +256,20 @@ mod tests {
         (out, Instant::now())
     }
 
+    /// Runs `attempt` with a deadline `limit` from now, under an outer
+    /// bound: it must end `Expired`, exactly at the deadline (a timer
+    /// that never wakes the task fails the outer bound instead of hanging).
+    async fn expires_exactly<F>(limit: Duration, attempt: impl FnOnce(Instant) -> F)
+    where
+        F: Future<Output = (Result<(), Expired>, Instant)>,
+    {
+        let t0 = Instant::now();
+        let out = tokio::time::timeout(limit * 20, attempt(t0 + limit)).await;
+        let (out, at) = out.expect("the attempt's limit never woke its task");
+        assert_eq!(out, Err(Expired));
+        assert_eq!(at - t0, limit);
+    }
+
     /// An attempt whose operation takes `op`, under a limit of `limit`:
     /// served; how long it took.
     async fn served(limit: Duration, op: Duration) -> Duration {
@@ -316,15 +330,10 @@ mod tests {
         // This task's attempt takes it, left at the earlier deadline: the
         // timer must wake this task, not the one that has ended, then
         // and at this attempt's own deadline.
-        let t0 = Instant::now();
-        let out = tokio::time::timeout(
-            Duration::from_secs(1),
-            attempt(t0 + Duration::from_millis(50), std::future::pending::<()>()),
-        )
+        expires_exactly(Duration::from_millis(50), |deadline| {
+            attempt(deadline, std::future::pending::<()>())
+        })
         .await;
-        let (out, at) = out.expect("the deadline woke another task");
-        assert_eq!(out, Err(Expired));
-        assert_eq!(at - t0, Duration::from_millis(50));
     }
 
     #[tokio::test(start_paused = true)]
@@ -457,15 +466,10 @@ mod tests {
             }
             Poll::<()>::Pending
         });
-        let t0 = Instant::now();
-        let out = tokio::time::timeout(
-            Duration::from_millis(500),
-            after_first_poll(t0 + Duration::from_millis(25), hog),
-        )
+        expires_exactly(Duration::from_millis(25), |deadline| {
+            after_first_poll(deadline, hog)
+        })
         .await;
-        let (out, at) = out.expect("the attempt's limit never fired");
-        assert_eq!(out, Err(Expired));
-        assert_eq!(at - t0, Duration::from_millis(25));
     }
 
     #[tokio::test(start_paused = true)]

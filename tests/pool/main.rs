@@ -400,15 +400,12 @@ async fn failed_probe_doubles_the_cooldown() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_lone_provider_is_probed_too() {
-    // One provider per model, the deployment the production incident had:
-    // demoted, it is still the one tried, and the request that comes once
-    // its cool-down has passed is its probe (a failed one doubles the
-    // cool-down; one that succeeds recovers it).
+/// One provider, refusing, demoted after `demote_after` failed requests
+/// for a cool-down of 30 s; one round (no retry).
+fn lone_provider(demote_after: u32) -> (P, Pool<P>) {
     let policy = Policy {
         health: HealthPolicy {
-            demote_after: 2,
+            demote_after,
             cooldown: Duration::from_secs(30),
             max_cooldown: Duration::from_secs(300),
         },
@@ -416,7 +413,16 @@ async fn a_lone_provider_is_probed_too() {
         ..Policy::default()
     };
     let a = Scripted::new("a", vec![refused()]);
-    let pool = pool([a.clone()], policy);
+    (a.clone(), pool([a], policy))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_provider_is_probed_too() {
+    // One provider per model, the deployment the production incident had:
+    // demoted, it is still the one tried, and the request that comes once
+    // its cool-down has passed is its probe (a failed one doubles the
+    // cool-down; one that succeeds recovers it).
+    let (a, pool) = lone_provider(2);
     for _ in 0..2 {
         call(&pool).await.unwrap_err();
     }
@@ -443,6 +449,36 @@ async fn a_lone_provider_is_probed_too() {
     assert_eq!(call(&pool).await.unwrap().value, "a");
     let h = &pool.stats()[0].health;
     assert_eq!((h.demoted, h.recoveries), (false, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_provider_has_one_probe_at_a_time() {
+    let (a, pool) = lone_provider(1);
+    let pool = Arc::new(pool);
+    call(&pool).await.unwrap_err();
+    assert!(pool.stats()[0].health.demoted);
+    tokio::time::advance(Duration::from_secs(30)).await;
+    // The probe: it hangs, holding the probe slot.
+    a.set(vec![Step::Hang]);
+    let probe = tokio::spawn({
+        let pool = pool.clone();
+        async move { call(&pool).await }
+    });
+    tokio::task::yield_now().await;
+    assert_eq!(a.count(), 2, "the probe is under way");
+    // Two more requests while it is under way: neither is a probe, so
+    // their failures leave the next probe where it was (a failed probe
+    // would double the cool-down).
+    a.set(vec![refused()]);
+    call(&pool).await.unwrap_err();
+    call(&pool).await.unwrap_err();
+    assert_eq!(a.count(), 4);
+    assert_eq!(
+        pool.stats()[0].health.next_probe_in,
+        Some(Duration::ZERO),
+        "a request other than the probe was counted as one"
+    );
+    probe.abort();
 }
 
 #[tokio::test(start_paused = true)]
