@@ -150,17 +150,15 @@ enum Admit<'a> {
     Refused(FailReason),
 }
 
-/// How one attempt ended.
-enum Attempted<T> {
-    /// Success, when the attempt ended and how long it took.
-    Served(T, Moment, Duration),
+/// How a failed attempt ended.
+enum Attempted {
     /// Failure, and when the attempt ended.
     Failed(Verdict, Moment),
     /// The call's deadline ended the attempt.
     Expired,
 }
 
-/// An attempt under way: what `record` needs from its start.
+/// An attempt under way: what `record_served` and `record_failure` needs from its start.
 struct Begun {
     /// When it started.
     now: Moment,
@@ -321,7 +319,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     /// Every round until the call is served or stops.
     ///
     /// One state machine: the steps' bookkeeping is synchronous
-    /// (`try_admit`, `begin`, `record`, `decide`) and the loop itself
+    /// (`try_admit`, `begin`, `record_served` or `record_failure`, `decide`) and the loop itself
     /// awaits only what really waits (a later round's delay, a gate that
     /// limits, the operation). Nested async steps would each be a future
     /// moved into its caller's state on every call (a `memcpy` of its
@@ -429,7 +427,19 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                     },
                 };
                 let paid = matches!(step, Step::Timed(_));
-                let attempted = self.record(i, round, paid, begun, permit, result);
+                // The value moves once, from the attempt's output into
+                // `Served`: a response passed on through the bookkeeping
+                // would be copied at every step (an HTTP response is
+                // ~200 bytes: a `memcpy` call each time).
+                let failed = match result {
+                    Ok(Ok(value)) => {
+                        let took = self.record_served(i, paid, begun, permit);
+                        return Ok(self.served(i, value, took));
+                    }
+                    Ok(Err(e)) => Ok(e),
+                    Err(expired) => Err(expired),
+                };
+                let attempted = self.record_failure(i, round, paid, begun, permit, failed);
                 if let Next::Done(result) = self.decide(i, attempted, &mut steps) {
                     return result;
                 }
@@ -443,18 +453,8 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
 
     /// What follows an attempt of provider `i`.
     #[inline(always)]
-    fn decide<T>(&mut self, i: u8, attempted: Attempted<T>, steps: &mut Steps) -> Next<T> {
+    fn decide<T>(&mut self, i: u8, attempted: Attempted, steps: &mut Steps) -> Next<T> {
         match attempted {
-            Attempted::Served(value, ended, took) => {
-                // The first attempt started at `start`: its duration is
-                // the request's.
-                let elapsed = if self.report.attempts == 1 && self.report.queued.is_zero() {
-                    took
-                } else {
-                    ended.saturating_duration_since(self.start)
-                };
-                Next::Done(Ok(self.served(i, value, elapsed)))
-            }
             Attempted::Failed(v, ended) => {
                 self.latest = ended;
                 match v.class {
@@ -672,63 +672,61 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         })
     }
 
-    /// Records how an attempt of provider `i` ended, in the call's
-    /// accounting, the provider's health and gate, and the hooks. `paid`:
-    /// a later round's retry (the budget paid).
+    /// Records that an attempt of provider `i` succeeded, in the call's
+    /// accounting, the provider's health and gate, and the hooks (`paid`:
+    /// a later round's retry, the budget paid), and returns the request's
+    /// duration.
     #[inline(always)]
-    fn record<T>(
+    fn record_served(
         &mut self,
         i: u8,
-        round: u32,
         paid: bool,
         begun: Begun,
         permit: Option<Permit<'a>>,
-        result: Result<Result<T, E>, Expired>,
-    ) -> Attempted<T> {
+    ) -> Duration {
         let m = self.m;
         let policy = self.policy;
         let route = &m.routes[usize::from(i)];
         let (now, was_probe) = (begun.now, begun.was_probe);
-        let failed = match result {
-            Ok(Ok(value)) => {
-                let ended = self.m.clock.now();
-                if let Some(permit) = permit {
-                    permit.finish(Outcome::Reached, &policy.admission);
-                }
-                if paid {
-                    m.budget.record_retry(ended, &policy.budget, true);
-                }
-                let elapsed = ended.saturating_duration_since(now);
-                route.stats.record(ended, elapsed, None);
-                route.metrics.attempt(None, elapsed);
-                route.record_recovery(policy, ended, None);
-                m.resolve_shadow(i, now, None);
-                if was_probe {
-                    self.probe = None;
-                }
-                if route.health.on_success() == HealthEvent::Recovered {
-                    route.metrics.recovered();
-                    tracing::info!(
-                        target: "retryctl",
-                        model = m.name,
-                        provider = route.name,
-                        probe = was_probe,
-                        "provider recovered"
-                    );
-                }
-                return Attempted::Served(value, ended, elapsed);
-            }
-            Ok(Err(e)) => Ok(e),
-            Err(elapsed) => Err(elapsed),
-        };
-        self.record_failure(i, round, paid, begun, permit, failed)
+        let ended = self.m.clock.now();
+        if let Some(permit) = permit {
+            permit.finish(Outcome::Reached, &policy.admission);
+        }
+        if paid {
+            m.budget.record_retry(ended, &policy.budget, true);
+        }
+        let elapsed = ended.saturating_duration_since(now);
+        route.stats.record(ended, elapsed, None);
+        route.metrics.attempt(None, elapsed);
+        route.record_recovery(policy, ended, None);
+        m.resolve_shadow(i, now, None);
+        if was_probe {
+            self.probe = None;
+        }
+        if route.health.on_success() == HealthEvent::Recovered {
+            route.metrics.recovered();
+            tracing::info!(
+                target: "retryctl",
+                model = m.name,
+                provider = route.name,
+                probe = was_probe,
+                "provider recovered"
+            );
+        }
+        // The first attempt started at `start`: its duration is the
+        // request's.
+        if self.report.attempts == 1 && self.report.queued.is_zero() {
+            elapsed
+        } else {
+            ended.saturating_duration_since(self.start)
+        }
     }
 
-    /// [`Call::record`] for a failed attempt: `Err` when its time limit
-    /// ended it. Out of line: the success path, inlined into the loop,
-    /// should not carry it.
+    /// [`Call::record_served`] for a failed attempt: `Err` when its time
+    /// limit ended it. Out of line: the success path, inlined into the
+    /// loop, should not carry it.
     #[inline(never)]
-    fn record_failure<T>(
+    fn record_failure(
         &mut self,
         i: u8,
         round: u32,
@@ -736,7 +734,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         begun: Begun,
         permit: Option<Permit<'a>>,
         failed: Result<E, Expired>,
-    ) -> Attempted<T> {
+    ) -> Attempted {
         let m = self.m;
         let active = self.resolved;
         let policy = self.policy;
