@@ -212,18 +212,16 @@ impl Clock {
 #[inline]
 fn counter_now(counter: &quanta::Clock) -> Moment {
     let raw = counter.raw();
-    ANCHOR.with(|anchor| match anchor.get() {
-        Some((at, moment)) => {
-            // Zero if this thread moved to a core whose counter is behind.
-            let since = counter.delta_as_nanos(at, raw);
-            if since < RESYNC_NANOS {
-                Moment(moment.0 + since)
-            } else {
-                take_anchor(counter, anchor)
-            }
+    // The cell is read and, rarely, written apart: one closure around
+    // both is a function of its own that the request path calls twice.
+    if let Some((at, moment)) = ANCHOR.get() {
+        // Zero if this thread moved to a core whose counter is behind.
+        let since = counter.delta_as_nanos(at, raw);
+        if since < RESYNC_NANOS {
+            return Moment(moment.0 + since);
         }
-        None => take_anchor(counter, anchor),
-    })
+    }
+    take_anchor(counter)
 }
 
 /// [`RESYNC`] in nanoseconds.
@@ -235,7 +233,7 @@ const RESYNC_NANOS: u64 = RESYNC.as_nanos() as u64;
 /// then the last pair).
 #[cold]
 #[inline(never)]
-fn take_anchor(counter: &quanta::Clock, anchor: &Cell<Option<(u64, Moment)>>) -> Moment {
+fn take_anchor(counter: &quanta::Clock) -> Moment {
     let mut pair = (0, Moment::now());
     for _ in 0..3 {
         let before = counter.raw();
@@ -246,7 +244,7 @@ fn take_anchor(counter: &quanta::Clock, anchor: &Cell<Option<(u64, Moment)>>) ->
             break;
         }
     }
-    anchor.set(Some(pair));
+    ANCHOR.set(Some(pair));
     pair.1
 }
 

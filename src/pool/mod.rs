@@ -310,6 +310,7 @@ impl<P, C> PoolBuilder<P, C> {
         if self.models.is_empty() {
             return Err(BuildError::Empty);
         }
+        let sink = telemetry::Sink::detect();
         // Read once: whether this runtime's clock is paused (tests) decides
         // where every call of the pool reads the time.
         let clock = Clock::detect();
@@ -347,7 +348,7 @@ impl<P, C> PoolBuilder<P, C> {
                         .map(|(_, t)| *t);
                     let provider_name = names::intern(&provider_name);
                     Route {
-                        metrics: RouteMetrics::new(&prefix, name, provider_name),
+                        metrics: RouteMetrics::new(&sink, &prefix, name, provider_name),
                         adaptive: adaptive::RouteAdaptive::new(&prefix, name, provider_name),
                         gate: admission::Gate::new(
                             admission::GateMetrics::new(&prefix, name, provider_name),
@@ -364,7 +365,7 @@ impl<P, C> PoolBuilder<P, C> {
                 .collect();
             index.insert(name, models.len());
             models.push(Model {
-                metrics: ModelMetrics::new(&prefix, name),
+                metrics: ModelMetrics::new(&sink, &prefix, name),
                 adaptive: adaptive::AdaptiveMetrics::new(&prefix, name),
                 shadow: shadow::ShadowModel::new(&prefix, name),
                 name,

@@ -16,6 +16,13 @@
 //! a route of its own server (the reference gateway's is in
 //! `retryctl-gateway`).
 //!
+//! When the recorder installed is this crate's [`Recorder`] itself, the
+//! pool registers the counters and histograms its requests update straight
+//! with it, and updates them with direct, inlined calls instead of the
+//! facade's dynamic ones (one recorder's own series, the same text either
+//! way). A recorder that wraps this crate's (a fan-out, a layer) is left
+//! in the path: it may want to see every update.
+//!
 //! Histograms are bucketed (`_bucket` / `_sum` / `_count`) with explicit
 //! buckets: summaries cannot be aggregated across gateway replicas. The
 //! [`Recorder`] keeps them in fixed-bucket atomics of its own (a sample
@@ -73,7 +80,10 @@
 
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram};
+#[cfg(feature = "prometheus")]
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata};
 
 use crate::classify::Cause;
 use crate::stats;
@@ -83,6 +93,96 @@ mod recorder;
 
 #[cfg(feature = "prometheus")]
 pub use self::recorder::{MetricsHandle, Recorder};
+
+/// Where a pool registers the counters and histograms its requests
+/// update: straight into this crate's [`Recorder`] when that is the
+/// recorder installed, else through the `metrics` facade. A facade handle
+/// is an optional `Arc<dyn ...>`: every update is a check and a dynamic
+/// call that nothing can inline, five of them per request. The pool's
+/// other metrics (gauges, the adaptive decisions', the admission gate's)
+/// always go through the facade.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Sink {
+    #[cfg(feature = "prometheus")]
+    native: Option<Arc<recorder::Registry>>,
+}
+
+/// What the `metrics` macros say of a metric registered here.
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+impl Sink {
+    /// Where the recorder installed now (this thread's local one, or the
+    /// global one) takes the pool's metrics: this crate's recorder
+    /// directly only when it is that recorder itself (not one wrapped in
+    /// another, say a fan-out, which must see every update).
+    pub(crate) fn detect() -> Sink {
+        Sink {
+            #[cfg(feature = "prometheus")]
+            native: recorder::installed_registry(),
+        }
+    }
+
+    pub(crate) fn counter(&self, name: String, labels: Vec<Label>) -> CounterHandle {
+        let key = Key::from_parts(name, labels);
+        #[cfg(feature = "prometheus")]
+        if let Some(registry) = &self.native {
+            return CounterHandle::Native(registry.counter(&key));
+        }
+        CounterHandle::Facade(metrics::with_recorder(|r| {
+            r.register_counter(&key, &METADATA)
+        }))
+    }
+
+    pub(crate) fn histogram(&self, name: String, labels: Vec<Label>) -> HistogramHandle {
+        let key = Key::from_parts(name, labels);
+        #[cfg(feature = "prometheus")]
+        if let (Some(registry), Some(bounds)) = (&self.native, buckets_for(key.name())) {
+            return HistogramHandle::Native(registry.histogram(&key, bounds));
+        }
+        HistogramHandle::Facade(metrics::with_recorder(|r| {
+            r.register_histogram(&key, &METADATA)
+        }))
+    }
+}
+
+/// A counter of the request path (see [`Sink`]).
+#[derive(Debug)]
+pub(crate) enum CounterHandle {
+    Facade(Counter),
+    #[cfg(feature = "prometheus")]
+    Native(Arc<recorder::StripedCounter>),
+}
+
+impl CounterHandle {
+    #[inline]
+    pub(crate) fn increment(&self, value: u64) {
+        match self {
+            CounterHandle::Facade(c) => c.increment(value),
+            #[cfg(feature = "prometheus")]
+            CounterHandle::Native(c) => metrics::CounterFn::increment(&**c, value),
+        }
+    }
+}
+
+/// A histogram of the request path (see [`Sink`]).
+#[derive(Debug)]
+pub(crate) enum HistogramHandle {
+    Facade(Histogram),
+    #[cfg(feature = "prometheus")]
+    Native(Arc<recorder::BucketHistogram>),
+}
+
+impl HistogramHandle {
+    #[inline]
+    pub(crate) fn record(&self, value: f64) {
+        match self {
+            HistogramHandle::Facade(h) => h.record(value),
+            #[cfg(feature = "prometheus")]
+            HistogramHandle::Native(h) => metrics::HistogramFn::record(&**h, value),
+        }
+    }
+}
 
 /// The default metric name prefix.
 pub const DEFAULT_PREFIX: &str = "retryctl_";
@@ -161,17 +261,17 @@ fn reason_index(reason: &str) -> usize {
 /// Handles for one model, resolved once.
 #[derive(Debug)]
 pub(crate) struct ModelMetrics {
-    success_first_try: Counter,
-    success_after_retry: Counter,
+    success_first_try: CounterHandle,
+    success_after_retry: CounterHandle,
     /// [after retry, without retry] x reason.
-    failed: [[Counter; REASONS.len()]; 2],
-    first_round_failures: Counter,
-    fallbacks: Counter,
-    retries: Counter,
-    skipped: [Counter; SKIPS.len()],
-    request_duration: Histogram,
-    attempts_per_request: Histogram,
-    retry_delay: Histogram,
+    failed: [[CounterHandle; REASONS.len()]; 2],
+    first_round_failures: CounterHandle,
+    fallbacks: CounterHandle,
+    retries: CounterHandle,
+    skipped: [CounterHandle; SKIPS.len()],
+    request_duration: HistogramHandle,
+    attempts_per_request: HistogramHandle,
+    retry_delay: HistogramHandle,
     budget_scale: Gauge,
     admission_max_wait: Gauge,
 }
@@ -180,18 +280,29 @@ pub(crate) struct ModelMetrics {
 #[derive(Debug)]
 pub(crate) struct RouteMetrics {
     /// Indexed by [`stats::result_index`]: `ok`, then every cause.
-    attempts: [Counter; 1 + Cause::ALL.len()],
-    attempt_duration: Histogram,
+    attempts: [CounterHandle; 1 + Cause::ALL.len()],
+    attempt_duration: HistogramHandle,
     demoted: Gauge,
-    demotions: Counter,
-    recoveries: Counter,
+    demotions: CounterHandle,
+    recoveries: CounterHandle,
 }
 
 impl ModelMetrics {
-    pub(crate) fn new(prefix: &str, model: &str) -> Self {
+    pub(crate) fn new(sink: &Sink, prefix: &str, model: &str) -> Self {
         let name = |n: &str| format!("{prefix}{n}");
-        let m = model.to_owned();
-        let requests = |outcome: &'static str, reason: &'static str| metrics::counter!(name("requests_total"), "model" => m.clone(), "outcome" => outcome, "reason" => reason);
+        let m = || Label::new("model", model.to_owned());
+        let counter = |n: &str, more: &[(&'static str, &'static str)]| {
+            let labels = std::iter::once(m())
+                .chain(more.iter().map(|&(k, v)| Label::new(k, v)))
+                .collect();
+            sink.counter(name(n), labels)
+        };
+        let requests = |outcome: &'static str, reason: &'static str| {
+            counter(
+                "requests_total",
+                &[("outcome", outcome), ("reason", reason)],
+            )
+        };
         ModelMetrics {
             success_first_try: requests(OUTCOMES[0], "none"),
             success_after_retry: requests(OUTCOMES[1], "none"),
@@ -199,21 +310,19 @@ impl ModelMetrics {
                 REASONS.map(|r| requests(OUTCOMES[2], r)),
                 REASONS.map(|r| requests(OUTCOMES[3], r)),
             ],
-            first_round_failures: metrics::counter!(name("first_round_failures_total"), "model" => m.clone()),
-            fallbacks: metrics::counter!(name("fallbacks_total"), "model" => m.clone()),
-            retries: metrics::counter!(name("retries_total"), "model" => m.clone()),
-            skipped: SKIPS.map(|r| {
-                metrics::counter!(name("retries_skipped_total"), "model" => m.clone(), "reason" => r)
-            }),
-            request_duration: metrics::histogram!(name("request_duration_seconds"), "model" => m.clone()),
-            attempts_per_request: metrics::histogram!(name("attempts_per_request"), "model" => m.clone()),
-            retry_delay: metrics::histogram!(name("retry_delay_seconds"), "model" => m.clone()),
+            first_round_failures: counter("first_round_failures_total", &[]),
+            fallbacks: counter("fallbacks_total", &[]),
+            retries: counter("retries_total", &[]),
+            skipped: SKIPS.map(|r| counter("retries_skipped_total", &[("reason", r)])),
+            request_duration: sink.histogram(name("request_duration_seconds"), vec![m()]),
+            attempts_per_request: sink.histogram(name("attempts_per_request"), vec![m()]),
+            retry_delay: sink.histogram(name("retry_delay_seconds"), vec![m()]),
             budget_scale: {
-                let g = metrics::gauge!(name("retry_budget_scale"), "model" => m.clone());
+                let g = metrics::gauge!(name("retry_budget_scale"), "model" => model.to_owned());
                 g.set(1.0);
                 g
             },
-            admission_max_wait: metrics::gauge!(name("admission_max_wait_seconds"), "model" => m),
+            admission_max_wait: metrics::gauge!(name("admission_max_wait_seconds"), "model" => model.to_owned()),
         }
     }
 
@@ -266,25 +375,32 @@ impl ModelMetrics {
 }
 
 impl RouteMetrics {
-    pub(crate) fn new(prefix: &str, model: &str, provider: &str) -> Self {
+    pub(crate) fn new(sink: &Sink, prefix: &str, model: &str, provider: &str) -> Self {
         let name = |n: &str| format!("{prefix}{n}");
-        let (m, p) = (model.to_owned(), provider.to_owned());
+        let labels = |more: Option<(&'static str, &'static str)>| {
+            let mut labels = vec![
+                Label::new("model", model.to_owned()),
+                Label::new("provider", provider.to_owned()),
+            ];
+            labels.extend(more.map(|(k, v)| Label::new(k, v)));
+            labels
+        };
         let attempts = std::array::from_fn(|i| {
             let result = if i == 0 {
                 "ok"
             } else {
                 Cause::ALL[i - 1].as_str()
             };
-            metrics::counter!(name("attempts_total"), "model" => m.clone(), "provider" => p.clone(), "result" => result)
+            sink.counter(name("attempts_total"), labels(Some(("result", result))))
         });
-        let demoted = metrics::gauge!(name("provider_demoted"), "model" => m.clone(), "provider" => p.clone());
+        let demoted = metrics::gauge!(name("provider_demoted"), "model" => model.to_owned(), "provider" => provider.to_owned());
         demoted.set(0.0);
         RouteMetrics {
             attempts,
-            attempt_duration: metrics::histogram!(name("attempt_duration_seconds"), "model" => m.clone(), "provider" => p.clone()),
+            attempt_duration: sink.histogram(name("attempt_duration_seconds"), labels(None)),
             demoted,
-            demotions: metrics::counter!(name("provider_demotions_total"), "model" => m.clone(), "provider" => p.clone()),
-            recoveries: metrics::counter!(name("provider_recoveries_total"), "model" => m, "provider" => p),
+            demotions: sink.counter(name("provider_demotions_total"), labels(None)),
+            recoveries: sink.counter(name("provider_recoveries_total"), labels(None)),
         }
     }
 
@@ -422,4 +538,90 @@ pub(crate) fn policy_in_force(prefix: &str, old: Option<u64>, new: u64) {
 /// label: outside input must not create series).
 pub(crate) fn unknown_model(prefix: &str) -> Counter {
     metrics::counter!(format!("{prefix}unknown_model_requests_total"))
+}
+
+#[cfg(all(test, feature = "prometheus"))]
+mod tests {
+    use super::*;
+
+    /// A recorder around ours, holding it as its first field (so at its
+    /// address) and one thing more.
+    struct Around {
+        inner: Recorder,
+        _more: u64,
+    }
+
+    impl metrics::Recorder for Around {
+        fn describe_counter(
+            &self,
+            k: metrics::KeyName,
+            u: Option<metrics::Unit>,
+            d: metrics::SharedString,
+        ) {
+            self.inner.describe_counter(k, u, d)
+        }
+        fn describe_gauge(
+            &self,
+            k: metrics::KeyName,
+            u: Option<metrics::Unit>,
+            d: metrics::SharedString,
+        ) {
+            self.inner.describe_gauge(k, u, d)
+        }
+        fn describe_histogram(
+            &self,
+            k: metrics::KeyName,
+            u: Option<metrics::Unit>,
+            d: metrics::SharedString,
+        ) {
+            self.inner.describe_histogram(k, u, d)
+        }
+        fn register_counter(&self, k: &Key, m: &Metadata<'_>) -> Counter {
+            self.inner.register_counter(k, m)
+        }
+        fn register_gauge(&self, k: &Key, m: &Metadata<'_>) -> Gauge {
+            self.inner.register_gauge(k, m)
+        }
+        fn register_histogram(&self, k: &Key, m: &Metadata<'_>) -> Histogram {
+            self.inner.register_histogram(k, m)
+        }
+    }
+
+    #[test]
+    fn only_our_own_recorder_installed_as_it_is_is_written_directly() {
+        let ours = Recorder::new();
+        let handle = ours.handle();
+        let sink = metrics::with_local_recorder(&ours, Sink::detect);
+        assert!(sink.native.is_some());
+        // and a counter from it is the registry's own
+        let c = sink.counter("x_total".into(), vec![Label::new("model", "m")]);
+        assert!(matches!(c, CounterHandle::Native(_)));
+        c.increment(2);
+        assert!(handle.render().contains("x_total{model=\"m\"} 2"));
+        // Wrapped (at the same address), foreign, or none: the facade.
+        let around = Around {
+            inner: Recorder::new(),
+            _more: 0,
+        };
+        assert!(
+            metrics::with_local_recorder(&around, Sink::detect)
+                .native
+                .is_none()
+        );
+        let foreign = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        assert!(
+            metrics::with_local_recorder(&foreign, Sink::detect)
+                .native
+                .is_none()
+        );
+        assert!(
+            metrics::with_local_recorder(&metrics::NoopRecorder, Sink::detect)
+                .native
+                .is_none()
+        );
+        let h = metrics::with_local_recorder(&around, || {
+            Sink::detect().histogram("x_seconds".into(), vec![])
+        });
+        assert!(matches!(h, HistogramHandle::Facade(_)));
+    }
 }

@@ -38,7 +38,7 @@ use crate::stripe::{Padded, STRIPES, Stripe};
 
 /// A monotonic counter striped over [`STRIPES`] cache lines.
 #[derive(Debug, Default)]
-struct StripedCounter {
+pub(crate) struct StripedCounter {
     stripes: [Padded<AtomicU64>; STRIPES],
 }
 
@@ -51,6 +51,7 @@ impl StripedCounter {
 }
 
 impl CounterFn for StripedCounter {
+    #[inline]
     fn increment(&self, value: u64) {
         let stripe = Stripe::current();
         stripe.add(&self.stripes[stripe.index()].0, value);
@@ -81,7 +82,7 @@ struct HistogramStripe {
 /// the sum are exact; a scrape that races a record may see the sample in
 /// the buckets before it sees it in the sum, which Prometheus tolerates).
 #[derive(Debug)]
-struct BucketHistogram {
+pub(crate) struct BucketHistogram {
     bounds: &'static [f64],
     /// `below[e + 32]`: how many bounds are below `2^e` (`e` clamped to
     /// -32..=31; 0 for the lowest, which takes every smaller sample too),
@@ -177,6 +178,7 @@ impl HistogramFn for BucketHistogram {
     /// One sample, the pool's only kind: without `record_many`'s count
     /// check and its conversion and product (`value x 1.0` is `value`),
     /// on every sample of every request.
+    #[inline]
     fn record(&self, value: f64) {
         // A NaN would poison the sum forever; a duration is never one.
         if !value.is_nan() {
@@ -194,7 +196,7 @@ impl HistogramFn for BucketHistogram {
 
 /// The counters and histograms of one recorder, by name then by labels.
 #[derive(Debug, Default)]
-struct Registry {
+pub(crate) struct Registry {
     families: Mutex<BTreeMap<String, Family>>,
 }
 
@@ -233,7 +235,7 @@ impl Registry {
         families.entry(name.to_owned()).or_default().help = Some(help.to_owned());
     }
 
-    fn counter(&self, key: &Key) -> Arc<StripedCounter> {
+    pub(crate) fn counter(&self, key: &Key) -> Arc<StripedCounter> {
         let labels = label_text(key);
         let mut families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
         families
@@ -245,7 +247,7 @@ impl Registry {
             .clone()
     }
 
-    fn histogram(&self, key: &Key, bounds: &'static [f64]) -> Arc<BucketHistogram> {
+    pub(crate) fn histogram(&self, key: &Key, bounds: &'static [f64]) -> Arc<BucketHistogram> {
         let labels = label_text(key);
         let mut families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
         families
@@ -362,8 +364,51 @@ impl Recorder {
     }
 }
 
+/// The name a pool describes to learn whether the recorder installed is
+/// this crate's own ([`installed_registry`]). Describing a name no metric
+/// has changes nothing in any recorder.
+const PROBE: &str = "retryctl_recorder_probe";
+
+thread_local! {
+    /// The recorder that answered [`PROBE`] on this thread (its address),
+    /// and its registry.
+    static ANSWER: std::cell::RefCell<Option<(usize, Arc<Registry>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The registry of the recorder installed now (this thread's local one,
+/// or the global one), if that recorder is a [`Recorder`] itself.
+///
+/// One wrapped in another recorder (a fan-out, a layer) answers the probe
+/// too, and the pool must then go through the wrapper, which may want to
+/// see every update. The answer counts only when it came from the
+/// installed recorder's own address and that recorder is a `Recorder`'s
+/// size: a wrapper holding ours as its first field shares its address,
+/// and a wrapper with nothing beside ours (a forwarding newtype) is the
+/// one case this cannot tell apart.
+pub(crate) fn installed_registry() -> Option<Arc<Registry>> {
+    metrics::with_recorder(|installed| {
+        ANSWER.set(None);
+        installed.describe_counter(
+            KeyName::from_const_str(PROBE),
+            None,
+            SharedString::const_str(""),
+        );
+        let (answered, registry) = ANSWER.take()?;
+        let address = (installed as *const dyn metrics::Recorder).cast::<()>() as usize;
+        let ours = address == answered
+            && std::mem::size_of_val(installed) == std::mem::size_of::<Recorder>();
+        ours.then_some(registry)
+    })
+}
+
 impl metrics::Recorder for Recorder {
     fn describe_counter(&self, key: KeyName, _unit: Option<Unit>, description: SharedString) {
+        if key.as_str() == PROBE {
+            let address = (self as *const Recorder).cast::<()>() as usize;
+            ANSWER.set(Some((address, self.registry.clone())));
+            return;
+        }
         self.registry.describe(key.as_str(), &description);
     }
 

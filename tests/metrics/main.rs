@@ -484,3 +484,145 @@ async fn shadow_decisions_and_failures_are_exported() {
     );
     assert_eq!((effect("caused"), effect("saved")), (1.0, 0.0));
 }
+
+/// A recorder that wraps this crate's and counts the counter increments
+/// and histogram samples that pass through it, as a fan-out to a second
+/// recorder would see them.
+struct Wrapper {
+    inner: telemetry::Recorder,
+    seen: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct Seen<H> {
+    inner: H,
+    seen: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl metrics::CounterFn for Seen<metrics::Counter> {
+    fn increment(&self, value: u64) {
+        self.seen.fetch_add(1, Ordering::Relaxed);
+        self.inner.increment(value);
+    }
+    fn absolute(&self, value: u64) {
+        self.inner.absolute(value);
+    }
+}
+
+impl metrics::HistogramFn for Seen<metrics::Histogram> {
+    fn record(&self, value: f64) {
+        self.seen.fetch_add(1, Ordering::Relaxed);
+        self.inner.record(value);
+    }
+}
+
+impl metrics::Recorder for Wrapper {
+    fn describe_counter(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.inner.describe_counter(k, u, d)
+    }
+    fn describe_gauge(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.inner.describe_gauge(k, u, d)
+    }
+    fn describe_histogram(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.inner.describe_histogram(k, u, d)
+    }
+    fn register_counter(&self, key: &metrics::Key, m: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::from_arc(Arc::new(Seen {
+            inner: self.inner.register_counter(key, m),
+            seen: self.seen.clone(),
+        }))
+    }
+    fn register_gauge(&self, key: &metrics::Key, m: &metrics::Metadata<'_>) -> metrics::Gauge {
+        self.inner.register_gauge(key, m)
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        m: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::from_arc(Arc::new(Seen {
+            inner: self.inner.register_histogram(key, m),
+            seen: self.seen.clone(),
+        }))
+    }
+}
+
+/// Four calls (a success after a retry, three failures) through a pool
+/// built under `recorder`.
+async fn scripted_calls(recorder: &dyn metrics::Recorder) {
+    let a = Script::new(&[false, true, false]);
+    let b = Script::new(&[false]);
+    let mut policy = fast();
+    policy.admission.enabled = false;
+    let pool = metrics::with_local_recorder(recorder, || {
+        Pool::builder()
+            .policy(LivePolicy::new(policy).unwrap())
+            .provider("m", "a", a)
+            .provider("m", "b", b)
+            .build()
+            .unwrap()
+    });
+    for _ in 0..4 {
+        call(&pool).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recorder_wrapping_ours_sees_every_update_and_both_paths_export_the_same() {
+    // Installed directly, the recorder takes the pool's updates without
+    // the facade's dynamic calls ...
+    let direct = telemetry::Recorder::new();
+    let direct_handle = direct.handle();
+    scripted_calls(&direct).await;
+    // ... and wrapped in another, through the facade, so the wrapper sees
+    // them: the pool must not bypass it.
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let wrapper = Wrapper {
+        inner: telemetry::Recorder::new(),
+        seen: seen.clone(),
+    };
+    let wrapped_handle = wrapper.inner.handle();
+    scripted_calls(&wrapper).await;
+    // 4 requests: 15 attempts (a counter and a sample each), 4 outcomes,
+    // 7 retries, 4 first-round failures, and 4 x 2 request samples.
+    let updates = seen.load(Ordering::Relaxed);
+    assert!(updates >= 15 * 2 + 4 + 7 + 4 + 4 * 2, "{updates}");
+    // The same series with the same values either way (durations are
+    // zero under paused time).
+    let direct = parse(&direct_handle.render());
+    let wrapped = parse(&wrapped_handle.render());
+    assert!(
+        value(&direct, "retryctl_attempts_total", &[("model", "m")]) == 15.0,
+        "{direct:?}"
+    );
+    let mut a: Vec<_> = direct.iter().collect();
+    let mut b: Vec<_> = wrapped.iter().collect();
+    a.sort_by(|x, y| x.0.cmp(y.0));
+    b.sort_by(|x, y| x.0.cmp(y.0));
+    assert_eq!(a, b);
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_recorder_gets_no_trace_of_the_probe() {
+    // The exporter's own recorder, as an application may install it.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    scripted_calls(&recorder).await;
+    let text = handle.render();
+    assert!(text.contains("retryctl_attempts_total"), "{text}");
+    assert!(!text.contains("recorder_probe"), "{text}");
+}
