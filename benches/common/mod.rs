@@ -318,8 +318,9 @@ pub async fn http_pool(pool: &Pool<HttpProvider>) -> usize {
             async move { upstream::check(request.send().await?).await }
         })
         .await;
-    match served {
-        Ok(served) => served.value.bytes().await.expect("body").len(),
+    let response = match served {
+        Ok(served) => served.value,
         Err(e) => panic!("{e}"),
-    }
+    };
+    response.bytes().await.expect("body").len()
 }
