@@ -433,8 +433,8 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                 // ~200 bytes: a `memcpy` call each time).
                 let failed = match result {
                     Ok(Ok(value)) => {
-                        let took = self.record_served(i, paid, begun, permit);
-                        return Ok(self.served(i, value, took));
+                        let (ended, took) = self.record_served(i, paid, begun, permit);
+                        return Ok(self.served(i, value, ended, took));
                     }
                     Ok(Err(e)) => Ok(e),
                     Err(expired) => Err(expired),
@@ -674,8 +674,9 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
 
     /// Records that an attempt of provider `i` succeeded, in the call's
     /// accounting, the provider's health and gate, and the hooks (`paid`:
-    /// a later round's retry, the budget paid), and returns the request's
-    /// duration.
+    /// a later round's retry, the budget paid), and returns when it ended
+    /// and how long it took. Its metrics are recorded with the request's,
+    /// in [`Call::served`].
     #[inline(always)]
     fn record_served(
         &mut self,
@@ -683,7 +684,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         paid: bool,
         begun: Begun,
         permit: Option<Permit<'a>>,
-    ) -> Duration {
+    ) -> (Moment, Duration) {
         let m = self.m;
         let policy = self.policy;
         let route = &m.routes[usize::from(i)];
@@ -697,7 +698,6 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         }
         let elapsed = ended.saturating_duration_since(now);
         route.stats.record(ended, elapsed, None);
-        route.metrics.attempt(None, elapsed);
         route.record_recovery(policy, ended, None);
         m.resolve_shadow(i, now, None);
         if was_probe {
@@ -713,13 +713,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                 "provider recovered"
             );
         }
-        // The first attempt started at `start`: its duration is the
-        // request's.
-        if self.report.attempts == 1 && self.report.queued.is_zero() {
-            elapsed
-        } else {
-            ended.saturating_duration_since(self.start)
-        }
+        (ended, elapsed)
     }
 
     /// [`Call::record_served`] for a failed attempt: `Err` when its time
@@ -848,21 +842,35 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         }
     }
 
-    /// The call was served by provider `i`.
+    /// The call was served by provider `i`, whose attempt ended at `ended`
+    /// after `took`.
     #[inline(always)]
-    fn served<T>(&mut self, i: u8, value: T, elapsed: Duration) -> Served<T> {
+    fn served<T>(&mut self, i: u8, value: T, ended: Moment, took: Duration) -> Served<T> {
         let m = self.m;
+        let route = &m.routes[usize::from(i)];
         let fell_back = i != self.first;
-        self.report.elapsed = elapsed;
+        // The first attempt started at `start`, and one that did not wait
+        // at a gate lasted as long as the request.
+        let at_once = self.report.attempts == 1 && self.report.queued.is_zero();
+        self.report.elapsed = if at_once {
+            took
+        } else {
+            ended.saturating_duration_since(self.start)
+        };
         let r = &self.report;
-        m.metrics
-            .served(r.retries > 0, r.attempts, r.elapsed, fell_back);
+        if at_once {
+            m.metrics.served_at_once(&route.metrics, took, fell_back);
+        } else {
+            route.metrics.attempt(None, took);
+            m.metrics
+                .served(r.retries > 0, r.attempts, r.elapsed, fell_back);
+        }
         if let Some(shadow) = &self.shadow {
             shadow.observe(m, r, Ended::Served(i));
         }
         Served {
             value,
-            provider: m.routes[usize::from(i)].name,
+            provider: route.name,
             fell_back,
             report: std::mem::take(&mut self.report),
         }

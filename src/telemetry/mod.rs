@@ -342,6 +342,45 @@ impl ModelMetrics {
         self.attempts_per_request.record(f64::from(attempts));
     }
 
+    /// A request served by its first attempt (one attempt, no time at a
+    /// gate, so the attempt's duration is the request's): what
+    /// `route.attempt(None, elapsed)` and `self.served(false, 1, elapsed,
+    /// fell_back)` record, in one pass when every handle involved is in
+    /// this crate's recorder (the common request's five updates share
+    /// the thread's stripe and the duration's bucket).
+    #[inline]
+    pub(crate) fn served_at_once(&self, route: &RouteMetrics, elapsed: Duration, fell_back: bool) {
+        #[cfg(feature = "prometheus")]
+        if let (
+            CounterHandle::Native(ok),
+            HistogramHandle::Native(attempt),
+            CounterHandle::Native(first_try),
+            HistogramHandle::Native(request),
+            HistogramHandle::Native(attempts),
+        ) = (
+            &route.attempts[stats::result_index(None)],
+            &route.attempt_duration,
+            &self.success_first_try,
+            &self.request_duration,
+            &self.attempts_per_request,
+        ) {
+            if fell_back {
+                self.fallbacks.increment(1);
+            }
+            recorder::served_at_once(
+                ok,
+                attempt,
+                first_try,
+                request,
+                attempts,
+                elapsed.as_secs_f64(),
+            );
+            return;
+        }
+        route.attempt(None, elapsed);
+        self.served(false, 1, elapsed, fell_back);
+    }
+
     /// A failed request.
     pub(crate) fn failed(&self, reason: &str, retried: bool, attempts: u32, elapsed: Duration) {
         self.failed[usize::from(!retried)][reason_index(reason)].increment(1);

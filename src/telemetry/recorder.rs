@@ -162,16 +162,52 @@ impl BucketHistogram {
     /// Adds `count` samples of `value` (not NaN) whose sum is `add`.
     #[inline(always)]
     fn add(&self, value: f64, count: u64, add: f64) {
-        let i = self.bucket(value);
-        let at = Stripe::current();
+        self.add_at(Stripe::current(), self.bucket(value), count, add);
+    }
+
+    /// [`BucketHistogram::add`] into `bucket`, in the stripe `at`.
+    #[inline(always)]
+    fn add_at(&self, at: Stripe, bucket: usize, count: u64, add: f64) {
         let Padded(stripe) = &self.stripes[at.index()];
-        at.add(&stripe.counts[i], count);
+        at.add(&stripe.counts[bucket], count);
         // There is no atomic f64 add: a load and a store on an owned
         // stripe, a compare-and-swap loop on the shared one.
         at.update(&stripe.sum, false, |bits| {
             (f64::from_bits(bits) + add).to_bits()
         });
     }
+}
+
+/// A request served by its first attempt, recorded as
+/// `RouteMetrics::attempt` and `ModelMetrics::served` record it apart
+/// (the attempt's `ok` counter and duration, the request's outcome
+/// counter, duration and attempt count of 1), with the thread's stripe
+/// looked up once and the duration's bucket found once for both duration
+/// histograms when they share their bounds.
+#[inline]
+pub(crate) fn served_at_once(
+    ok: &StripedCounter,
+    attempt: &BucketHistogram,
+    first_try: &StripedCounter,
+    request: &BucketHistogram,
+    attempts: &BucketHistogram,
+    seconds: f64,
+) {
+    if seconds.is_nan() {
+        return;
+    }
+    let at = Stripe::current();
+    at.add(&ok.stripes[at.index()].0, 1);
+    at.add(&first_try.stripes[at.index()].0, 1);
+    let i = attempt.bucket(seconds);
+    attempt.add_at(at, i, 1, seconds);
+    let j = if std::ptr::eq(request.bounds, attempt.bounds) {
+        i
+    } else {
+        request.bucket(seconds)
+    };
+    request.add_at(at, j, 1, seconds);
+    attempts.add_at(at, attempts.bucket(1.0), 1, 1.0);
 }
 
 impl HistogramFn for BucketHistogram {

@@ -579,6 +579,25 @@ async fn scripted_calls(recorder: &dyn metrics::Recorder) {
     for _ in 0..4 {
         call(&pool).await;
     }
+    // Then three first-try successes of 30 ms each, from a second model.
+    let pool = metrics::with_local_recorder(recorder, || {
+        Pool::builder()
+            .provider("slow", "c", Duration::from_millis(30))
+            .build()
+            .unwrap()
+    });
+    for _ in 0..3 {
+        let served = pool
+            .call("slow", |d: &Duration| {
+                let d = *d;
+                async move {
+                    tokio::time::sleep(d).await;
+                    Ok::<_, io::Error>(())
+                }
+            })
+            .await;
+        assert!(served.is_ok());
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -598,9 +617,10 @@ async fn a_recorder_wrapping_ours_sees_every_update_and_both_paths_export_the_sa
     let wrapped_handle = wrapper.inner.handle();
     scripted_calls(&wrapper).await;
     // 4 requests: 15 attempts (a counter and a sample each), 4 outcomes,
-    // 7 retries, 4 first-round failures, and 4 x 2 request samples.
+    // 7 retries, 4 first-round failures, and 4 x 2 request samples; then
+    // 3 first-try successes, 5 updates each.
     let updates = seen.load(Ordering::Relaxed);
-    assert!(updates >= 15 * 2 + 4 + 7 + 4 + 4 * 2, "{updates}");
+    assert!(updates >= 15 * 2 + 4 + 7 + 4 + 4 * 2 + 3 * 5, "{updates}");
     // The same series with the same values either way (durations are
     // zero under paused time).
     let direct = parse(&direct_handle.render());
@@ -609,6 +629,34 @@ async fn a_recorder_wrapping_ours_sees_every_update_and_both_paths_export_the_sa
         value(&direct, "retryctl_attempts_total", &[("model", "m")]) == 15.0,
         "{direct:?}"
     );
+    // The first-try successes, recorded in one pass on the direct path.
+    let slow = |name: &str, labels: &[(&str, &str)]| {
+        let mut all = vec![("model", "slow")];
+        all.extend_from_slice(labels);
+        value(&direct, name, &all)
+    };
+    assert_eq!(slow("retryctl_attempts_total", &[("result", "ok")]), 3.0);
+    assert_eq!(
+        slow(
+            "retryctl_requests_total",
+            &[("outcome", "success_first_try")]
+        ),
+        3.0
+    );
+    for name in [
+        "retryctl_attempt_duration_seconds",
+        "retryctl_request_duration_seconds",
+    ] {
+        assert_eq!(slow(&format!("{name}_bucket"), &[("le", "0.025")]), 0.0);
+        assert_eq!(slow(&format!("{name}_bucket"), &[("le", "0.05")]), 3.0);
+        let sum = slow(&format!("{name}_sum"), &[]);
+        assert!((sum - 0.09).abs() < 0.003, "{name} {sum}");
+    }
+    assert_eq!(
+        slow("retryctl_attempts_per_request_bucket", &[("le", "1")]),
+        3.0
+    );
+    assert_eq!(slow("retryctl_attempts_per_request_sum", &[]), 3.0);
     let mut a: Vec<_> = direct.iter().collect();
     let mut b: Vec<_> = wrapped.iter().collect();
     a.sort_by(|x, y| x.0.cmp(y.0));
