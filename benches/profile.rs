@@ -61,6 +61,9 @@ fn setup(rt: &tokio::runtime::Runtime) -> &'static Pools {
     let client = retryctl::upstream::client_builder(&default_policy().timeouts)
         .build()
         .expect("client");
+    // The recorder first, as in production: a pool built before it
+    // resolves its metric handles to nothing.
+    common::prometheus();
     let http = common::loopback_pool(&client, &url);
     let pools = Pools {
         one: pool(1, default_policy()),
