@@ -134,11 +134,19 @@ impl ActivePolicy {
 
     /// The policy for requests to `model`: its resolved override, or the
     /// top level when it has none. One hash lookup, no allocation.
+    #[inline]
     pub fn for_model(&self, model: &str) -> &ModelPolicy {
-        // Most policies have no overrides: skip hashing the name then.
+        // Most policies have no overrides: skip hashing the name then
+        // (and the call: this check is all every request makes then).
         if self.models.is_empty() {
             return &self.base;
         }
+        self.with_override(model)
+    }
+
+    /// [`ActivePolicy::for_model`] when the policy has overrides.
+    #[inline(never)]
+    fn with_override(&self, model: &str) -> &ModelPolicy {
         self.models.get(model).unwrap_or(&self.base)
     }
 
@@ -202,6 +210,7 @@ impl LivePolicy {
     /// concurrent requests on two cores do not bounce one cache line. The
     /// pool holds it for one request; a writer that swaps the policy
     /// meanwhile pays the debt, the request keeps its snapshot.
+    #[inline]
     pub(crate) fn snapshot(&self) -> arc_swap::Guard<Arc<ActivePolicy>> {
         self.current.load()
     }
