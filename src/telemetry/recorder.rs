@@ -50,11 +50,18 @@ impl StripedCounter {
     }
 }
 
+impl StripedCounter {
+    /// Adds `value` in the stripe `at`.
+    #[inline(always)]
+    fn add_at(&self, at: Stripe, value: u64) {
+        at.add(&self.stripes[at.index()].0, value);
+    }
+}
+
 impl CounterFn for StripedCounter {
     #[inline]
     fn increment(&self, value: u64) {
-        let stripe = Stripe::current();
-        stripe.add(&self.stripes[stripe.index()].0, value);
+        self.add_at(Stripe::current(), value);
     }
 
     /// Raises the counter to `value` (never lowers it), as Prometheus's
@@ -197,8 +204,8 @@ pub(crate) fn served_at_once(
         return;
     }
     let at = Stripe::current();
-    at.add(&ok.stripes[at.index()].0, 1);
-    at.add(&first_try.stripes[at.index()].0, 1);
+    ok.add_at(at, 1);
+    first_try.add_at(at, 1);
     let i = attempt.bucket(seconds);
     attempt.add_at(at, i, 1, seconds);
     let j = if std::ptr::eq(request.bounds, attempt.bounds) {

@@ -487,7 +487,9 @@ async fn shadow_decisions_and_failures_are_exported() {
 
 /// A recorder that wraps this crate's and counts the counter increments
 /// and histogram samples that pass through it, as a fan-out to a second
-/// recorder would see them.
+/// recorder would see them. Ours is its first field (`repr(C)`), so the
+/// two share an address: only their sizes tell them apart.
+#[repr(C)]
 struct Wrapper {
     inner: telemetry::Recorder,
     seen: Arc<std::sync::atomic::AtomicU64>,
