@@ -14,6 +14,8 @@
 //! (a `reqwest::Response`, or an `http::Response` with a hyper body such as
 //! the legacy client's `Incoming`), so the status, Retry-After and body
 //! snippet rules are the same code whichever client sent the request.
+//! [`checked`] puts a client's send and [`check`] in one future, the usual
+//! pool operation: `|p| upstream::checked(p.client.post(&p.url).send())`.
 //!
 //! # Classifying a response
 //!
@@ -78,6 +80,8 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
@@ -354,17 +358,85 @@ impl<B> Classify for http::Response<B> {
 /// of its body. Takes a `reqwest::Response` or an `http::Response` with a
 /// hyper body alike ([`UpstreamResponse`]).
 pub async fn check<R: UpstreamResponse>(response: R) -> Result<R, UpstreamError> {
-    let status = response.status();
-    if status.is_success() {
+    if response.status().is_success() {
         return Ok(response);
     }
+    Err(failing(response).await)
+}
+
+/// Sends with `sending` (reqwest's `RequestBuilder::send()`, hyper-util's
+/// `Client::request`, any future of a response), then [`check`]s the
+/// response: a pool operation in one call,
+/// `|p| upstream::checked(p.client.post(&p.url).body(body).send())`.
+///
+/// The same result as `async move { upstream::check(sending.await?).await }`
+/// at a smaller cost: that block is a state machine of its own around the
+/// client's, whose states are moved into place as it goes (an HTTP
+/// request's are hundreds of bytes), while this future is the client's
+/// own plus a pointer. A failing status's body is read by a boxed future:
+/// the allocation is on the error path only.
+pub fn checked<F, R, E>(sending: F) -> Checked<F>
+where
+    F: Future<Output = Result<R, E>>,
+    R: UpstreamResponse + Send + 'static,
+    E: Into<UpstreamError>,
+{
+    Checked {
+        sending,
+        failing: None,
+    }
+}
+
+/// A failing status's error, its Retry-After and body snippet read.
+type Failing = Pin<Box<dyn Future<Output = UpstreamError> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// The future of [`checked`]: the response, or the error of sending or
+    /// of its status.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Checked<F> {
+        #[pin]
+        sending: F,
+        failing: Option<Failing>,
+    }
+}
+
+impl<F, R, E> Future for Checked<F>
+where
+    F: Future<Output = Result<R, E>>,
+    R: UpstreamResponse + Send + 'static,
+    E: Into<UpstreamError>,
+{
+    type Output = Result<R, UpstreamError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Some(failing) = this.failing {
+            return failing.as_mut().poll(cx).map(Err);
+        }
+        let response = match this.sending.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(response)) => response,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+        };
+        if response.status().is_success() {
+            return Poll::Ready(Ok(response));
+        }
+        let failing = this.failing.insert(Box::pin(failing(response)));
+        failing.as_mut().poll(cx).map(Err)
+    }
+}
+
+/// The error of a response whose status is not a success.
+async fn failing<R: UpstreamResponse>(response: R) -> UpstreamError {
+    let status = response.status();
     let retry_after = retry_after(response.headers());
     let body = read_snippet(response).await;
-    Err(UpstreamError::Status {
+    UpstreamError::Status {
         status,
         retry_after,
         body,
-    })
+    }
 }
 
 async fn read_snippet<R: UpstreamResponse>(mut response: R) -> String {

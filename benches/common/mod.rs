@@ -314,8 +314,7 @@ pub async fn http_plain_timeout(client: &reqwest::Client, url: &str) -> usize {
 pub async fn http_pool(pool: &Pool<HttpProvider>) -> usize {
     let served = pool
         .call(MODEL, |p: &HttpProvider| {
-            let request = p.client.post(&p.url).body(REQUEST);
-            async move { upstream::check(request.send().await?).await }
+            upstream::checked(p.client.post(&p.url).body(REQUEST).send())
         })
         .await;
     let response = match served {

@@ -171,11 +171,11 @@ struct Begun {
 }
 
 /// Where a step leaves the call.
-enum Next<T> {
+enum Next {
     /// On to the next step.
     Continue,
-    /// The call is over.
-    Done(Result<Served<T>, FailReason>),
+    /// The call failed, for this reason.
+    Done(FailReason),
 }
 
 /// The state of one call: one policy snapshot, its clock readings and its
@@ -218,14 +218,22 @@ struct Call<'a, P, E> {
 impl<P, C> Pool<P, C> {
     /// Calls `op` with a provider of `model` until it succeeds or the policy
     /// says stop. See the [`Pool`](crate::Pool) docs for the exact rules.
-    pub async fn call<T, E, F, Fut>(&self, model: &str, op: F) -> Result<Served<T>, PoolError<E>>
+    ///
+    /// (The future of [`Pool::call_with`] itself, not one wrapping it: an
+    /// `async fn` here would add a state switch to every poll and a move
+    /// of the result.)
+    pub fn call<T, E, F, Fut>(
+        &self,
+        model: &str,
+        op: F,
+    ) -> impl Future<Output = Result<Served<T>, PoolError<E>>>
     where
         F: FnMut(&P) -> Fut,
         Fut: Future<Output = Result<T, E>>,
         E: std::fmt::Display,
         C: Classifier<E> + Sync,
     {
-        self.call_with(model, CallOptions::default(), op).await
+        self.call_with(model, CallOptions::default(), op)
     }
 
     /// [`Pool::call`] with a per-call deadline.
@@ -249,10 +257,143 @@ impl<P, C> Pool<P, C> {
         self.note_version(&active);
         let resolved = active.for_model(m.name);
         let mut call = Call::start(m, resolved, options, &active, &self.classifier);
-        match call.run(&mut op).await {
-            Ok(served) => Ok(served),
-            Err(reason) => Err(call.fail(reason)),
-        }
+        // Every round until the call is served or stops, in this one
+        // state machine: the steps' bookkeeping is synchronous
+        // (`try_admit`, `begin`, `record_served` or `record_failure`,
+        // `decide`) and the loop awaits only what really waits (a later
+        // round's delay, a gate that limits, the operation). A nested async
+        // step would be a future of its own, polled through one more state
+        // switch and handing its output up by one more move, which the
+        // success path should not pay.
+        let reason = 'run: {
+            // Round 1: every provider once, no waiting between them.
+            call.report.rounds = 1;
+            let mut steps = Steps::default();
+            if let [route] = &m.routes[..] {
+                // One provider, the common deployment: no order to plan.
+                call.probe = order::probe_alone(&route.health, call.start);
+                steps.push_back(Step::First(0));
+            } else {
+                let (order, probe) = m.plan(call.start, &call.policy.adaptive);
+                call.probe = probe;
+                call.first = order[0];
+                steps.extend(order.iter().map(|&i| Step::First(i)));
+            }
+            let mut round = 1;
+            loop {
+                while let Some(step) = steps.pop_front() {
+                    let i = step.index();
+                    if let Step::Timed(retry) = step {
+                        // Paid for synchronously; only a wait that really
+                        // waits is awaited (a zero delay, or a retry already
+                        // due, never builds the sleep's future).
+                        let Some(ready) = call.pay_retry(retry, round, &mut steps) else {
+                            continue;
+                        };
+                        if ready > call.latest {
+                            call.wait_until(ready).await;
+                        }
+                    }
+                    let admitted = match call.try_admit(i) {
+                        Some(admitted) => admitted,
+                        None => {
+                            let others_ready = matches!(step, Step::First(_) | Step::Again(_))
+                                && steps.iter().any(|s| {
+                                    matches!(s, Step::First(_) | Step::Again(_)) && s.index() != i
+                                });
+                            // Boxed: a wait at a limiting gate is rare and
+                            // already allocates its place in line, and the
+                            // wait's future (~350 bytes) would otherwise
+                            // be room in every call's future.
+                            Box::pin(call.admit(i, others_ready)).await
+                        }
+                    };
+                    let mut permit = match admitted {
+                        Admit::Go(permit) => permit,
+                        Admit::Defer => {
+                            steps.push_back(Step::Deferred(i));
+                            continue;
+                        }
+                        Admit::Refused(reason) => {
+                            call.stopped = Some(reason);
+                            continue;
+                        }
+                    };
+                    let Some(begun) = call.begin(i) else {
+                        // A wait ended at the deadline (timers round up to the
+                        // millisecond). A retry it paid for stays paid: like
+                        // one cancelled during its wait, it is counted.
+                        break 'run FailReason::DeadlineExceeded { wait: None };
+                    };
+                    let mut fut = std::pin::pin!(op(&m.routes[usize::from(i)].provider));
+                    // The timer is armed only if the first poll does not finish
+                    // the operation: arming it costs a runtime-handle clone and
+                    // a timer-wheel entry, which an operation that completes at
+                    // once (a cached answer, a local call) should not pay. The
+                    // future is polled where it was pinned, never moved: an HTTP
+                    // client's request future is over a kilobyte. Pending, it
+                    // is polled again only when it wakes (`after_pending`).
+                    let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+                    let result = match first {
+                        Poll::Ready(output) => Ok(output),
+                        Poll::Pending => match permit.as_mut().filter(|p| p.connecting()) {
+                            // Admitted by a limiting gate: the slot is held
+                            // through the connect phase only (its end:
+                            // `timeouts.connect`, plus a tick so the client's
+                            // own connect timeout is seen first).
+                            Some(p) => {
+                                let connected = begun
+                                    .now
+                                    .checked_add(
+                                        m.routes[usize::from(i)]
+                                            .connect
+                                            .unwrap_or(call.policy.timeouts.connect)
+                                            + CONNECT_MARGIN,
+                                    )
+                                    .map_or(begun.until, |t| t.min(begun.until));
+                                let mut timer = Timer::until(connected);
+                                match timer.after_pending(fut.as_mut()).await {
+                                    Ok(output) => Ok(output),
+                                    Err(Expired) => {
+                                        p.connected(&call.policy.admission);
+                                        timer.reset(begun.until);
+                                        // `fut` was polled in this same poll,
+                                        // before the timer was found elapsed.
+                                        timer.after_pending(fut).await
+                                    }
+                                }
+                            }
+                            None => Timer::until(begun.until).after_pending(fut).await,
+                        },
+                    };
+                    let paid = matches!(step, Step::Timed(_));
+                    // The value moves once, from the attempt's output into
+                    // `Served`: a response passed on through the bookkeeping
+                    // would be copied at every step (an HTTP response is
+                    // ~200 bytes: a `memcpy` call each time).
+                    let failed = match result {
+                        Ok(Ok(value)) => {
+                            let (ended, took) = call.record_served(i, paid, begun, permit);
+                            return Ok(call.served(i, value, ended, took));
+                        }
+                        Ok(Err(e)) => Ok(e),
+                        Err(expired) => Err(expired),
+                    };
+                    let attempted = call.record_failure(i, round, paid, begun, permit, failed);
+                    match call.decide(i, attempted, &mut steps) {
+                        Next::Continue => {}
+                        Next::Done(reason) => break 'run reason,
+                    }
+                }
+                // Further rounds over the providers whose own error was
+                // retryable.
+                if let Err(reason) = call.plan_round(round, &mut steps) {
+                    break 'run reason;
+                }
+                round += 1;
+            }
+        };
+        Err(call.fail(reason))
     }
 
     /// The error for a model that is not configured: one counter, no
@@ -316,149 +457,14 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         }
     }
 
-    /// Every round until the call is served or stops.
-    ///
-    /// One state machine: the steps' bookkeeping is synchronous
-    /// (`try_admit`, `begin`, `record_served` or `record_failure`, `decide`) and the loop itself
-    /// awaits only what really waits (a later round's delay, a gate that
-    /// limits, the operation). Nested async steps would each be a future
-    /// moved into its caller's state on every call (a `memcpy` of its
-    /// whole size), which the success path should not pay.
-    async fn run<T, F, Fut>(&mut self, op: &mut F) -> Result<Served<T>, FailReason>
-    where
-        F: FnMut(&P) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let m = self.m;
-        // Round 1: every provider once, no waiting between them.
-        self.report.rounds = 1;
-        let mut steps = Steps::default();
-        if let [route] = &m.routes[..] {
-            // One provider, the common deployment: no order to plan.
-            self.probe = order::probe_alone(&route.health, self.start);
-            steps.push_back(Step::First(0));
-        } else {
-            let (order, probe) = m.plan(self.start, &self.policy.adaptive);
-            self.probe = probe;
-            self.first = order[0];
-            steps.extend(order.iter().map(|&i| Step::First(i)));
-        }
-        let mut round = 1;
-        loop {
-            while let Some(step) = steps.pop_front() {
-                let i = step.index();
-                if let Step::Timed(retry) = step {
-                    // Paid for synchronously; only a wait that really
-                    // waits is awaited (a zero delay, or a retry already
-                    // due, never builds the sleep's future).
-                    let Some(ready) = self.pay_retry(retry, round, &mut steps) else {
-                        continue;
-                    };
-                    if ready > self.latest {
-                        self.wait_until(ready).await;
-                    }
-                }
-                let admitted = match self.try_admit(i) {
-                    Some(admitted) => admitted,
-                    None => {
-                        let others_ready = matches!(step, Step::First(_) | Step::Again(_))
-                            && steps.iter().any(|s| {
-                                matches!(s, Step::First(_) | Step::Again(_)) && s.index() != i
-                            });
-                        self.admit(i, others_ready).await
-                    }
-                };
-                let mut permit = match admitted {
-                    Admit::Go(permit) => permit,
-                    Admit::Defer => {
-                        steps.push_back(Step::Deferred(i));
-                        continue;
-                    }
-                    Admit::Refused(reason) => {
-                        self.stopped = Some(reason);
-                        continue;
-                    }
-                };
-                let Some(begun) = self.begin(i) else {
-                    // A wait ended at the deadline (timers round up to the
-                    // millisecond). A retry it paid for stays paid: like
-                    // one cancelled during its wait, it is counted.
-                    return Err(FailReason::DeadlineExceeded { wait: None });
-                };
-                let mut fut = std::pin::pin!(op(&m.routes[usize::from(i)].provider));
-                // The timer is armed only if the first poll does not finish
-                // the operation: arming it costs a runtime-handle clone and
-                // a timer-wheel entry, which an operation that completes at
-                // once (a cached answer, a local call) should not pay. The
-                // future is polled where it was pinned, never moved: an HTTP
-                // client's request future is over a kilobyte. Pending, it
-                // is polled again only when it wakes (`after_pending`).
-                let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
-                let result = match first {
-                    Poll::Ready(output) => Ok(output),
-                    Poll::Pending => match permit.as_mut().filter(|p| p.connecting()) {
-                        // Admitted by a limiting gate: the slot is held
-                        // through the connect phase only (its end:
-                        // `timeouts.connect`, plus a tick so the client's
-                        // own connect timeout is seen first).
-                        Some(p) => {
-                            let connected = begun
-                                .now
-                                .checked_add(
-                                    m.routes[usize::from(i)]
-                                        .connect
-                                        .unwrap_or(self.policy.timeouts.connect)
-                                        + CONNECT_MARGIN,
-                                )
-                                .map_or(begun.until, |t| t.min(begun.until));
-                            let mut timer = Timer::until(connected);
-                            match timer.after_pending(fut.as_mut()).await {
-                                Ok(output) => Ok(output),
-                                Err(Expired) => {
-                                    p.connected(&self.policy.admission);
-                                    timer.reset(begun.until);
-                                    // `fut` was polled in this same poll,
-                                    // before the timer was found elapsed.
-                                    timer.after_pending(fut).await
-                                }
-                            }
-                        }
-                        None => Timer::until(begun.until).after_pending(fut).await,
-                    },
-                };
-                let paid = matches!(step, Step::Timed(_));
-                // The value moves once, from the attempt's output into
-                // `Served`: a response passed on through the bookkeeping
-                // would be copied at every step (an HTTP response is
-                // ~200 bytes: a `memcpy` call each time).
-                let failed = match result {
-                    Ok(Ok(value)) => {
-                        let (ended, took) = self.record_served(i, paid, begun, permit);
-                        return Ok(self.served(i, value, ended, took));
-                    }
-                    Ok(Err(e)) => Ok(e),
-                    Err(expired) => Err(expired),
-                };
-                let attempted = self.record_failure(i, round, paid, begun, permit, failed);
-                if let Next::Done(result) = self.decide(i, attempted, &mut steps) {
-                    return result;
-                }
-            }
-            // Further rounds over the providers whose own error was
-            // retryable.
-            self.plan_round(round, &mut steps)?;
-            round += 1;
-        }
-    }
-
     /// What follows an attempt of provider `i`.
     #[inline(always)]
-    fn decide<T>(&mut self, i: u8, attempted: Attempted, steps: &mut Steps) -> Next<T> {
+    fn decide(&mut self, i: u8, attempted: Attempted, steps: &mut Steps) -> Next {
         match attempted {
             Attempted::Failed(v, ended) => {
                 self.latest = ended;
                 match v.class {
-                    Classification::Permanent => Next::Done(Err(FailReason::Permanent)),
+                    Classification::Permanent => Next::Done(FailReason::Permanent),
                     _ if self.policy.admission.enabled && admission::is_unreached(v) => {
                         // Never received: again when its gate admits it.
                         steps.push_back(Step::Again(i));
@@ -471,7 +477,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
                     _ => Next::Continue,
                 }
             }
-            Attempted::Expired => Next::Done(Err(FailReason::DeadlineExceeded { wait: None })),
+            Attempted::Expired => Next::Done(FailReason::DeadlineExceeded { wait: None }),
         }
     }
 
@@ -577,7 +583,9 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     /// the wait.
     async fn wait_until(&mut self, ready: Moment) {
         let before = self.latest;
-        tokio::time::sleep_until(ready.instant()).await;
+        // On a timer from the thread's stock (as an attempt's limit is):
+        // no timer-wheel insertion and removal per retry.
+        Timer::until(ready).expired().await;
         self.latest = self.m.clock.now();
         let waited = self.latest - before;
         self.report.waited += waited;

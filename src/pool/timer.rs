@@ -169,6 +169,11 @@ impl Timer {
         self.limit(fut)
     }
 
+    /// Waits until the deadline.
+    pub(crate) fn expired(&mut self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| self.poll_expired(cx))
+    }
+
     fn limit<'a, F: Future>(
         &'a mut self,
         mut fut: Pin<&'a mut F>,
@@ -360,6 +365,26 @@ mod tests {
         // And an attempt that is served just before its deadline is served.
         let took = served(Duration::from_millis(100), Duration::from_millis(99)).await;
         assert_eq!(took, Duration::from_millis(99));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_on_a_stocked_timer_ends_at_its_own_deadline() {
+        // A retry's wait borrows a stocked timer as an attempt does. Left
+        // at an earlier deadline (t0 + 30 ms), it must not end a wait until
+        // t0 + 80 ms early; set to a later one (t0 + 500 ms), then to
+        // t0 + 100 ms, it must not end the wait late.
+        let t0 = Instant::now();
+        served(Duration::from_millis(30), Duration::from_millis(10)).await;
+        assert_eq!(stocked(), 1);
+        Timer::until(Moment::of(t0 + Duration::from_millis(80)))
+            .expired()
+            .await;
+        assert_eq!(Instant::now() - t0, Duration::from_millis(80));
+        assert_eq!(stocked(), 1);
+        let mut late = Timer::until(Moment::of(t0 + Duration::from_millis(500)));
+        late.reset(Moment::of(t0 + Duration::from_millis(100)));
+        late.expired().await;
+        assert_eq!(Instant::now() - t0, Duration::from_millis(100));
     }
 
     #[tokio::test(start_paused = true)]

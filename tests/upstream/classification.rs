@@ -17,6 +17,9 @@
 //!   what the reference gateway logs);
 //! * `Headers`: the `reqwest::Response` classified by status and headers;
 //! * `Checked`: `upstream::check`, which keeps Retry-After and the body;
+//! * `SentChecked`: `upstream::checked`, sending and checking in one
+//!   future, then the body read, as a pool operation does (a failing
+//!   status's error must be `check`'s, to the last byte of its body);
 //! * `Pool`: the verdict the pool recorded for the attempt, and its error
 //!   message, which must name the root cause.
 //!
@@ -93,6 +96,7 @@ enum Path {
     ChainNoUrl,
     Headers,
     Checked,
+    SentChecked,
     Pool,
 }
 
@@ -169,6 +173,11 @@ impl Case {
 
     /// What `path` is expected to give.
     fn expected(&self, path: Path) -> Want {
+        // `upstream::checked` then the body: what the pool's operation does.
+        let path = match path {
+            Path::SentChecked => Path::Pool,
+            other => other,
+        };
         self.losses
             .iter()
             .find(|(p, _)| *p == path)
@@ -534,6 +543,7 @@ async fn run(case: &Case, client: &reqwest::Client, rules: &Rules) -> Vec<Check>
     let mut checks = Vec::new();
 
     // One call, every direct path.
+    let mut status_error = None;
     let error = match request(client, &target).send().await {
         Err(e) => Some(e),
         Ok(response) => match response.error_for_status_ref().err() {
@@ -541,7 +551,10 @@ async fn run(case: &Case, client: &reqwest::Client, rules: &Rules) -> Vec<Check>
                 let v = response.classify(rules);
                 checks.push(check(case, Path::Headers, v, String::new(), true));
                 let v = match upstream::check(response).await {
-                    Err(e) => e.classify(rules),
+                    Err(e) => {
+                        status_error = Some(format!("{e:?}"));
+                        e.classify(rules)
+                    }
                     Ok(_) => panic!("{}: check passed a failing status", case.name),
                 };
                 checks.push(check(case, Path::Checked, v, String::new(), true));
@@ -553,6 +566,25 @@ async fn run(case: &Case, client: &reqwest::Client, rules: &Rules) -> Vec<Check>
     let Some(error) = error else {
         panic!("{}: the fault produced no error", case.name);
     };
+    // Sent and checked in one future, then the body read.
+    let v = match upstream::checked(request(client, &target).send()).await {
+        Err(e) => {
+            if let UpstreamError::Status { .. } = e {
+                assert_eq!(
+                    Some(format!("{e:?}")),
+                    status_error,
+                    "{}: checked and check disagree",
+                    case.name
+                );
+            }
+            e.classify(rules)
+        }
+        Ok(response) => match read(response, case.read).await {
+            Err(e) => UpstreamError::from(e).classify(rules),
+            Ok(()) => panic!("{}: checked: the fault produced no error", case.name),
+        },
+    };
+    checks.push(check(case, Path::SentChecked, v, String::new(), true));
     let text = error.to_string();
     let full = chain(&error);
     let wrapped = GatewayError(error);
