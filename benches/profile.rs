@@ -12,15 +12,19 @@
 //! `success_no_metrics`, `retry` (refused once, zero delay), `tower` (tower's
 //! `Retry` with `TpsBudget`, success), `direct`, and loopback HTTP through
 //! reqwest, `http_plain`, `http_plain_timeout` (plain reqwest with the
-//! per-request timeout the pool applies to an attempt) and `http_pool`, each
+//! per-request timeout the pool applies to an attempt), `http_pool` and
+//! `http_pool_block` (its operation an async block around the send and
+//! the check instead of `upstream::checked`), each
 //! run in a task of its own, as a server runs a connection's requests (only
 //! the calling thread's instructions are collected: the server's thread is
 //! not in the region). Instructions per call are the difference between two
 //! runs (e.g. 20,000 and 40,000 calls) / 20,000: repeatable, unlike times on
-//! a shared machine. An HTTP case's count also moves by a few hundred with
-//! the state of glibc's heap (its consolidation of freed blocks), which a
-//! change elsewhere in the binary can shift: read its ratios to a tenth of
-//! a percent, not its instructions to the unit.
+//! a shared machine. The allocator is mimalloc, as `retryctl serve` runs
+//! with: under glibc's, an HTTP case's count moved by a few hundred with
+//! the state of the heap (its consolidation of freed blocks), which any
+//! change elsewhere in the binary could shift (+330 instructions for the
+//! pool's request, +0.5% on its ratio to plain reqwest, from adding an
+//! unused function).
 //! Run under `cargo bench` it does a `success` run of 100,000 calls.
 //!
 //! `profile ab A B [ROUNDS] [CALLS]` times two cases in alternating
@@ -30,6 +34,10 @@
 
 mod common;
 
+/// Allocation costs the same whatever the binary's layout (see above).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -37,9 +45,9 @@ use tower::retry::Retry;
 use tower::{Service, ServiceExt, service_fn};
 
 use common::{
-    HttpProvider, TowerPolicy, default_policy, http_plain, http_plain_timeout, http_pool, pool,
-    pool_call, pool_call_refused_once, pool_without_metrics, runtime, start_server, upkeep,
-    upstream, zero_delay_policy,
+    HttpProvider, TowerPolicy, default_policy, http_plain, http_plain_timeout, http_pool,
+    http_pool_block, pool, pool_call, pool_call_refused_once, pool_without_metrics, runtime,
+    start_server, upkeep, upstream, zero_delay_policy,
 };
 
 /// The pools of every case, built and warmed up outside the profiled region.
@@ -134,7 +142,7 @@ fn measured_calls(
                     black_box(ready.call(0).await.expect("served"));
                 }
             }
-            "http_plain" | "http_plain_timeout" | "http_pool" => {
+            "http_plain" | "http_plain_timeout" | "http_pool" | "http_pool_block" => {
                 in_task(http_calls(pools, case.to_owned(), calls)).await;
             }
             "direct" => {
@@ -164,6 +172,7 @@ async fn http_calls(pools: &'static Pools, case: String, calls: u64) {
         let bytes = match case.as_str() {
             "http_plain" => http_plain(&pools.client, &pools.url).await,
             "http_plain_timeout" => http_plain_timeout(&pools.client, &pools.url).await,
+            "http_pool_block" => http_pool_block(&pools.http).await,
             _ => http_pool(&pools.http).await,
         };
         black_box(bytes);

@@ -310,6 +310,24 @@ pub async fn http_plain_timeout(client: &reqwest::Client, url: &str) -> usize {
     response.bytes().await.expect("body").len()
 }
 
+/// [`http_pool`] with the operation written as an async block around the
+/// send and the check, as `upstream::checked` does in one future: what
+/// that block costs (a state machine of its own, whose states are moved
+/// into place).
+pub async fn http_pool_block(pool: &Pool<HttpProvider>) -> usize {
+    let served = pool
+        .call(MODEL, |p: &HttpProvider| {
+            let request = p.client.post(&p.url).body(REQUEST);
+            async move { upstream::check(request.send().await?).await }
+        })
+        .await;
+    let response = match served {
+        Ok(served) => served.value,
+        Err(e) => panic!("{e}"),
+    };
+    response.bytes().await.expect("body").len()
+}
+
 /// The same request through the pool (the body is read after it returns).
 pub async fn http_pool(pool: &Pool<HttpProvider>) -> usize {
     let served = pool

@@ -29,7 +29,12 @@
 //! nothing, and lets the waker go. The stock belongs to one runtime: a
 //! thread that runs another runtime's tasks (a test's runtime after
 //! another's) drops the stock first, as a timer only ever fires on the
-//! runtime it was first armed in.
+//! runtime it was first armed in. Which runtime is current is asked only
+//! when the task taking a timer is not the one that took the last (a
+//! task runs on one runtime all its life, and task ids are unique in the
+//! process): asking clones and drops the runtime's handle, two atomic
+//! read-modify-writes, while the next request on a keep-alive connection
+//! is the same task.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -50,10 +55,12 @@ const KEPT: usize = 16;
 /// the same task need not register it again.
 type Stocked = (Pin<Box<Sleep>>, Moment, Option<Waker>);
 
-/// One thread's timers, and the runtime they belong to.
+/// One thread's timers, the runtime they belong to, and the task that
+/// took the last one (on that runtime).
 #[derive(Default)]
 struct Stock {
     runtime: Option<Id>,
+    task: Option<tokio::task::Id>,
     timers: Vec<Stocked>,
 }
 
@@ -90,18 +97,21 @@ impl Timer {
     /// A timer for `deadline`, from the stock when it holds one of this
     /// runtime's.
     pub(crate) fn until(deadline: Moment) -> Timer {
-        let runtime = Handle::try_current().ok().map(|h| h.id());
-        let stocked = STOCK
+        let task = tokio::task::try_id();
+        let (runtime, stocked) = STOCK
             .try_with(|stock| {
                 let mut stock = stock.borrow_mut();
-                if stock.runtime != runtime {
-                    stock.timers.clear();
-                    stock.runtime = runtime;
+                if task.is_none() || stock.task != task {
+                    let runtime = Handle::try_current().ok().map(|h| h.id());
+                    if stock.runtime != runtime {
+                        stock.timers.clear();
+                        stock.runtime = runtime;
+                    }
+                    stock.task = task;
                 }
-                stock.timers.pop()
+                (stock.runtime, stock.timers.pop())
             })
-            .ok()
-            .flatten();
+            .unwrap_or_else(|_| (Handle::try_current().ok().map(|h| h.id()), None));
         let mut timer = Timer {
             sleep: None,
             runtime,
@@ -406,22 +416,41 @@ mod tests {
                 .build()
                 .unwrap()
         };
-        let first = paused();
-        first.block_on(async {
-            let (out, _) = attempt(Instant::now() + Duration::from_secs(1), async {}).await;
-            assert_eq!(out, Ok(()));
-        });
-        assert_eq!(stocked(), 1);
-        drop(first);
-        // A timer of the first runtime would panic here (its driver is
-        // shut down), or never fire.
-        paused().block_on(async {
-            let t0 = Instant::now();
-            let (out, at) =
-                attempt(t0 + Duration::from_millis(70), std::future::pending::<()>()).await;
-            assert_eq!(out, Err(Expired));
-            assert_eq!(at - t0, Duration::from_millis(70));
-        });
+        // Attempts in the runtime's main future (no task), then in tasks:
+        // a task of the second runtime must not take the first one's
+        // timer for its own because some task took it last.
+        for in_task in [false, true] {
+            let run = |rt: &tokio::runtime::Runtime,
+                       work: Pin<Box<dyn Future<Output = ()> + Send>>| {
+                if in_task {
+                    rt.block_on(async { tokio::spawn(work).await.unwrap() })
+                } else {
+                    rt.block_on(work)
+                }
+            };
+            let first = paused();
+            run(
+                &first,
+                Box::pin(async {
+                    let (out, _) = attempt(Instant::now() + Duration::from_secs(1), async {}).await;
+                    assert_eq!(out, Ok(()));
+                }),
+            );
+            assert_eq!(stocked(), 1);
+            drop(first);
+            // A timer of the first runtime would panic here (its driver is
+            // shut down), or never fire.
+            run(
+                &paused(),
+                Box::pin(async {
+                    let t0 = Instant::now();
+                    let (out, at) =
+                        attempt(t0 + Duration::from_millis(70), std::future::pending::<()>()).await;
+                    assert_eq!(out, Err(Expired));
+                    assert_eq!(at - t0, Duration::from_millis(70));
+                }),
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
