@@ -327,12 +327,13 @@ impl<P, C> Pool<P, C> {
                     };
                     let mut fut = std::pin::pin!(op(&m.routes[usize::from(i)].provider));
                     // The timer is armed only if the first poll does not finish
-                    // the operation: arming it costs a runtime-handle clone and
-                    // a timer-wheel entry, which an operation that completes at
-                    // once (a cached answer, a local call) should not pay. The
-                    // future is polled where it was pinned, never moved: an HTTP
-                    // client's request future is over a kilobyte. Pending, it
-                    // is polled again only when it wakes (`after_pending`).
+                    // the operation: arming it takes a timer from the thread's
+                    // stock and registers the task's waker, which an operation
+                    // that completes at once (a cached answer, a local call)
+                    // should not pay. The future is polled where it was
+                    // pinned, never moved: an HTTP client's request future can
+                    // be over a kilobyte. Pending, it is polled again only
+                    // when it wakes (`after_pending`).
                     let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
                     let result = match first {
                         Poll::Ready(output) => Ok(output),
