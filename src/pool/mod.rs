@@ -463,17 +463,25 @@ impl<P, C> Pool<P, C> {
     }
 
     /// Reports a policy version change seen by a request (rare: one
-    /// relaxed load otherwise).
+    /// relaxed load otherwise, inlined into the request path).
+    #[inline]
     fn note_version(&self, active: &ActivePolicy) {
         let version = active.version();
         if self.policy_seen.load(Ordering::Relaxed) != version {
-            let old = self.policy_seen.swap(version, Ordering::Relaxed);
-            if old != version {
-                telemetry::policy_in_force(&self.prefix, Some(old), version);
-                for m in &self.models {
-                    m.metrics
-                        .admission_max_wait(active.for_model(m.name).policy().admission.max_wait);
-                }
+            self.version_changed(active, version);
+        }
+    }
+
+    /// [`Pool::note_version`] when the version is new to this pool.
+    #[cold]
+    #[inline(never)]
+    fn version_changed(&self, active: &ActivePolicy, version: u64) {
+        let old = self.policy_seen.swap(version, Ordering::Relaxed);
+        if old != version {
+            telemetry::policy_in_force(&self.prefix, Some(old), version);
+            for m in &self.models {
+                m.metrics
+                    .admission_max_wait(active.for_model(m.name).policy().admission.max_wait);
             }
         }
     }
