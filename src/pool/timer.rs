@@ -76,6 +76,12 @@ thread_local! {
     };
 }
 
+/// The runtime this thread is running, if any (a clone and a drop of its
+/// handle: asked only when the task changes, see the module docs).
+fn current_runtime() -> Option<Id> {
+    Handle::try_current().ok().map(|h| h.id())
+}
+
 /// The deadline came first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Expired;
@@ -110,7 +116,7 @@ impl Timer {
             .try_with(|stock| {
                 let mut stock = stock.borrow_mut();
                 if task.is_none() || stock.task != task {
-                    let runtime = Handle::try_current().ok().map(|h| h.id());
+                    let runtime = current_runtime();
                     if stock.runtime != runtime {
                         stock.timers.clear();
                         stock.runtime = runtime;
@@ -119,7 +125,7 @@ impl Timer {
                 }
                 (stock.runtime, stock.timers.pop())
             })
-            .unwrap_or_else(|_| (Handle::try_current().ok().map(|h| h.id()), None));
+            .unwrap_or_else(|_| (current_runtime(), None));
         let mut timer = Timer {
             sleep: None,
             runtime,
