@@ -131,7 +131,13 @@ impl Moment {
     /// This moment plus `d`, `None` past the end of time.
     #[inline]
     pub(crate) fn checked_add(self, d: Duration) -> Option<Moment> {
-        self.0.checked_add(nanos(d)).map(Moment)
+        self.checked_add_nanos(nanos(d))
+    }
+
+    /// This moment plus `nanos` nanoseconds, `None` past the end of time.
+    #[inline]
+    pub(crate) fn checked_add_nanos(self, nanos: u64) -> Option<Moment> {
+        self.0.checked_add(nanos).map(Moment)
     }
 }
 

@@ -54,9 +54,37 @@ pub struct ModelPolicy {
     rules: Rules,
     /// The `[shadow]` candidate applied on top of `policy`, if any.
     shadow: Option<Policy>,
+    /// `timeouts.request` and `timeouts.attempt` in nanoseconds, the unit
+    /// of the pool's clock: every request adds both to a reading, and a
+    /// `Duration` costs a multiplication with overflow checks each time.
+    limits: (u64, u64),
 }
 
 impl ModelPolicy {
+    fn new(policy: Policy, rules: Rules) -> Self {
+        ModelPolicy {
+            shadow: policy.shadow_candidate(),
+            limits: (
+                crate::clock::nanos(policy.timeouts.request),
+                crate::clock::nanos(policy.timeouts.attempt),
+            ),
+            policy,
+            rules,
+        }
+    }
+
+    /// `timeouts.request` in nanoseconds.
+    #[inline]
+    pub(crate) fn request_nanos(&self) -> u64 {
+        self.limits.0
+    }
+
+    /// `timeouts.attempt` in nanoseconds.
+    #[inline]
+    pub(crate) fn attempt_nanos(&self) -> u64 {
+        self.limits.1
+    }
+
     /// The resolved values: the top-level policy with the model's override
     /// applied. For a model without an override this is the top-level
     /// policy itself (its `models` map included).
@@ -102,21 +130,13 @@ impl ActivePolicy {
                 } else {
                     Rules::new(&resolved.classify)
                 };
-                let model = ModelPolicy {
-                    shadow: resolved.shadow_candidate(),
-                    policy: resolved,
-                    rules,
-                };
+                let model = ModelPolicy::new(resolved, rules);
                 (name.clone(), model)
             })
             .collect();
         let version = fnv1a_64(policy.to_toml().as_bytes());
         Ok(ActivePolicy {
-            base: ModelPolicy {
-                shadow: policy.shadow_candidate(),
-                policy,
-                rules,
-            },
+            base: ModelPolicy::new(policy, rules),
             models,
             version,
         })

@@ -115,6 +115,7 @@ fn lowest_of(bucket: usize) -> u64 {
 }
 
 /// The index of an attempt's result in the counters: 0 is success.
+#[inline]
 pub(crate) fn result_index(cause: Option<Cause>) -> usize {
     match cause {
         None => 0,

@@ -30,7 +30,7 @@ use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report,
 use super::schedule::{Retry, schedule};
 use super::shadow::{Ended, ShadowCall};
 use super::timer::{Expired, Timer};
-use super::{Model, Pool};
+use super::{Model, Pool, Route};
 use crate::classifier::Classifier;
 use crate::classify::{Cause, Classification, Verdict};
 use crate::health::HealthEvent;
@@ -283,6 +283,9 @@ impl<P, C> Pool<P, C> {
             loop {
                 while let Some(step) = steps.pop_front() {
                     let i = step.index();
+                    // Looked up once per step (an index into the routes is
+                    // a bounds check and a multiplication each time).
+                    let route = &m.routes[usize::from(i)];
                     if let Step::Timed(retry) = step {
                         // Paid for synchronously; only a wait that really
                         // waits is awaited (a zero delay, or a retry already
@@ -294,7 +297,7 @@ impl<P, C> Pool<P, C> {
                             call.wait_until(ready).await;
                         }
                     }
-                    let admitted = match call.try_admit(i) {
+                    let admitted = match call.try_admit(route) {
                         Some(admitted) => admitted,
                         None => {
                             let others_ready = matches!(step, Step::First(_) | Step::Again(_))
@@ -319,53 +322,57 @@ impl<P, C> Pool<P, C> {
                             continue;
                         }
                     };
-                    let Some(begun) = call.begin(i) else {
+                    let Some(begun) = call.begin(i, route) else {
                         // A wait ended at the deadline (timers round up to the
                         // millisecond). A retry it paid for stays paid: like
                         // one cancelled during its wait, it is counted.
                         break 'run FailReason::DeadlineExceeded { wait: None };
                     };
-                    let mut fut = std::pin::pin!(op(&m.routes[usize::from(i)].provider));
-                    // The timer is armed only if the first poll does not finish
-                    // the operation: arming it takes a timer from the thread's
-                    // stock and registers the task's waker, which an operation
-                    // that completes at once (a cached answer, a local call)
-                    // should not pay. The future is polled where it was
-                    // pinned, never moved: an HTTP client's request future can
-                    // be over a kilobyte. Pending, it is polled again only
-                    // when it wakes (`after_pending`).
-                    let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
-                    let result = match first {
-                        Poll::Ready(output) => Ok(output),
-                        Poll::Pending => match permit.as_mut().filter(|p| p.connecting()) {
-                            // Admitted by a limiting gate: the slot is held
-                            // through the connect phase only (its end:
-                            // `timeouts.connect`, plus a tick so the client's
-                            // own connect timeout is seen first).
-                            Some(p) => {
-                                let connected = begun
-                                    .now
-                                    .checked_add(
-                                        m.routes[usize::from(i)]
-                                            .connect
-                                            .unwrap_or(call.policy.timeouts.connect)
-                                            + CONNECT_MARGIN,
-                                    )
-                                    .map_or(begun.until, |t| t.min(begun.until));
-                                let mut timer = Timer::until(connected);
-                                match timer.after_pending(fut.as_mut()).await {
-                                    Ok(output) => Ok(output),
-                                    Err(Expired) => {
-                                        p.connected(&call.policy.admission);
-                                        timer.reset(begun.until);
-                                        // `fut` was polled in this same poll,
-                                        // before the timer was found elapsed.
-                                        timer.after_pending(fut).await
+                    let mut fut = std::pin::pin!(op(&route.provider));
+                    // The future is polled where it was pinned, never moved:
+                    // an HTTP client's request future can be over a kilobyte.
+                    let result = match permit.as_mut().filter(|p| p.connecting()) {
+                        // The timer is armed only if the first poll does not
+                        // finish the operation: arming it takes a timer from
+                        // the thread's stock and registers the task's waker,
+                        // which an operation that completes at once (a cached
+                        // answer, a local call) should not pay.
+                        None => Timer::limit_lazily(fut, begun.until).await,
+                        // Admitted by a limiting gate: the slot is held
+                        // through the connect phase only (its end:
+                        // `timeouts.connect`, plus a tick so the client's
+                        // own connect timeout is seen first).
+                        Some(p) => {
+                            let first =
+                                std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+                            match first {
+                                Poll::Ready(output) => Ok(output),
+                                Poll::Pending => {
+                                    let connected = begun
+                                        .now
+                                        .checked_add(
+                                            route.connect.unwrap_or(call.policy.timeouts.connect)
+                                                + CONNECT_MARGIN,
+                                        )
+                                        .map_or(begun.until, |t| t.min(begun.until));
+                                    // Pending, the operation is polled
+                                    // again only when it wakes
+                                    // (`after_pending`).
+                                    let mut timer = Timer::until(connected);
+                                    match timer.after_pending(fut.as_mut()).await {
+                                        Ok(output) => Ok(output),
+                                        Err(Expired) => {
+                                            p.connected(&call.policy.admission);
+                                            timer.reset(begun.until);
+                                            // `fut` was polled in this same
+                                            // poll, before the timer was
+                                            // found elapsed.
+                                            timer.after_pending(fut).await
+                                        }
                                     }
                                 }
                             }
-                            None => Timer::until(begun.until).after_pending(fut).await,
-                        },
+                        }
                     };
                     let paid = matches!(step, Step::Timed(_));
                     // The value moves once, from the attempt's output into
@@ -374,13 +381,14 @@ impl<P, C> Pool<P, C> {
                     // ~200 bytes: a `memcpy` call each time).
                     let failed = match result {
                         Ok(Ok(value)) => {
-                            let (ended, took) = call.record_served(i, paid, begun, permit);
-                            return Ok(call.served(i, value, ended, took));
+                            let (ended, took) = call.record_served(i, route, paid, begun, permit);
+                            return Ok(call.served(i, route, value, ended, took));
                         }
                         Ok(Err(e)) => Ok(e),
                         Err(expired) => Err(expired),
                     };
-                    let attempted = call.record_failure(i, round, paid, begun, permit, failed);
+                    let attempted =
+                        call.record_failure(i, route, round, paid, begun, permit, failed);
                     match call.decide(i, attempted, &mut steps) {
                         Next::Continue => {}
                         Next::Done(reason) => break 'run reason,
@@ -434,7 +442,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             .deadline
             .map(Moment::of)
             .or_else(|| options.timeout.and_then(|t| start.checked_add(t)))
-            .or_else(|| start.checked_add(policy.timeouts.request))
+            .or_else(|| start.checked_add_nanos(resolved.request_nanos()))
             .unwrap_or(start + Duration::from_secs(86_400));
         m.deposit(start, policy);
         Call {
@@ -597,8 +605,8 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     /// or the gate open (one atomic add). `None`: the gate limits, see
     /// [`Call::admit`].
     #[inline(always)]
-    fn try_admit(&self, i: u8) -> Option<Admit<'a>> {
-        let gate = &self.m.routes[usize::from(i)].gate;
+    fn try_admit(&self, route: &'a Route<P>) -> Option<Admit<'a>> {
+        let gate = &route.gate;
         if !self.policy.admission.enabled {
             if !gate.is_open() {
                 // Switched off while the gate held requests: let them go.
@@ -650,9 +658,8 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     /// Starts an attempt of provider `i`: its time limit and its
     /// accounting. `None`: the deadline has passed.
     #[inline(always)]
-    fn begin(&mut self, i: u8) -> Option<Begun> {
+    fn begin(&mut self, i: u8, route: &Route<P>) -> Option<Begun> {
         let policy = self.policy;
-        let route = &self.m.routes[usize::from(i)];
         let now = self.latest;
         let deadline = self.deadline;
         if now >= deadline {
@@ -661,7 +668,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         // Moments, not durations: the limit as a duration is only needed
         // when the attempt times out.
         let fixed = now
-            .checked_add(policy.timeouts.attempt)
+            .checked_add_nanos(self.resolved.attempt_nanos())
             .map_or(deadline, |end| end.min(deadline));
         let adaptive = adaptive_limit(route, policy, now)
             .and_then(|a| now.checked_add(a))
@@ -690,13 +697,13 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     fn record_served(
         &mut self,
         i: u8,
+        route: &Route<P>,
         paid: bool,
         begun: Begun,
         permit: Option<Permit<'a>>,
     ) -> (Moment, Duration) {
         let m = self.m;
         let policy = self.policy;
-        let route = &m.routes[usize::from(i)];
         let (now, was_probe) = (begun.now, begun.was_probe);
         let ended = self.m.clock.now();
         if let Some(permit) = permit {
@@ -729,9 +736,11 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     /// limit ended it. Out of line: the success path, inlined into the
     /// loop, should not carry it.
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     fn record_failure(
         &mut self,
         i: u8,
+        route: &Route<P>,
         round: u32,
         paid: bool,
         begun: Begun,
@@ -741,7 +750,6 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         let m = self.m;
         let active = self.resolved;
         let policy = self.policy;
-        let route = &m.routes[usize::from(i)];
         let Begun {
             now,
             until,
@@ -854,9 +862,15 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     /// The call was served by provider `i`, whose attempt ended at `ended`
     /// after `took`.
     #[inline(always)]
-    fn served<T>(&mut self, i: u8, value: T, ended: Moment, took: Duration) -> Served<T> {
+    fn served<T>(
+        &mut self,
+        i: u8,
+        route: &Route<P>,
+        value: T,
+        ended: Moment,
+        took: Duration,
+    ) -> Served<T> {
         let m = self.m;
-        let route = &m.routes[usize::from(i)];
         let fell_back = i != self.first;
         // The first attempt started at `start`, and one that did not wait
         // at a gate lasted as long as the request.
@@ -881,7 +895,12 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             value,
             provider: route.name,
             fell_back,
-            report: std::mem::take(&mut self.report),
+            // The call ends here: its report is copied out, its (empty)
+            // list of failures taken, and nothing else reset.
+            report: Report {
+                failures: std::mem::take(&mut self.report.failures),
+                ..self.report
+            },
         }
     }
 

@@ -110,6 +110,7 @@ pub(crate) struct Timer {
 impl Timer {
     /// A timer for `deadline`, from the stock when it holds one of this
     /// runtime's.
+    #[inline]
     pub(crate) fn until(deadline: Moment) -> Timer {
         let task = tokio::task::try_id();
         let (runtime, stocked) = STOCK
@@ -139,7 +140,12 @@ impl Timer {
                 timer.sleep = Some(sleep);
                 timer.set = set;
                 timer.waker = waker;
-                timer.reset(deadline);
+                // Moved only when set later than `deadline`: one that fired
+                // in the stock is set earlier, and its first poll finds it
+                // elapsed and moves it then ([`Timer::poll_expired`]).
+                if set > deadline {
+                    timer.reset(deadline);
+                }
             }
             None => {
                 timer.sleep = Some(Box::pin(tokio::time::sleep_until(deadline.instant())));
@@ -193,6 +199,29 @@ impl Timer {
         self.limit(fut)
     }
 
+    /// Runs `fut` until `deadline`, as [`Timer::within`] does, taking a
+    /// timer only if the first poll does not finish `fut`: an operation
+    /// that completes at once (a cached answer, a local call) takes none.
+    /// One future for the whole attempt: its output is moved out once,
+    /// where a first poll of its own would hand it (for an HTTP response,
+    /// ~180 bytes, a `memcpy` call) from one future to the next even when
+    /// it is only `Pending`.
+    pub(crate) fn limit_lazily<F: Future>(
+        mut fut: Pin<&mut F>,
+        deadline: Moment,
+    ) -> impl Future<Output = Result<F::Output, Expired>> + '_ {
+        let mut timer: Option<Timer> = None;
+        std::future::poll_fn(move |cx| {
+            if let Poll::Ready(output) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(output));
+            }
+            timer
+                .get_or_insert_with(|| Timer::until(deadline))
+                .poll_expired(cx)
+                .map(|()| Err(Expired))
+        })
+    }
+
     /// Waits until the deadline.
     pub(crate) fn expired(&mut self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| self.poll_expired(cx))
@@ -212,6 +241,7 @@ impl Timer {
         })
     }
 
+    #[inline]
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(sleep) = &mut self.sleep else {
             return Poll::Pending;
@@ -248,6 +278,7 @@ impl Timer {
 }
 
 impl Drop for Timer {
+    #[inline]
     fn drop(&mut self) {
         let Some(sleep) = self.sleep.take() else {
             return;

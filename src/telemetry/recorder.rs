@@ -95,6 +95,9 @@ pub(crate) struct BucketHistogram {
     /// -32..=31; 0 for the lowest, which takes every smaller sample too),
     /// where the search for a sample in binade `e` starts.
     below: [u8; BINADES],
+    /// The bucket of 1: an attempt count of 1 is nearly every request's
+    /// sample ([`served_at_once`]), its bucket found once.
+    one: usize,
     stripes: Box<[Padded<HistogramStripe>]>,
 }
 
@@ -119,11 +122,14 @@ impl BucketHistogram {
                 .partition_point(|b| *b < binade)
                 .min(usize::from(u8::MAX)) as u8
         });
-        BucketHistogram {
+        let mut histogram = BucketHistogram {
             bounds,
             below,
+            one: 0,
             stripes: (0..STRIPES).map(|_| stripe()).collect(),
-        }
+        };
+        histogram.one = histogram.bucket(1.0);
+        histogram
     }
 
     /// The bucket of `value` (not NaN): the number of bounds below it,
@@ -214,7 +220,7 @@ pub(crate) fn served_at_once(
         request.bucket(seconds)
     };
     request.add_at(at, j, 1, seconds);
-    attempts.add_at(at, attempts.bucket(1.0), 1, 1.0);
+    attempts.add_at(at, attempts.one, 1, 1.0);
 }
 
 impl HistogramFn for BucketHistogram {
