@@ -338,6 +338,7 @@ impl<P, C> PoolBuilder<P, C> {
                 }
             }
             let name = names::intern(&name);
+            let model_metrics = ModelMetrics::new(&sink, &prefix, name);
             let routes = providers
                 .into_iter()
                 .map(|(provider_name, provider)| {
@@ -348,7 +349,13 @@ impl<P, C> PoolBuilder<P, C> {
                         .map(|(_, t)| *t);
                     let provider_name = names::intern(&provider_name);
                     Route {
-                        metrics: RouteMetrics::new(&sink, &prefix, name, provider_name),
+                        metrics: RouteMetrics::new(
+                            &sink,
+                            &prefix,
+                            name,
+                            provider_name,
+                            &model_metrics,
+                        ),
                         adaptive: adaptive::RouteAdaptive::new(&prefix, name, provider_name),
                         gate: admission::Gate::new(
                             admission::GateMetrics::new(&prefix, name, provider_name),
@@ -365,7 +372,7 @@ impl<P, C> PoolBuilder<P, C> {
                 .collect();
             index.insert(name, models.len());
             models.push(Model {
-                metrics: ModelMetrics::new(&sink, &prefix, name),
+                metrics: model_metrics,
                 adaptive: adaptive::AdaptiveMetrics::new(&prefix, name),
                 shadow: shadow::ShadowModel::new(&prefix, name),
                 name,

@@ -285,6 +285,10 @@ pub(crate) struct RouteMetrics {
     demoted: Gauge,
     demotions: CounterHandle,
     recoveries: CounterHandle,
+    /// Requests served at once, when every series they update is in this
+    /// crate's recorder.
+    #[cfg(feature = "prometheus")]
+    at_once: Option<recorder::AtOnce>,
 }
 
 impl ModelMetrics {
@@ -345,36 +349,17 @@ impl ModelMetrics {
     /// A request served by its first attempt (one attempt, no time at a
     /// gate, so the attempt's duration is the request's): what
     /// `route.attempt(None, elapsed)` and `self.served(false, 1, elapsed,
-    /// fell_back)` record, in one pass when every handle involved is in
-    /// this crate's recorder (the common request's five updates share
-    /// the thread's stripe and the duration's bucket).
+    /// fell_back)` record, as one histogram sample when this crate's
+    /// recorder takes the route's and the model's metrics
+    /// ([`recorder::AtOnce`]).
     #[inline]
     pub(crate) fn served_at_once(&self, route: &RouteMetrics, elapsed: Duration, fell_back: bool) {
         #[cfg(feature = "prometheus")]
-        if let (
-            CounterHandle::Native(ok),
-            HistogramHandle::Native(attempt),
-            CounterHandle::Native(first_try),
-            HistogramHandle::Native(request),
-            HistogramHandle::Native(attempts),
-        ) = (
-            &route.attempts[stats::result_index(None)],
-            &route.attempt_duration,
-            &self.success_first_try,
-            &self.request_duration,
-            &self.attempts_per_request,
-        ) {
+        if let Some(at_once) = &route.at_once {
             if fell_back {
                 self.fallbacks.increment(1);
             }
-            recorder::served_at_once(
-                ok,
-                attempt,
-                first_try,
-                request,
-                attempts,
-                elapsed.as_secs_f64(),
-            );
+            at_once.record(elapsed.as_secs_f64());
             return;
         }
         route.attempt(None, elapsed);
@@ -414,7 +399,13 @@ impl ModelMetrics {
 }
 
 impl RouteMetrics {
-    pub(crate) fn new(sink: &Sink, prefix: &str, model: &str, provider: &str) -> Self {
+    pub(crate) fn new(
+        sink: &Sink,
+        prefix: &str,
+        model: &str,
+        provider: &str,
+        of_model: &ModelMetrics,
+    ) -> Self {
         let name = |n: &str| format!("{prefix}{n}");
         let labels = |more: Option<(&'static str, &'static str)>| {
             let mut labels = vec![
@@ -434,12 +425,34 @@ impl RouteMetrics {
         });
         let demoted = metrics::gauge!(name("provider_demoted"), "model" => model.to_owned(), "provider" => provider.to_owned());
         demoted.set(0.0);
+        let attempt_duration = sink.histogram(name("attempt_duration_seconds"), labels(None));
+        #[cfg(feature = "prometheus")]
+        let at_once = match (
+            &attempts[stats::result_index(None)],
+            &attempt_duration,
+            &of_model.success_first_try,
+            &of_model.request_duration,
+            &of_model.attempts_per_request,
+        ) {
+            (
+                CounterHandle::Native(ok),
+                HistogramHandle::Native(attempt),
+                CounterHandle::Native(first_try),
+                HistogramHandle::Native(request),
+                HistogramHandle::Native(attempts),
+            ) => recorder::AtOnce::link(ok, attempt, first_try, request, attempts),
+            _ => None,
+        };
+        #[cfg(not(feature = "prometheus"))]
+        let _ = of_model;
         RouteMetrics {
             attempts,
-            attempt_duration: sink.histogram(name("attempt_duration_seconds"), labels(None)),
+            attempt_duration,
             demoted,
             demotions: sink.counter(name("provider_demotions_total"), labels(None)),
             recoveries: sink.counter(name("provider_recoveries_total"), labels(None)),
+            #[cfg(feature = "prometheus")]
+            at_once,
         }
     }
 

@@ -40,14 +40,27 @@ use crate::stripe::{Padded, STRIPES, Stripe};
 #[derive(Debug, Default)]
 pub(crate) struct StripedCounter {
     stripes: [Padded<AtomicU64>; STRIPES],
+    /// Histograms whose sample count the counter includes when rendered
+    /// ([`AtOnce`]).
+    addends: Mutex<Vec<Arc<BucketHistogram>>>,
 }
 
 impl StripedCounter {
     fn value(&self) -> u64 {
-        self.stripes
+        let own = self
+            .stripes
             .iter()
-            .fold(0u64, |sum, s| sum.wrapping_add(s.0.load(Ordering::Relaxed)))
+            .fold(0u64, |sum, s| sum.wrapping_add(s.0.load(Ordering::Relaxed)));
+        lock(&self.addends)
+            .iter()
+            .fold(own, |sum, h| sum.wrapping_add(h.count()))
     }
+}
+
+/// The lock of render-time state (poisoning cannot leave it half-written:
+/// every writer pushes one element).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl StripedCounter {
@@ -95,10 +108,22 @@ pub(crate) struct BucketHistogram {
     /// -32..=31; 0 for the lowest, which takes every smaller sample too),
     /// where the search for a sample in binade `e` starts.
     below: [u8; BINADES],
-    /// The bucket of 1: an attempt count of 1 is nearly every request's
-    /// sample ([`served_at_once`]), its bucket found once.
+    /// The bucket of 1, where an [`Addend::Ones`] counts.
     one: usize,
     stripes: Box<[Padded<HistogramStripe>]>,
+    /// What the histogram includes when rendered besides its own samples
+    /// ([`AtOnce`]).
+    addends: Mutex<Vec<Addend>>,
+}
+
+/// Samples a histogram includes at render time from another one.
+#[derive(Debug)]
+enum Addend {
+    /// Every sample of a histogram with the same bounds.
+    Samples(Arc<BucketHistogram>),
+    /// A sample of 1 for every sample of a histogram (an attempt count
+    /// of 1 for every request served at once).
+    Ones(Arc<BucketHistogram>),
 }
 
 /// The binades [`BucketHistogram::bucket`] indexes: 2^-32 to 2^31.
@@ -127,6 +152,7 @@ impl BucketHistogram {
             below,
             one: 0,
             stripes: (0..STRIPES).map(|_| stripe()).collect(),
+            addends: Mutex::default(),
         };
         histogram.one = histogram.bucket(1.0);
         histogram
@@ -151,9 +177,9 @@ impl BucketHistogram {
         i
     }
 
-    /// The cumulative count of each bucket (`le` order, `+Inf` last) and
-    /// the sum.
-    fn snapshot(&self) -> (Vec<u64>, f64) {
+    /// This histogram's own samples: the count of each bucket (not
+    /// cumulative) and the sum.
+    fn own(&self) -> (Vec<u64>, f64) {
         let mut counts = vec![0u64; self.bounds.len() + 1];
         let mut sum = 0.0;
         for Padded(stripe) in self.stripes.iter() {
@@ -161,6 +187,37 @@ impl BucketHistogram {
                 *total = total.wrapping_add(c.load(Ordering::Relaxed));
             }
             sum += f64::from_bits(stripe.sum.load(Ordering::Relaxed));
+        }
+        (counts, sum)
+    }
+
+    /// How many samples this histogram has of its own.
+    fn count(&self) -> u64 {
+        self.stripes
+            .iter()
+            .flat_map(|Padded(s)| s.counts.iter())
+            .fold(0u64, |sum, c| sum.wrapping_add(c.load(Ordering::Relaxed)))
+    }
+
+    /// The cumulative count of each bucket (`le` order, `+Inf` last) and
+    /// the sum, its addends included.
+    fn snapshot(&self) -> (Vec<u64>, f64) {
+        let (mut counts, mut sum) = self.own();
+        for addend in lock(&self.addends).iter() {
+            match addend {
+                Addend::Samples(h) => {
+                    let (theirs, their_sum) = h.own();
+                    for (total, c) in counts.iter_mut().zip(theirs) {
+                        *total = total.wrapping_add(c);
+                    }
+                    sum += their_sum;
+                }
+                Addend::Ones(h) => {
+                    let n = h.count();
+                    counts[self.one] = counts[self.one].wrapping_add(n);
+                    sum += n as f64;
+                }
+            }
         }
         let mut running = 0u64;
         for c in &mut counts {
@@ -191,36 +248,44 @@ impl BucketHistogram {
     }
 }
 
-/// A request served by its first attempt, recorded as
-/// `RouteMetrics::attempt` and `ModelMetrics::served` record it apart
-/// (the attempt's `ok` counter and duration, the request's outcome
-/// counter, duration and attempt count of 1), with the thread's stripe
-/// looked up once and the duration's bucket found once for both duration
-/// histograms when they share their bounds.
-#[inline]
-pub(crate) fn served_at_once(
-    ok: &StripedCounter,
-    attempt: &BucketHistogram,
-    first_try: &StripedCounter,
-    request: &BucketHistogram,
-    attempts: &BucketHistogram,
-    seconds: f64,
-) {
-    if seconds.is_nan() {
-        return;
+/// The samples of the requests one route served at once (one attempt, no
+/// wait at a gate: the attempt's duration is the request's), recorded as
+/// one histogram sample instead of five updates: the route's `ok` attempt
+/// counter and attempt duration, the model's first-try outcome counter,
+/// request duration and attempt count (a sample of 1) include them when
+/// rendered. The text is the same as if each had been updated, and a
+/// scrape sees a request in all five series or in none.
+#[derive(Debug)]
+pub(crate) struct AtOnce(Arc<BucketHistogram>);
+
+impl AtOnce {
+    /// Links a new one into the five series; `None` when the two duration
+    /// histograms do not share their bounds (their buckets could not take
+    /// the same samples).
+    pub(crate) fn link(
+        ok: &StripedCounter,
+        attempt: &BucketHistogram,
+        first_try: &StripedCounter,
+        request: &BucketHistogram,
+        attempts: &BucketHistogram,
+    ) -> Option<AtOnce> {
+        if !std::ptr::eq(attempt.bounds, request.bounds) {
+            return None;
+        }
+        let samples = Arc::new(BucketHistogram::new(attempt.bounds));
+        lock(&ok.addends).push(samples.clone());
+        lock(&first_try.addends).push(samples.clone());
+        lock(&attempt.addends).push(Addend::Samples(samples.clone()));
+        lock(&request.addends).push(Addend::Samples(samples.clone()));
+        lock(&attempts.addends).push(Addend::Ones(samples.clone()));
+        Some(AtOnce(samples))
     }
-    let at = Stripe::current();
-    ok.add_at(at, 1);
-    first_try.add_at(at, 1);
-    let i = attempt.bucket(seconds);
-    attempt.add_at(at, i, 1, seconds);
-    let j = if std::ptr::eq(request.bounds, attempt.bounds) {
-        i
-    } else {
-        request.bucket(seconds)
-    };
-    request.add_at(at, j, 1, seconds);
-    attempts.add_at(at, attempts.one, 1, 1.0);
+
+    /// One request served at once, in `seconds`.
+    #[inline]
+    pub(crate) fn record(&self, seconds: f64) {
+        self.0.record(seconds);
+    }
 }
 
 impl HistogramFn for BucketHistogram {
@@ -582,6 +647,55 @@ mod bucket_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_served_at_once_render_as_their_five_updates() {
+        let bounds = super::super::SECONDS_BUCKETS;
+        let series = || {
+            (
+                StripedCounter::default(),
+                BucketHistogram::new(bounds),
+                StripedCounter::default(),
+                BucketHistogram::new(bounds),
+                BucketHistogram::new(super::super::ATTEMPTS_BUCKETS),
+            )
+        };
+        // One set of series updated five times per request, one taking
+        // the same requests as one sample each, and a request of each
+        // kind on the second (a retried one, recorded apart).
+        let (ok, attempt, first_try, request, attempts) = series();
+        let (ok2, attempt2, first_try2, request2, attempts2) = series();
+        let at_once = AtOnce::link(&ok2, &attempt2, &first_try2, &request2, &attempts2)
+            .expect("shared bounds");
+        for seconds in [0.0005, 0.02, 0.02, 3.5] {
+            ok.increment(1);
+            attempt.record(seconds);
+            first_try.increment(1);
+            request.record(seconds);
+            attempts.record(1.0);
+            at_once.record(seconds);
+        }
+        for (counter, histogram, attempts) in
+            [(&ok, &request, &attempts), (&ok2, &request2, &attempts2)]
+        {
+            counter.increment(1);
+            histogram.record(7.0);
+            attempts.record(3.0);
+        }
+        assert_eq!(ok2.value(), ok.value());
+        assert_eq!(ok2.value(), 5);
+        assert_eq!(first_try2.value(), first_try.value());
+        assert_eq!(attempt2.snapshot(), attempt.snapshot());
+        assert_eq!(request2.snapshot(), request.snapshot());
+        assert_eq!(attempts2.snapshot(), attempts.snapshot());
+        // The attempt counts: four 1s in the bucket of 1, the 3 above it.
+        let (cumulative, sum) = attempts2.snapshot();
+        assert_eq!(&cumulative[..3], &[4, 4, 5]);
+        assert_eq!(sum, 7.0);
+        // Histograms that do not share their bounds are not linked.
+        let (ok3, attempt3, first_try3, _, attempts3) = series();
+        assert!(AtOnce::link(&ok3, &attempt3, &first_try3, &attempts3, &attempts3).is_none());
+    }
 
     #[test]
     fn buckets_are_cumulative_with_le_semantics() {
