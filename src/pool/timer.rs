@@ -534,6 +534,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_lazy_limit_takes_a_timer_only_for_an_operation_that_waits() {
+        // One timer in the stock, given back by an attempt that waited.
+        served(Duration::from_millis(100), Duration::from_millis(10)).await;
+        assert_eq!(stocked(), 1);
+        // Ready at its first poll: no timer taken, none given back.
+        let t0 = Instant::now();
+        let fut = std::pin::pin!(std::future::ready(7));
+        let mut limited = std::pin::pin!(Timer::limit_lazily(
+            fut,
+            Moment::of(t0 + Duration::from_millis(50))
+        ));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(limited.as_mut().poll(&mut cx), Poll::Ready(Ok(7)));
+        assert_eq!(stocked(), 1);
+        // Pending at its first poll: the stocked timer is taken then, and
+        // the operation ends first.
+        {
+            let fut = std::pin::pin!(tokio::time::sleep(Duration::from_millis(30)));
+            let mut limited = std::pin::pin!(Timer::limit_lazily(
+                fut,
+                Moment::of(t0 + Duration::from_millis(50))
+            ));
+            assert!(limited.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(stocked(), 0);
+            assert_eq!(limited.await, Ok(()));
+            assert_eq!(Instant::now() - t0, Duration::from_millis(30));
+        }
+        // Given back when the attempt's future is dropped.
+        assert_eq!(stocked(), 1);
+        // One that never ends is cut at its own deadline, though the
+        // stocked timer was set for an earlier one (the first attempt's,
+        // at 100 ms) and fired while in the stock.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let t1 = Instant::now();
+        expires_exactly(Duration::from_millis(40), |deadline| async move {
+            let fut = std::pin::pin!(std::future::pending::<()>());
+            let out = Timer::limit_lazily(fut, Moment::of(deadline)).await;
+            (out, Instant::now())
+        })
+        .await;
+        assert_eq!(Instant::now() - t1, Duration::from_millis(40));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn after_pending_polls_the_operation_only_when_it_wakes() {
         let t0 = Instant::now();
         let mut polls = 0;
