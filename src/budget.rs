@@ -85,6 +85,36 @@ impl Ring {
     }
 }
 
+/// The length of a slot of `policy`'s window, in nanoseconds (at least 1).
+fn slot_nanos(policy: &BudgetPolicy) -> u64 {
+    (nanos(policy.window) / SLOTS as u64).max(1)
+}
+
+/// What a request deposits, and into which slot, under one budget policy
+/// and scale: the same for every request until the policy changes, so a
+/// live policy works it out once (`ModelPolicy`) instead of a float
+/// product and a duration conversion per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DepositPlan {
+    /// Thousandths of a retry.
+    delta: u32,
+    /// The slot length in nanoseconds.
+    slot: u64,
+}
+
+impl DepositPlan {
+    /// `ratio x scale` (`scale` within 0..=1) of `policy`, and its slots.
+    pub(crate) fn new(policy: &BudgetPolicy, scale: f64) -> Self {
+        DepositPlan {
+            // Rounded to the nearest thousandth by adding a half and
+            // truncating (the product is never negative; `as` saturates
+            // and maps NaN to 0).
+            delta: (policy.ratio * scale.clamp(0.0, 1.0) * MILLI as f64 + 0.5) as u32,
+            slot: slot_nanos(policy),
+        }
+    }
+}
+
 /// A lock-free retry budget over a sliding window.
 ///
 /// Deposits and withdrawals are kept apart: deposits in per-thread stripes
@@ -139,9 +169,14 @@ impl RetryBudget {
     }
 
     fn epoch(&self, now: Moment, policy: &BudgetPolicy) -> u32 {
+        self.epoch_of_slot(now, slot_nanos(policy))
+    }
+
+    /// The epoch of `now` with slots of `slot` nanoseconds.
+    #[inline]
+    fn epoch_of_slot(&self, now: Moment, slot: u64) -> u32 {
         // u64 arithmetic: a u128 division costs more than the rest of a
         // deposit. 2^64 ns is 584 years.
-        let slot = (nanos(policy.window) / SLOTS as u64).max(1);
         let since = now.nanos_since(self.origin);
         // +1 so that epoch 0 (the zeroed slots) is never current.
         (since / slot + 1).min(u32::MAX as u64) as u32
@@ -167,15 +202,17 @@ impl RetryBudget {
     /// Records one request, adding `ratio x scale` of a retry (`scale`
     /// within 0..=1: see [`RetryBudget::scale`]).
     pub(crate) fn deposit_scaled(&self, now: Moment, policy: &BudgetPolicy, scale: f64) {
-        // Rounded to the nearest thousandth by adding a half and truncating
-        // (the product is never negative; `as` saturates and maps NaN to 0):
-        // `f64::round` is a call into libm on baseline x86-64, on every
-        // request.
-        let delta = (policy.ratio * scale.clamp(0.0, 1.0) * MILLI as f64 + 0.5) as u32;
-        if delta >= 1 {
+        self.deposit_planned(now, &DepositPlan::new(policy, scale));
+    }
+
+    /// Records one request as `plan` says (its deposit and slot length
+    /// worked out once per policy: see [`DepositPlan`]).
+    #[inline]
+    pub(crate) fn deposit_planned(&self, now: Moment, plan: &DepositPlan) {
+        if plan.delta >= 1 {
             let stripe = Stripe::current();
             let Padded(ring) = &self.deposits[stripe.index()];
-            ring.add(stripe, self.epoch(now, policy), delta);
+            ring.add(stripe, self.epoch_of_slot(now, plan.slot), plan.delta);
         }
     }
 

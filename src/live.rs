@@ -58,6 +58,8 @@ pub struct ModelPolicy {
     /// of the pool's clock: every request adds both to a reading, and a
     /// `Duration` costs a multiplication with overflow checks each time.
     limits: (u64, u64),
+    /// A request's budget deposit, unscaled.
+    deposit: crate::budget::DepositPlan,
 }
 
 impl ModelPolicy {
@@ -68,6 +70,7 @@ impl ModelPolicy {
                 crate::clock::nanos(policy.timeouts.request),
                 crate::clock::nanos(policy.timeouts.attempt),
             ),
+            deposit: crate::budget::DepositPlan::new(&policy.budget, 1.0),
             policy,
             rules,
         }
@@ -83,6 +86,12 @@ impl ModelPolicy {
     #[inline]
     pub(crate) fn attempt_nanos(&self) -> u64 {
         self.limits.1
+    }
+
+    /// A request's deposit into the retry budget, unscaled.
+    #[inline]
+    pub(crate) fn deposit_plan(&self) -> &crate::budget::DepositPlan {
+        &self.deposit
     }
 
     /// The resolved values: the top-level policy with the model's override

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use crate::clock::Moment;
+use crate::live::ModelPolicy;
 use metrics::{Counter, Gauge};
 
 use super::order::{self, LatencyRule, Order, OrderDecision, ProbeGuard};
@@ -118,7 +119,8 @@ pub(crate) fn describe(prefix: &str) {
 impl<P> Model<P> {
     /// Deposits a new request into the retry budget: the full ratio, or
     /// with `adaptive.budget` the ratio scaled by how well retries do.
-    pub(super) fn deposit(&self, now: Moment, policy: &Policy) {
+    pub(super) fn deposit(&self, now: Moment, resolved: &ModelPolicy) {
+        let policy = resolved.policy();
         let adaptive = &policy.adaptive;
         if adaptive.budget {
             let scale = self.budget.scale(
@@ -130,7 +132,7 @@ impl<P> Model<P> {
             self.budget.deposit_scaled(now, &policy.budget, scale);
             self.metrics.budget_scale(scale);
         } else {
-            self.budget.deposit_scaled(now, &policy.budget, 1.0);
+            self.budget.deposit_planned(now, resolved.deposit_plan());
         }
     }
 

@@ -444,7 +444,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             .or_else(|| options.timeout.and_then(|t| start.checked_add(t)))
             .or_else(|| start.checked_add_nanos(resolved.request_nanos()))
             .unwrap_or(start + Duration::from_secs(86_400));
-        m.deposit(start, policy);
+        m.deposit(start, resolved);
         Call {
             m,
             classifier,
