@@ -16,7 +16,6 @@
 //! ```
 
 use std::future::Future;
-use std::task::Poll;
 use std::time::Duration;
 
 use smallvec::SmallVec;
@@ -341,35 +340,25 @@ impl<P, C> Pool<P, C> {
                         // Admitted by a limiting gate: the slot is held
                         // through the connect phase only (its end:
                         // `timeouts.connect`, plus a tick so the client's
-                        // own connect timeout is seen first).
+                        // own connect timeout is seen first), then the
+                        // attempt goes on to its own limit.
                         Some(p) => {
-                            let first =
-                                std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
-                            match first {
-                                Poll::Ready(output) => Ok(output),
-                                Poll::Pending => {
-                                    let connected = begun
-                                        .now
-                                        .checked_add(
-                                            route.connect.unwrap_or(call.policy.timeouts.connect)
-                                                + CONNECT_MARGIN,
-                                        )
-                                        .map_or(begun.until, |t| t.min(begun.until));
-                                    // Pending, the operation is polled
-                                    // again only when it wakes
-                                    // (`after_pending`).
-                                    let mut timer = Timer::until(connected);
-                                    match timer.after_pending(fut.as_mut()).await {
-                                        Ok(output) => Ok(output),
-                                        Err(Expired) => {
-                                            p.connected(&call.policy.admission);
-                                            timer.reset(begun.until);
-                                            // `fut` was polled in this same
-                                            // poll, before the timer was
-                                            // found elapsed.
-                                            timer.after_pending(fut).await
-                                        }
-                                    }
+                            let connected = begun
+                                .now
+                                .checked_add(
+                                    route.connect.unwrap_or(call.policy.timeouts.connect)
+                                        + CONNECT_MARGIN,
+                                )
+                                .map_or(begun.until, |t| t.min(begun.until));
+                            match Timer::limit_lazily(fut.as_mut(), connected).await {
+                                Ok(output) => Ok(output),
+                                Err(Expired) => {
+                                    p.connected(&call.policy.admission);
+                                    // `fut` is polled once more at once (it
+                                    // was in this same poll): once per
+                                    // attempt that outlives its connect
+                                    // phase at a limiting gate.
+                                    Timer::limit_lazily(fut, begun.until).await
                                 }
                             }
                         }

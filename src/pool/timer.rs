@@ -102,9 +102,6 @@ pub(crate) struct Timer {
     /// task polls, the timer is only looked at (polling it again would
     /// register the same waker again).
     waker: Option<Waker>,
-    /// The next poll only looks at the deadline: the operation was just
-    /// polled ([`Timer::after_pending`]).
-    skip: bool,
 }
 
 impl Timer {
@@ -133,7 +130,6 @@ impl Timer {
             deadline,
             set: deadline,
             waker: None,
-            skip: false,
         };
         match stocked {
             Some((sleep, set, waker)) => {
@@ -179,33 +175,28 @@ impl Timer {
     #[cfg(test)]
     pub(crate) fn within<'a, F: Future>(
         &'a mut self,
-        fut: Pin<&'a mut F>,
+        mut fut: Pin<&'a mut F>,
     ) -> impl Future<Output = Result<F::Output, Expired>> + 'a {
-        self.skip = false;
-        self.limit(fut)
+        std::future::poll_fn(move |cx| {
+            if let Poll::Ready(output) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(output));
+            }
+            self.poll_expired(cx).map(|()| Err(Expired))
+        })
     }
 
-    /// [`Timer::within`] for a `fut` this task has just polled, in this
-    /// same poll, and found pending: its first poll only arms the timer.
-    /// `fut` has this task's waker and is polled again when it wakes (or
-    /// the deadline does). Polling it again at once would find it pending
-    /// again, after walking all of it: for an HTTP client's request, a
-    /// stack of a dozen futures, about 700 instructions.
-    pub(crate) fn after_pending<'a, F: Future>(
-        &'a mut self,
-        fut: Pin<&'a mut F>,
-    ) -> impl Future<Output = Result<F::Output, Expired>> + 'a {
-        self.skip = true;
-        self.limit(fut)
-    }
-
-    /// Runs `fut` until `deadline`, as [`Timer::within`] does, taking a
+    /// Runs `fut` until `deadline` (`Err(Expired)` if the deadline comes
+    /// first; `fut` is polled first, so one that is ready wins), taking a
     /// timer only if the first poll does not finish `fut`: an operation
     /// that completes at once (a cached answer, a local call) takes none.
-    /// One future for the whole attempt: its output is moved out once,
-    /// where a first poll of its own would hand it (for an HTTP response,
-    /// ~180 bytes, a `memcpy` call) from one future to the next even when
-    /// it is only `Pending`.
+    /// Pending, `fut` has the task's waker and is polled again only when
+    /// the task wakes: polling it again at once would find it pending
+    /// again, after walking all of it (for an HTTP client's request, a
+    /// stack of a dozen futures, about 700 instructions). One future for
+    /// the whole attempt: its output is moved out once, where a first poll
+    /// of its own would hand it (for an HTTP response, ~180 bytes, a
+    /// `memcpy` call) from one future to the next even when it is only
+    /// `Pending`.
     pub(crate) fn limit_lazily<F: Future>(
         mut fut: Pin<&mut F>,
         deadline: Moment,
@@ -225,20 +216,6 @@ impl Timer {
     /// Waits until the deadline.
     pub(crate) fn expired(&mut self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| self.poll_expired(cx))
-    }
-
-    fn limit<'a, F: Future>(
-        &'a mut self,
-        mut fut: Pin<&'a mut F>,
-    ) -> impl Future<Output = Result<F::Output, Expired>> + 'a {
-        std::future::poll_fn(move |cx| {
-            if !std::mem::take(&mut self.skip)
-                && let Poll::Ready(output) = fut.as_mut().poll(cx)
-            {
-                return Poll::Ready(Ok(output));
-            }
-            self.poll_expired(cx).map(|()| Err(Expired))
-        })
     }
 
     #[inline]
@@ -520,16 +497,11 @@ mod tests {
         assert_eq!(out, Err(Expired));
     }
 
-    /// Polls `fut` once, as an attempt's first poll, then waits on it
-    /// with `after_pending` in the same poll of the task.
-    async fn after_first_poll<F: Future>(
-        deadline: Instant,
-        fut: F,
-    ) -> (Result<F::Output, Expired>, Instant) {
-        let mut fut = std::pin::pin!(fut);
-        let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
-        assert!(first.is_pending());
-        let out = Timer::until(Moment::of(deadline)).after_pending(fut).await;
+    /// Runs `fut` under `Timer::limit_lazily(deadline)`, and says when it
+    /// ended.
+    async fn lazily<F: Future>(deadline: Instant, fut: F) -> (Result<F::Output, Expired>, Instant) {
+        let fut = std::pin::pin!(fut);
+        let out = Timer::limit_lazily(fut, Moment::of(deadline)).await;
         (out, Instant::now())
     }
 
@@ -578,7 +550,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn after_pending_polls_the_operation_only_when_it_wakes() {
+    async fn a_lazy_limit_polls_the_operation_only_when_it_wakes() {
         let t0 = Instant::now();
         let mut polls = 0;
         let mut sleep = std::pin::pin!(tokio::time::sleep(Duration::from_millis(30)));
@@ -586,15 +558,14 @@ mod tests {
             polls += 1;
             sleep.as_mut().poll(cx)
         });
-        let (out, at) = after_first_poll(t0 + Duration::from_millis(100), op).await;
+        let (out, at) = lazily(t0 + Duration::from_millis(100), op).await;
         assert_eq!(out, Ok(()));
         assert_eq!(at - t0, Duration::from_millis(30));
         // The first poll, and the one its wake-up asked for.
         assert_eq!(polls, 2);
         // And the deadline still ends an operation that never wakes.
         let t1 = Instant::now();
-        let (out, at) =
-            after_first_poll(t1 + Duration::from_millis(40), std::future::pending::<()>()).await;
+        let (out, at) = lazily(t1 + Duration::from_millis(40), std::future::pending::<()>()).await;
         assert_eq!(out, Err(Expired));
         assert_eq!(at - t1, Duration::from_millis(40));
     }
@@ -609,10 +580,7 @@ mod tests {
             }
             Poll::<()>::Pending
         });
-        expires_exactly(Duration::from_millis(25), |deadline| {
-            after_first_poll(deadline, hog)
-        })
-        .await;
+        expires_exactly(Duration::from_millis(25), |deadline| lazily(deadline, hog)).await;
     }
 
     #[tokio::test(start_paused = true)]
