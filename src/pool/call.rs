@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::clock::Moment;
 
 use super::admission::{self, Outcome, Permit, Refused};
-use super::order::{self, ProbeGuard};
+use super::order::{self, Order, ProbeGuard};
 use super::outcome::{AttemptError, FailReason, FailedAttempt, PoolError, Report, Served};
 use super::schedule::{Retry, schedule};
 use super::shadow::{Ended, ShadowCall};
@@ -255,29 +255,180 @@ impl<P, C> Pool<P, C> {
         let active = self.policy.snapshot();
         self.note_version(&active);
         let resolved = active.for_model(m.name);
-        let mut call = Call::start(m, resolved, options, &active, &self.classifier);
-        // Every round until the call is served or stops, in this one
-        // state machine: the steps' bookkeeping is synchronous
-        // (`try_admit`, `begin`, `record_served` or `record_failure`,
-        // `decide`) and the loop awaits only what really waits (a later
-        // round's delay, a gate that limits, the operation). A nested async
-        // step would be a future of its own, polled through one more state
-        // switch and handing its output up by one more move, which the
-        // success path should not pay.
-        let reason = 'run: {
-            // Round 1: every provider once, no waiting between them.
-            call.report.rounds = 1;
-            let mut steps = Steps::default();
-            if let [route] = &m.routes[..] {
-                // One provider, the common deployment: no order to plan.
-                call.probe = order::probe_alone(&route.health, call.start);
-                steps.push_back(Step::First(0));
-            } else {
-                let (order, probe) = m.plan(call.start, &call.policy.adaptive);
-                call.probe = probe;
-                call.first = order[0];
-                steps.extend(order.iter().map(|&i| Step::First(i)));
+        let policy = resolved.policy();
+        let start = m.clock.now();
+        let deadline = deadline_of(options, start, resolved);
+        m.deposit(start, resolved);
+        let shadow = ShadowCall::start(m, &active, resolved, start, deadline);
+        // Round 1: every provider once, no waiting between them.
+        let (first, probe, order) = if let [route] = &m.routes[..] {
+            // One provider, the common deployment: no order to plan.
+            (0, order::probe_alone(&route.health, start), Order::new())
+        } else {
+            let (order, probe) = m.plan(start, &policy.adaptive);
+            (order[0], probe, order)
+        };
+        let route = &m.routes[usize::from(first)];
+        let round1 = Round1 {
+            m,
+            classifier: &self.classifier,
+            resolved,
+            start,
+            deadline,
+            first,
+            order,
+        };
+        // The first attempt, when nothing but itself is in play (no probe,
+        // no shadow candidate, a gate that admits at once), is made here,
+        // its state a few locals, and a success returns from here. The
+        // call's full state (`Call`: the report, the failures, the retries'
+        // plan) is built only when the attempt fails or when the call needs
+        // it from the start: a success at once would pay for building,
+        // moving and dropping it, a fifth of its instructions.
+        let admitted = if probe.is_none() && shadow.is_none() && start < deadline {
+            try_admit(policy, route, start)
+        } else {
+            None
+        };
+        let resume = match admitted {
+            Some(Admit::Go(permit)) if !permit.as_ref().is_some_and(Permit::connecting) => {
+                let begun = attempt_limit(resolved, route, start, deadline, false);
+                let fut = std::pin::pin!(op(&route.provider));
+                let failed = match Timer::limit_lazily(fut, begun.until).await {
+                    Ok(Ok(value)) => {
+                        let (_, took) = record_served(m, route, policy, false, &begun, permit);
+                        m.metrics.served_at_once(&route.metrics, took, false);
+                        return Ok(Served {
+                            value,
+                            provider: route.name,
+                            fell_back: false,
+                            report: Report {
+                                attempts: 1,
+                                rounds: 1,
+                                elapsed: took,
+                                ..Report::default()
+                            },
+                        });
+                    }
+                    Ok(Err(e)) => Ok(e),
+                    Err(expired) => Err(expired),
+                };
+                Resume::Failed {
+                    begun,
+                    permit,
+                    failed,
+                }
             }
+            admitted => Resume::Fresh {
+                admitted,
+                probe,
+                shadow,
+            },
+        };
+        // Polled out of line: inlined, the rest of the call would make the
+        // call's own poll too large for the caller to inline, and every
+        // success would pay a call and a move of its result.
+        let mut rest = std::pin::pin!(round1.go_on(resume, op));
+        std::future::poll_fn(|cx| poll_out_of_line(rest.as_mut(), cx)).await
+    }
+}
+
+/// Polls `fut` in a function of its own (see [`Pool::call_with`]).
+#[inline(never)]
+fn poll_out_of_line<F: Future>(
+    fut: std::pin::Pin<&mut F>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<F::Output> {
+    fut.poll(cx)
+}
+
+/// What the rest of a call needs from its start.
+struct Round1<'a, P, E> {
+    m: &'a Model<P>,
+    classifier: &'a (dyn Classifier<E> + Sync),
+    resolved: &'a ModelPolicy,
+    start: Moment,
+    deadline: Moment,
+    /// The provider round 1 tries first.
+    first: u8,
+    /// Round 1's order, `first` included (empty for a model of one
+    /// provider).
+    order: Order,
+}
+
+/// Where [`Round1::go_on`] takes a call up.
+enum Resume<'a, E> {
+    /// Nothing attempted yet: the first provider's admission if it was
+    /// asked (`None`: ask it), the probe and the shadow candidate's call.
+    Fresh {
+        admitted: Option<Admit<'a>>,
+        probe: Option<ProbeGuard<'a>>,
+        shadow: Option<ShadowCall>,
+    },
+    /// The first provider's attempt failed.
+    Failed {
+        begun: Begun,
+        permit: Option<Permit<'a>>,
+        failed: Result<E, Expired>,
+    },
+}
+
+impl<'a, P, E: std::fmt::Display> Round1<'a, P, E> {
+    /// The call from `resume` on: every round until it is served or
+    /// stops, in this one state machine. The steps' bookkeeping is
+    /// synchronous (`try_admit`, `begin`, `record_served` or
+    /// `record_failure`, `decide`) and the loop awaits only what really
+    /// waits (a later round's delay, a gate that limits, the operation). A
+    /// nested async step would be a future of its own, polled through one
+    /// more state switch and handing its output up by one more move.
+    async fn go_on<T, F, Fut>(
+        self,
+        resume: Resume<'a, E>,
+        mut op: F,
+    ) -> Result<Served<T>, PoolError<E>>
+    where
+        F: FnMut(&P) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let Round1 {
+            m,
+            classifier,
+            resolved,
+            start,
+            deadline,
+            first,
+            order,
+        } = self;
+        let mut call = Call::new(m, classifier, resolved, start, deadline, first);
+        let mut steps = Steps::default();
+        let mut carried = None;
+        match resume {
+            Resume::Fresh {
+                admitted,
+                probe,
+                shadow,
+            } => {
+                call.probe = probe;
+                call.shadow = shadow;
+                carried = admitted;
+                steps.push_back(Step::First(first));
+                steps.extend(order.iter().skip(1).map(|&i| Step::First(i)));
+            }
+            Resume::Failed {
+                begun,
+                permit,
+                failed,
+            } => {
+                steps.extend(order.iter().skip(1).map(|&i| Step::First(i)));
+                call.count_attempt(first);
+                let route = &m.routes[usize::from(first)];
+                let attempted = call.record_failure(first, route, 1, false, begun, permit, failed);
+                if let Next::Done(reason) = call.decide(first, attempted, &mut steps) {
+                    return Err(call.fail(reason));
+                }
+            }
+        }
+        let reason = 'run: {
             let mut round = 1;
             loop {
                 while let Some(step) = steps.pop_front() {
@@ -296,7 +447,12 @@ impl<P, C> Pool<P, C> {
                             call.wait_until(ready).await;
                         }
                     }
-                    let admitted = match call.try_admit(route) {
+                    // The first step's admission, when it was asked for
+                    // before the loop.
+                    let admitted = carried
+                        .take()
+                        .or_else(|| try_admit(call.policy, route, call.latest));
+                    let admitted = match admitted {
                         Some(admitted) => admitted,
                         None => {
                             let others_ready = matches!(step, Step::First(_) | Step::Again(_))
@@ -370,7 +526,11 @@ impl<P, C> Pool<P, C> {
                     // ~200 bytes: a `memcpy` call each time).
                     let failed = match result {
                         Ok(Ok(value)) => {
-                            let (ended, took) = call.record_served(i, route, paid, begun, permit);
+                            let (ended, took) =
+                                record_served(m, route, call.policy, paid, &begun, permit);
+                            if begun.was_probe {
+                                call.probe = None;
+                            }
                             return Ok(call.served(i, route, value, ended, took));
                         }
                         Ok(Err(e)) => Ok(e),
@@ -393,7 +553,9 @@ impl<P, C> Pool<P, C> {
         };
         Err(call.fail(reason))
     }
+}
 
+impl<P, C> Pool<P, C> {
     /// The error for a model that is not configured: one counter, no
     /// other state touched.
     fn unknown<E>(&self, model: &str) -> PoolError<E> {
@@ -415,40 +577,35 @@ impl<P, C> Pool<P, C> {
 }
 
 impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
-    /// Reads the clock, sets the deadline, deposits into the budget and
-    /// plans the order.
-    #[inline(always)]
-    fn start(
+    /// The call's state from its start (`start`, `deadline`) with round 1
+    /// under way and nothing attempted yet: `first` is the provider its
+    /// order put first.
+    fn new(
         m: &'a Model<P>,
-        resolved: &'a ModelPolicy,
-        options: CallOptions,
-        active: &std::sync::Arc<crate::live::ActivePolicy>,
         classifier: &'a (dyn Classifier<E> + Sync),
+        resolved: &'a ModelPolicy,
+        start: Moment,
+        deadline: Moment,
+        first: u8,
     ) -> Self {
-        let policy = resolved.policy();
-        let start = m.clock.now();
-        let deadline = options
-            .deadline
-            .map(Moment::of)
-            .or_else(|| options.timeout.and_then(|t| start.checked_add(t)))
-            .or_else(|| start.checked_add_nanos(resolved.request_nanos()))
-            .unwrap_or(start + Duration::from_secs(86_400));
-        m.deposit(start, resolved);
         Call {
             m,
             classifier,
             resolved,
-            policy,
+            policy: resolved.policy(),
             start,
             deadline,
             latest: start,
-            first: 0,
+            first,
             tried: 0,
             counted: 0,
-            report: Report::default(),
+            report: Report {
+                rounds: 1,
+                ..Report::default()
+            },
             last: None,
             probe: None,
-            shadow: ShadowCall::start(m, active, resolved, start, deadline),
+            shadow: None,
             stopped: None,
             pending: SmallVec::new(),
             round_end: start,
@@ -590,22 +747,6 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         self.m.metrics.retry_delay(waited);
     }
 
-    /// Provider `i`'s admission gate when it does not limit: admission off,
-    /// or the gate open (one atomic add). `None`: the gate limits, see
-    /// [`Call::admit`].
-    #[inline(always)]
-    fn try_admit(&self, route: &'a Route<P>) -> Option<Admit<'a>> {
-        let gate = &route.gate;
-        if !self.policy.admission.enabled {
-            if !gate.is_open() {
-                // Switched off while the gate held requests: let them go.
-                gate.open_now();
-            }
-            return Some(Admit::Go(None));
-        }
-        gate.try_enter(self.latest).map(|p| Admit::Go(Some(p)))
-    }
-
     /// Passes provider `i`'s limiting gate: defers to another provider
     /// that can go now, or waits in line, within `admission.max_wait`
     /// (counted over the whole call) and the deadline.
@@ -648,20 +789,19 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     /// accounting. `None`: the deadline has passed.
     #[inline(always)]
     fn begin(&mut self, i: u8, route: &Route<P>) -> Option<Begun> {
-        let policy = self.policy;
         let now = self.latest;
-        let deadline = self.deadline;
-        if now >= deadline {
+        if now >= self.deadline {
             return None;
         }
-        // Moments, not durations: the limit as a duration is only needed
-        // when the attempt times out.
-        let fixed = now
-            .checked_add_nanos(self.resolved.attempt_nanos())
-            .map_or(deadline, |end| end.min(deadline));
-        let adaptive = adaptive_limit(route, policy, now)
-            .and_then(|a| now.checked_add(a))
-            .filter(|end| *end < fixed);
+        let was_probe = self.probe.as_ref().is_some_and(|g| g.index == i);
+        let begun = attempt_limit(self.resolved, route, now, self.deadline, was_probe);
+        self.count_attempt(i);
+        Some(begun)
+    }
+
+    /// Counts an attempt of provider `i` (a retry if it was tried before).
+    #[inline(always)]
+    fn count_attempt(&mut self, i: u8) {
         self.report.attempts += 1;
         let bit = 1u64 << i;
         if self.tried & bit != 0 {
@@ -669,59 +809,9 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             self.m.metrics.retry();
         }
         self.tried |= bit;
-        Some(Begun {
-            now,
-            until: adaptive.unwrap_or(fixed),
-            adaptive: adaptive.is_some(),
-            was_probe: self.probe.as_ref().is_some_and(|g| g.index == i),
-        })
     }
 
-    /// Records that an attempt of provider `i` succeeded, in the call's
-    /// accounting, the provider's health and gate, and the hooks (`paid`:
-    /// a later round's retry, the budget paid), and returns when it ended
-    /// and how long it took. Its metrics are recorded with the request's,
-    /// in [`Call::served`].
-    #[inline(always)]
-    fn record_served(
-        &mut self,
-        i: u8,
-        route: &Route<P>,
-        paid: bool,
-        begun: Begun,
-        permit: Option<Permit<'a>>,
-    ) -> (Moment, Duration) {
-        let m = self.m;
-        let policy = self.policy;
-        let (now, was_probe) = (begun.now, begun.was_probe);
-        let ended = self.m.clock.now();
-        if let Some(permit) = permit {
-            permit.finish(Outcome::Reached, &policy.admission);
-        }
-        if paid {
-            m.budget.record_retry(ended, &policy.budget, true);
-        }
-        let elapsed = ended.saturating_duration_since(now);
-        route.stats.record(ended, elapsed, None);
-        route.record_recovery(policy, ended, None);
-        m.resolve_shadow(i, now, None);
-        if was_probe {
-            self.probe = None;
-        }
-        if route.health.on_success() == HealthEvent::Recovered {
-            route.metrics.recovered();
-            tracing::info!(
-                target: "retryctl",
-                model = m.name,
-                provider = route.name,
-                probe = was_probe,
-                "provider recovered"
-            );
-        }
-        (ended, elapsed)
-    }
-
-    /// [`Call::record_served`] for a failed attempt: `Err` when its time
+    /// [`record_served`] for a failed attempt: `Err` when its time
     /// limit ended it. Out of line: the success path, inlined into the
     /// loop, should not carry it.
     #[inline(never)]
@@ -787,7 +877,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         route.stats.record(ended, elapsed, Some(verdict.cause));
         route.metrics.attempt(Some(verdict.cause), elapsed);
         route.record_recovery(policy, ended, Some(verdict.class));
-        m.resolve_shadow(i, now, Some(verdict.class));
+        m.resolve_shadow(route, now, Some(verdict.class));
         if self.report.failures.capacity() == 0 {
             // Room for one failure per provider, allocated at once: a
             // first push would go through the vector's growth path and
@@ -942,6 +1032,99 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             below,
         }
     }
+}
+
+/// Provider `route`'s admission gate when it does not limit: admission
+/// off, or the gate open (one atomic add). `None`: the gate limits, see
+/// [`Call::admit`].
+#[inline(always)]
+fn try_admit<'a, P>(policy: &Policy, route: &'a Route<P>, now: Moment) -> Option<Admit<'a>> {
+    let gate = &route.gate;
+    if !policy.admission.enabled {
+        if !gate.is_open() {
+            // Switched off while the gate held requests: let them go.
+            gate.open_now();
+        }
+        return Some(Admit::Go(None));
+    }
+    gate.try_enter(now).map(|p| Admit::Go(Some(p)))
+}
+
+/// The time limit of an attempt of `route` starting at `now`, before
+/// `deadline` (which has not passed).
+#[inline(always)]
+fn attempt_limit<P>(
+    resolved: &ModelPolicy,
+    route: &Route<P>,
+    now: Moment,
+    deadline: Moment,
+    was_probe: bool,
+) -> Begun {
+    // Moments, not durations: the limit as a duration is only needed when
+    // the attempt times out.
+    let fixed = now
+        .checked_add_nanos(resolved.attempt_nanos())
+        .map_or(deadline, |end| end.min(deadline));
+    let adaptive = adaptive_limit(route, resolved.policy(), now)
+        .and_then(|a| now.checked_add(a))
+        .filter(|end| *end < fixed);
+    Begun {
+        now,
+        until: adaptive.unwrap_or(fixed),
+        adaptive: adaptive.is_some(),
+        was_probe,
+    }
+}
+
+/// Records that an attempt of `route` succeeded, in the provider's
+/// health, statistics and gate and in the hooks (`paid`: a later round's
+/// retry, the budget paid), and returns when it ended and how long it
+/// took. Its metrics are recorded with the request's. (A probe it carried
+/// is the caller's to let go.)
+#[inline(always)]
+fn record_served<P>(
+    m: &Model<P>,
+    route: &Route<P>,
+    policy: &Policy,
+    paid: bool,
+    begun: &Begun,
+    permit: Option<Permit<'_>>,
+) -> (Moment, Duration) {
+    let ended = m.clock.now();
+    if let Some(permit) = permit {
+        permit.finish(Outcome::Reached, &policy.admission);
+    }
+    if paid {
+        m.budget.record_retry(ended, &policy.budget, true);
+    }
+    let elapsed = ended.saturating_duration_since(begun.now);
+    route.stats.record(ended, elapsed, None);
+    route.record_recovery(policy, ended, None);
+    m.resolve_shadow(route, begun.now, None);
+    if route.health.on_success() == HealthEvent::Recovered {
+        route.metrics.recovered();
+        tracing::info!(
+            target: "retryctl",
+            model = m.name,
+            provider = route.name,
+            probe = begun.was_probe,
+            "provider recovered"
+        );
+    }
+    (ended, elapsed)
+}
+
+/// The call's deadline: the caller's, else its timeout from `start`, else
+/// the policy's `timeouts.request` (a day past `start` if even that
+/// overflows).
+#[inline(always)]
+fn deadline_of(options: CallOptions, start: Moment, resolved: &ModelPolicy) -> Moment {
+    options
+        .deadline
+        .map(Moment::of)
+        .or_else(|| options.timeout.and_then(|t| start.checked_add(t)))
+        .or_else(|| start.checked_add_nanos(resolved.request_nanos()))
+        .unwrap_or(start + Duration::from_secs(86_400))
 }
 
 /// `error` and every error below it, `": "`-joined.

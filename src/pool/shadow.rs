@@ -60,7 +60,7 @@ use smallvec::SmallVec;
 
 use super::outcome::{FailReason, Report};
 use super::schedule::backoff;
-use super::{Model, Pool};
+use super::{Model, Pool, Route};
 use crate::budget::RetryBudget;
 use crate::classify::Classification;
 use crate::live::{ActivePolicy, ModelPolicy};
@@ -242,13 +242,15 @@ impl ShadowRoute {
 }
 
 impl<P> Model<P> {
-    /// Decides the shadow's pending saves on route `i` after an attempt
+    /// Decides the shadow's pending saves on `route` after an attempt
     /// that started at `started` ended with `class` (`None`: success).
     #[inline]
-    pub(super) fn resolve_shadow(&self, i: u8, started: Moment, class: Option<Classification>) {
-        let Some(route) = self.routes.get(usize::from(i)) else {
-            return;
-        };
+    pub(super) fn resolve_shadow(
+        &self,
+        route: &Route<P>,
+        started: Moment,
+        class: Option<Classification>,
+    ) {
         let shadow = &route.adaptive.shadow;
         // Nothing pending (no `[shadow]` candidate, or none of its retries
         // due): one load, inline, on every attempt, rather than two calls
