@@ -380,7 +380,6 @@ pub(crate) struct Permit<'g> {
     limited: bool,
     /// The attempt still holds its slot.
     holding: bool,
-    done: bool,
     /// The gate's epoch when it was admitted (limited permits only).
     epoch: u32,
     /// Admitted by the open gate: the stripe of [`Gate::open`] it counts
@@ -420,8 +419,7 @@ impl Permit<'_> {
 
     /// Gives the slot back with the attempt's outcome.
     #[inline(always)]
-    pub(crate) fn finish(mut self, outcome: Outcome, policy: &AdmissionPolicy) {
-        self.done = true;
+    pub(crate) fn finish(self, outcome: Outcome, policy: &AdmissionPolicy) {
         self.gate.leave(
             self.probe,
             self.holding,
@@ -430,21 +428,21 @@ impl Permit<'_> {
             outcome,
             policy,
         );
+        // Given back: its drop (an abandoned attempt's) must not run.
+        std::mem::forget(self);
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            self.gate.leave(
-                self.probe,
-                self.holding,
-                self.stripe,
-                self.epoch(),
-                Outcome::Abandoned,
-                &AdmissionPolicy::default(),
-            );
-        }
+        self.gate.leave(
+            self.probe,
+            self.holding,
+            self.stripe,
+            self.epoch(),
+            Outcome::Abandoned,
+            &AdmissionPolicy::default(),
+        );
     }
 }
 
@@ -532,7 +530,6 @@ impl Gate {
                 probe: false,
                 limited: false,
                 holding: true,
-                done: false,
                 epoch: 0,
                 stripe: stripe as u8,
             });
@@ -678,7 +675,6 @@ impl Gate {
             probe,
             limited: true,
             holding: true,
-            done: false,
             epoch: inner.epoch,
             stripe: NOT_STRIPED,
         }

@@ -269,15 +269,6 @@ impl<P, C> Pool<P, C> {
             (order[0], probe, order)
         };
         let route = &m.routes[usize::from(first)];
-        let round1 = Round1 {
-            m,
-            classifier: &self.classifier,
-            resolved,
-            start,
-            deadline,
-            first,
-            order,
-        };
         // The first attempt, when nothing but itself is in play (no probe,
         // no shadow candidate, a gate that admits at once), is made here,
         // its state a few locals, and a success returns from here. The
@@ -328,6 +319,15 @@ impl<P, C> Pool<P, C> {
         // Polled out of line: inlined, the rest of the call would make the
         // call's own poll too large for the caller to inline, and every
         // success would pay a call and a move of its result.
+        let round1 = Round1 {
+            m,
+            classifier: &self.classifier,
+            resolved,
+            start,
+            deadline,
+            first,
+            order,
+        };
         let mut rest = std::pin::pin!(round1.go_on(resume, op));
         std::future::poll_fn(|cx| poll_out_of_line(rest.as_mut(), cx)).await
     }
