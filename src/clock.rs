@@ -159,10 +159,32 @@ impl Sub for Moment {
     }
 }
 
+/// A thread's anchor: a counter reading `at` and tokio's clock read with
+/// it, and the counter's rate, so that a reading is one subtraction, one
+/// multiplication and one addition from it.
+#[derive(Clone, Copy)]
+struct Anchor {
+    /// The counter reading.
+    at: u64,
+    /// tokio's clock at `at`, in nanoseconds since the origin.
+    moment: u64,
+    /// Nanoseconds per 2^32 counter ticks.
+    rate: u64,
+    /// Ticks after `at` the anchor is good for ([`RESYNC`]); zero for no
+    /// anchor yet.
+    ticks: u64,
+}
+
 thread_local! {
-    /// This thread's anchor: a counter reading and tokio's clock read with
-    /// it. `None` until the thread's first reading.
-    static ANCHOR: Cell<Option<(u64, Moment)>> = const { Cell::new(None) };
+    /// This thread's anchor (none until its first reading).
+    static ANCHOR: Cell<Anchor> = const {
+        Cell::new(Anchor {
+            at: 0,
+            moment: 0,
+            rate: 0,
+            ticks: 0,
+        })
+    };
 }
 
 /// Where a pool's readings come from. Chosen once, when the pool is built.
@@ -214,24 +236,31 @@ impl Clock {
     }
 }
 
-/// A counter reading as a moment, from this thread's anchor.
+/// A counter reading as a moment, from this thread's anchor. quanta's own
+/// conversion (`delta_as_nanos`) checks the counter's kind and shifts by
+/// a variable amount on each call; the anchor keeps the rate as a
+/// multiplier, so a reading is one 64 x 64 product and a fixed shift.
 #[inline]
 fn counter_now(counter: &quanta::Clock) -> Moment {
     let raw = counter.raw();
-    // The cell is read and, rarely, written apart: one closure around
-    // both is a function of its own that the request path calls twice.
-    if let Some((at, moment)) = ANCHOR.get() {
-        // Zero if this thread moved to a core whose counter is behind.
-        let since = counter.delta_as_nanos(at, raw);
-        if since < RESYNC_NANOS {
-            return Moment(moment.0 + since);
-        }
+    let anchor = ANCHOR.get();
+    // A counter behind the anchor (this thread moved to a core whose
+    // counter is behind) wraps around to far ahead: a new anchor.
+    let ticks = raw.wrapping_sub(anchor.at);
+    if ticks < anchor.ticks {
+        return Moment(anchor.moment + scale(ticks, anchor.rate));
     }
     take_anchor(counter)
 }
 
 /// [`RESYNC`] in nanoseconds.
 const RESYNC_NANOS: u64 = RESYNC.as_nanos() as u64;
+
+/// `ticks` in nanoseconds at `rate` nanoseconds per 2^32 ticks.
+#[inline(always)]
+fn scale(ticks: u64, rate: u64) -> u64 {
+    ((u128::from(ticks) * u128::from(rate)) >> 32) as u64
+}
 
 /// Takes a new anchor: tokio's clock read between two counter readings
 /// that are close together (a thread preempted between them would skew
@@ -250,7 +279,20 @@ fn take_anchor(counter: &quanta::Clock) -> Moment {
             break;
         }
     }
-    ANCHOR.set(Some(pair));
+    // quanta's calibrated rate, as nanoseconds per 2^32 ticks (its
+    // rounding: under a nanosecond a second).
+    let rate = counter.delta_as_nanos(0, 1 << 32);
+    // The ticks of a resync period (none for a counter that reports no
+    // rate: each reading then takes an anchor, which reads tokio's clock).
+    let ticks = (u128::from(RESYNC_NANOS) << 32)
+        .checked_div(u128::from(rate))
+        .map_or(0, |t| t.min(u128::from(u64::MAX)) as u64);
+    ANCHOR.set(Anchor {
+        at: pair.0,
+        moment: pair.1.0,
+        rate,
+        ticks,
+    });
     pair.1
 }
 
