@@ -196,10 +196,11 @@ impl RouteStats {
         now.nanos_since(self.origin) / SLOT.as_nanos() as u64
     }
 
-    /// Records one attempt that ended at `now` after `elapsed`, with its
+    /// Records one attempt that ended at `now` after `elapsed` nanoseconds,
+    /// with its
     /// cause (`None` for a success).
     #[inline]
-    pub(crate) fn record(&self, now: Moment, elapsed: Duration, cause: Option<Cause>) {
+    pub(crate) fn record(&self, now: Moment, elapsed: u64, cause: Option<Cause>) {
         let epoch = self.epoch(now);
         let Padded(slots) = &self.shards[crate::stripe::index() % SHARDS];
         let slot = &slots[(epoch % SLOTS as u64) as usize];
@@ -215,7 +216,7 @@ impl RouteStats {
             // Only a success's latency is recorded: a failure does not
             // convert its duration.
             None => {
-                let micros = (elapsed.as_micros() as u64).clamp(1, MAX_MICROS);
+                let micros = (elapsed / 1_000).clamp(1, MAX_MICROS);
                 &slot.latency[bucket_of(micros)]
             }
             Some(c) => &slot.failures[result_index(Some(c)) - 1],
@@ -357,11 +358,23 @@ mod tests {
         let s = RouteStats::new();
         let now = Moment::now();
         for ms in 1..=100u64 {
-            s.record(now, Duration::from_millis(ms), None);
+            s.record(now, crate::clock::nanos(Duration::from_millis(ms)), None);
         }
-        s.record(now, Duration::from_millis(5), Some(Cause::Reset));
-        s.record(now, Duration::from_millis(5), Some(Cause::Reset));
-        s.record(now, Duration::from_secs(5000), Some(Cause::ResponseTimeout));
+        s.record(
+            now,
+            crate::clock::nanos(Duration::from_millis(5)),
+            Some(Cause::Reset),
+        );
+        s.record(
+            now,
+            crate::clock::nanos(Duration::from_millis(5)),
+            Some(Cause::Reset),
+        );
+        s.record(
+            now,
+            crate::clock::nanos(Duration::from_secs(5000)),
+            Some(Cause::ResponseTimeout),
+        );
         let w = s.snapshot(now);
         // failures are counted, but only successes shape the latency
         assert_eq!(w.p99.unwrap().as_millis(), 99);
@@ -380,13 +393,13 @@ mod tests {
     async fn old_slots_fall_out_of_the_window() {
         let s = RouteStats::new();
         let t0 = Moment::now();
-        s.record(t0, Duration::from_millis(10), None);
+        s.record(t0, crate::clock::nanos(Duration::from_millis(10)), None);
         assert_eq!(s.snapshot(t0 + Duration::from_secs(59)).attempts, 1);
         assert_eq!(s.snapshot(t0 + Duration::from_secs(60)).attempts, 0);
         // a slot reused after a full turn starts empty
         s.record(
             t0 + Duration::from_secs(60),
-            Duration::from_millis(20),
+            crate::clock::nanos(Duration::from_millis(20)),
             None,
         );
         let w = s.snapshot(t0 + Duration::from_secs(60));
@@ -399,11 +412,11 @@ mod tests {
         let s = RouteStats::new();
         let t0 = Moment::now();
         for _ in 0..10 {
-            s.record(t0, Duration::from_millis(100), None);
+            s.record(t0, crate::clock::nanos(Duration::from_millis(100)), None);
         }
         assert_eq!(s.recent_latency(t0, 20), None, "10 samples < 20");
         for _ in 0..10 {
-            s.record(t0, Duration::from_millis(300), None);
+            s.record(t0, crate::clock::nanos(Duration::from_millis(300)), None);
         }
         // cached for a second: still the old answer
         assert_eq!(s.recent_latency(t0 + Duration::from_millis(500), 20), None);
@@ -445,7 +458,11 @@ mod tests {
             // A spread from microseconds to minutes.
             x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             let micros = 1 + (x >> 33) % (1 << (1 + (x >> 59) % 30));
-            s.record(now, Duration::from_micros(micros), None);
+            s.record(
+                now,
+                crate::clock::nanos(Duration::from_micros(micros)),
+                None,
+            );
             h.saturating_record(micros.min(MAX_MICROS));
         }
         let w = s.snapshot(now);
@@ -464,10 +481,14 @@ mod tests {
         let s = RouteStats::new();
         let t0 = Moment::now();
         let t60 = t0 + Duration::from_secs(60);
-        s.record(t60, Duration::from_millis(10), None);
+        s.record(t60, crate::clock::nanos(Duration::from_millis(10)), None);
         // Ended 60 s earlier, in the slot now counting t60's 10 s: its
         // count would land in the wrong epoch.
-        s.record(t0, Duration::from_millis(10), Some(Cause::Reset));
+        s.record(
+            t0,
+            crate::clock::nanos(Duration::from_millis(10)),
+            Some(Cause::Reset),
+        );
         let w = s.snapshot(t60);
         assert_eq!((w.attempts, w.successes), (1, 1));
         assert!(w.failures.is_empty());
@@ -476,7 +497,7 @@ mod tests {
         slot.epoch.store(TURNING, Ordering::Relaxed);
         s.record(
             t0 + Duration::from_secs(70),
-            Duration::from_millis(10),
+            crate::clock::nanos(Duration::from_millis(10)),
             None,
         );
         assert_eq!(
@@ -494,7 +515,7 @@ mod tests {
         slot.epoch.store(0, Ordering::Relaxed);
         s.record(
             t0 + Duration::from_secs(70),
-            Duration::from_millis(10),
+            crate::clock::nanos(Duration::from_millis(10)),
             None,
         );
         let w = s.snapshot(t0 + Duration::from_secs(70));
@@ -515,7 +536,7 @@ mod tests {
                 let s = s.clone();
                 std::thread::spawn(move || {
                     for _ in 0..10_000 {
-                        s.record(now, Duration::from_micros(300), None);
+                        s.record(now, crate::clock::nanos(Duration::from_micros(300)), None);
                     }
                 })
             })

@@ -296,7 +296,7 @@ impl<P, C> Pool<P, C> {
                             report: Report {
                                 attempts: 1,
                                 rounds: 1,
-                                elapsed: took,
+                                elapsed: Duration::from_nanos(took),
                                 ..Report::default()
                             },
                         });
@@ -874,7 +874,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             m.budget.record_retry(ended, &policy.budget, false);
         }
         let elapsed = ended.saturating_duration_since(now);
-        route.stats.record(ended, elapsed, Some(verdict.cause));
+        route.stats.record(ended, 0, Some(verdict.cause));
         route.metrics.attempt(Some(verdict.cause), elapsed);
         route.record_recovery(policy, ended, Some(verdict.class));
         m.resolve_shadow(route, now, Some(verdict.class));
@@ -939,7 +939,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
     }
 
     /// The call was served by provider `i`, whose attempt ended at `ended`
-    /// after `took`.
+    /// after `took` nanoseconds.
     #[inline(always)]
     fn served<T>(
         &mut self,
@@ -947,23 +947,23 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         route: &Route<P>,
         value: T,
         ended: Moment,
-        took: Duration,
+        took: u64,
     ) -> Served<T> {
         let m = self.m;
         let fell_back = i != self.first;
         // The first attempt started at `start`, and one that did not wait
         // at a gate lasted as long as the request.
         let at_once = self.report.attempts == 1 && self.report.queued.is_zero();
-        self.report.elapsed = if at_once {
+        self.report.elapsed = Duration::from_nanos(if at_once {
             took
         } else {
-            ended.saturating_duration_since(self.start)
-        };
+            ended.nanos_since(self.start)
+        });
         let r = &self.report;
         if at_once {
             m.metrics.served_at_once(&route.metrics, took, fell_back);
         } else {
-            route.metrics.attempt(None, took);
+            route.metrics.attempt(None, Duration::from_nanos(took));
             m.metrics
                 .served(r.retries > 0, r.attempts, r.elapsed, fell_back);
         }
@@ -1079,7 +1079,7 @@ fn attempt_limit<P>(
 /// Records that an attempt of `route` succeeded, in the provider's
 /// health, statistics and gate and in the hooks (`paid`: a later round's
 /// retry, the budget paid), and returns when it ended and how long it
-/// took. Its metrics are recorded with the request's. (A probe it carried
+/// took, in nanoseconds. Its metrics are recorded with the request's. (A probe it carried
 /// is the caller's to let go.)
 #[inline(always)]
 fn record_served<P>(
@@ -1089,7 +1089,7 @@ fn record_served<P>(
     paid: bool,
     begun: &Begun,
     permit: Option<Permit<'_>>,
-) -> (Moment, Duration) {
+) -> (Moment, u64) {
     let ended = m.clock.now();
     if let Some(permit) = permit {
         permit.finish(Outcome::Reached, &policy.admission);
@@ -1097,7 +1097,7 @@ fn record_served<P>(
     if paid {
         m.budget.record_retry(ended, &policy.budget, true);
     }
-    let elapsed = ended.saturating_duration_since(begun.now);
+    let elapsed = ended.nanos_since(begun.now);
     route.stats.record(ended, elapsed, None);
     route.record_recovery(policy, ended, None);
     m.resolve_shadow(route, begun.now, None);

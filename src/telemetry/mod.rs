@@ -346,22 +346,23 @@ impl ModelMetrics {
         self.attempts_per_request.record(f64::from(attempts));
     }
 
-    /// A request served by its first attempt (one attempt, no time at a
-    /// gate, so the attempt's duration is the request's): what
-    /// `route.attempt(None, elapsed)` and `self.served(false, 1, elapsed,
-    /// fell_back)` record, as one histogram sample when this crate's
-    /// recorder takes the route's and the model's metrics
-    /// ([`recorder::AtOnce`]).
+    /// A request served by its first attempt after `elapsed` nanoseconds
+    /// (one attempt, no time at a gate, so the attempt's duration is the
+    /// request's): what `route.attempt(None, elapsed)` and
+    /// `self.served(false, 1, elapsed, fell_back)` record, as one
+    /// histogram sample when this crate's recorder takes the route's and
+    /// the model's metrics ([`recorder::AtOnce`]).
     #[inline]
-    pub(crate) fn served_at_once(&self, route: &RouteMetrics, elapsed: Duration, fell_back: bool) {
+    pub(crate) fn served_at_once(&self, route: &RouteMetrics, elapsed: u64, fell_back: bool) {
         #[cfg(feature = "prometheus")]
         if let Some(at_once) = &route.at_once {
             if fell_back {
                 self.fallbacks.increment(1);
             }
-            at_once.record(elapsed.as_secs_f64());
+            at_once.record(elapsed);
             return;
         }
+        let elapsed = Duration::from_nanos(elapsed);
         route.attempt(None, elapsed);
         self.served(false, 1, elapsed, fell_back);
     }

@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use metrics::{
     Counter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit,
@@ -95,6 +96,9 @@ struct HistogramStripe {
     counts: Box<[AtomicU64]>,
     /// The sum of the samples, as `f64` bits.
     sum: AtomicU64,
+    /// The sum of the samples recorded in nanoseconds ([`AtOnce`]), which
+    /// the rendered sum includes in seconds.
+    sum_nanos: AtomicU64,
 }
 
 /// A cumulative histogram with fixed bucket bounds, striped like
@@ -135,6 +139,7 @@ impl BucketHistogram {
             Padded(HistogramStripe {
                 counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
                 sum: AtomicU64::new(0f64.to_bits()),
+                sum_nanos: AtomicU64::new(0),
             })
         };
         let below = std::array::from_fn(|k| {
@@ -182,11 +187,16 @@ impl BucketHistogram {
     fn own(&self) -> (Vec<u64>, f64) {
         let mut counts = vec![0u64; self.bounds.len() + 1];
         let mut sum = 0.0;
+        let mut nanos = 0u64;
         for Padded(stripe) in self.stripes.iter() {
             for (total, c) in counts.iter_mut().zip(stripe.counts.iter()) {
                 *total = total.wrapping_add(c.load(Ordering::Relaxed));
             }
             sum += f64::from_bits(stripe.sum.load(Ordering::Relaxed));
+            nanos = nanos.wrapping_add(stripe.sum_nanos.load(Ordering::Relaxed));
+        }
+        if nanos != 0 {
+            sum += Duration::from_nanos(nanos).as_secs_f64();
         }
         (counts, sum)
     }
@@ -248,6 +258,64 @@ impl BucketHistogram {
     }
 }
 
+/// A histogram's bounds as durations in nanoseconds, for samples taken as
+/// integers: `bounds[i]` is the longest duration whose seconds (as
+/// `Duration::as_secs_f64` gives them, which is what a sample in seconds
+/// is) are at most the histogram's `i`-th bound, so a sample lands in the
+/// bucket its seconds would. Finding it takes no conversion to `f64` (a
+/// float division, whose ~13 cycles the sample's store waits for).
+#[derive(Debug)]
+struct NanosBounds {
+    bounds: Box<[u64]>,
+    /// `below[k]`: how many bounds are below the smallest duration of `k`
+    /// significant bits (`2^(k-1)` ns; none for `k = 0`, a duration of 0),
+    /// where the search for a sample of `k` bits starts.
+    below: [u8; 65],
+}
+
+impl NanosBounds {
+    /// `None` if a bound is negative or NaN (no duration is below it).
+    fn new(bounds: &[f64]) -> Option<Self> {
+        let secs = |n: u64| Duration::from_nanos(n).as_secs_f64();
+        let bounds = bounds
+            .iter()
+            .map(|&b| {
+                if b.is_nan() || b < 0.0 {
+                    return None;
+                }
+                // The last duration at most `b`: `secs` never decreases.
+                let (mut lo, mut hi) = (0u64, u64::MAX);
+                if secs(hi) <= b {
+                    return Some(hi);
+                }
+                while hi - lo > 1 {
+                    let mid = lo + (hi - lo) / 2;
+                    if secs(mid) <= b { lo = mid } else { hi = mid }
+                }
+                Some(lo)
+            })
+            .collect::<Option<Box<[u64]>>>()?;
+        let below = std::array::from_fn(|k| {
+            let smallest = if k == 0 { 0 } else { 1u64 << (k - 1) };
+            bounds
+                .partition_point(|b| *b < smallest)
+                .min(usize::from(u8::MAX)) as u8
+        });
+        Some(NanosBounds { bounds, below })
+    }
+
+    /// The bucket of a duration of `nanos`.
+    #[inline]
+    fn bucket(&self, nanos: u64) -> usize {
+        let bits = (u64::BITS - nanos.leading_zeros()) as usize;
+        let mut i = usize::from(self.below[bits]);
+        while self.bounds.get(i).is_some_and(|b| *b < nanos) {
+            i += 1;
+        }
+        i
+    }
+}
+
 /// The samples of the requests one route served at once (one attempt, no
 /// wait at a gate: the attempt's duration is the request's), recorded as
 /// one histogram sample instead of five updates: the route's `ok` attempt
@@ -256,7 +324,10 @@ impl BucketHistogram {
 /// rendered. The text is the same as if each had been updated, and a
 /// scrape sees a request in all five series or in none.
 #[derive(Debug)]
-pub(crate) struct AtOnce(Arc<BucketHistogram>);
+pub(crate) struct AtOnce {
+    samples: Arc<BucketHistogram>,
+    nanos: NanosBounds,
+}
 
 impl AtOnce {
     /// Links a new one into the five series; `None` when the two duration
@@ -272,19 +343,23 @@ impl AtOnce {
         if !std::ptr::eq(attempt.bounds, request.bounds) {
             return None;
         }
+        let nanos = NanosBounds::new(attempt.bounds)?;
         let samples = Arc::new(BucketHistogram::new(attempt.bounds));
         lock(&ok.addends).push(samples.clone());
         lock(&first_try.addends).push(samples.clone());
         lock(&attempt.addends).push(Addend::Samples(samples.clone()));
         lock(&request.addends).push(Addend::Samples(samples.clone()));
         lock(&attempts.addends).push(Addend::Ones(samples.clone()));
-        Some(AtOnce(samples))
+        Some(AtOnce { samples, nanos })
     }
 
-    /// One request served at once, in `seconds`.
+    /// One request served at once, in `nanos` nanoseconds.
     #[inline]
-    pub(crate) fn record(&self, seconds: f64) {
-        self.0.record(seconds);
+    pub(crate) fn record(&self, nanos: u64) {
+        let at = Stripe::current();
+        let Padded(stripe) = &self.samples.stripes[at.index()];
+        at.add(&stripe.counts[self.nanos.bucket(nanos)], 1);
+        at.add(&stripe.sum_nanos, nanos);
     }
 }
 
@@ -631,7 +706,50 @@ mod bucket_tests {
         }
     }
 
+    /// A duration in nanoseconds lands in the bucket its seconds do.
+    fn agrees_in_nanos(nanos: u64) {
+        for bounds in LAYOUTS {
+            let in_nanos = NanosBounds::new(bounds).expect("non-negative bounds");
+            let seconds = Duration::from_nanos(nanos).as_secs_f64();
+            assert_eq!(
+                in_nanos.bucket(nanos),
+                bounds.partition_point(|b| *b < seconds),
+                "{nanos} ns in {bounds:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_duration_in_nanoseconds_finds_its_seconds_bucket_at_the_edges() {
+        let mut values = vec![0, 1, 2, 999, 1_000, u64::MAX, u64::MAX - 1, 1 << 63];
+        for bounds in LAYOUTS {
+            let in_nanos = NanosBounds::new(bounds).expect("non-negative bounds");
+            for &b in in_nanos.bounds.iter() {
+                values.extend([b.saturating_sub(1), b, b.saturating_add(1)]);
+            }
+            for k in 0..64 {
+                values.extend([(1u64 << k) - 1, 1 << k, (1 << k) + 1]);
+            }
+        }
+        for v in values {
+            agrees_in_nanos(v);
+        }
+        // A bound no duration is below: not a layout durations can take.
+        assert!(NanosBounds::new(&[-1.0, 1.0]).is_none());
+        assert!(NanosBounds::new(&[f64::NAN]).is_none());
+    }
+
     proptest! {
+        #[test]
+        fn a_duration_in_nanoseconds_finds_its_seconds_bucket(nanos in any::<u64>()) {
+            agrees_in_nanos(nanos);
+        }
+
+        #[test]
+        fn a_short_duration_in_nanoseconds_finds_its_seconds_bucket(nanos in 0u64..20_000_000_000) {
+            agrees_in_nanos(nanos);
+        }
+
         #[test]
         fn the_binade_start_finds_the_binary_searchs_bucket(value in any::<f64>().prop_filter("not NaN", |v| !v.is_nan())) {
             agrees(value);
@@ -667,13 +785,14 @@ mod tests {
         let (ok2, attempt2, first_try2, request2, attempts2) = series();
         let at_once = AtOnce::link(&ok2, &attempt2, &first_try2, &request2, &attempts2)
             .expect("shared bounds");
-        for seconds in [0.0005, 0.02, 0.02, 3.5] {
+        for nanos in [500_000, 20_000_000, 20_000_000, 3_500_000_000, 5_000_000] {
+            let seconds = Duration::from_nanos(nanos).as_secs_f64();
             ok.increment(1);
             attempt.record(seconds);
             first_try.increment(1);
             request.record(seconds);
             attempts.record(1.0);
-            at_once.record(seconds);
+            at_once.record(nanos);
         }
         for (counter, histogram, attempts) in
             [(&ok, &request, &attempts), (&ok2, &request2, &attempts2)]
@@ -683,15 +802,27 @@ mod tests {
             attempts.record(3.0);
         }
         assert_eq!(ok2.value(), ok.value());
-        assert_eq!(ok2.value(), 5);
+        assert_eq!(ok2.value(), 6);
         assert_eq!(first_try2.value(), first_try.value());
-        assert_eq!(attempt2.snapshot(), attempt.snapshot());
-        assert_eq!(request2.snapshot(), request.snapshot());
+        // The same buckets (5 ms exactly is in the bucket `le="0.005"`),
+        // and the same sum but for the rounding of a sum of seconds.
+        for (linked, updated) in [(&attempt2, &attempt), (&request2, &request)] {
+            let ((counts, sum), (their_counts, their_sum)) =
+                (linked.snapshot(), updated.snapshot());
+            assert_eq!(counts, their_counts);
+            assert!((sum - their_sum).abs() < 1e-12, "{sum} {their_sum}");
+        }
+        let five_ms = bounds
+            .iter()
+            .position(|b| *b == 0.005)
+            .expect("a 5 ms bound");
+        let (counts, _) = attempt2.snapshot();
+        assert_eq!(counts[five_ms] - counts[five_ms - 1], 1);
         assert_eq!(attempts2.snapshot(), attempts.snapshot());
-        // The attempt counts: four 1s in the bucket of 1, the 3 above it.
+        // The attempt counts: five 1s in the bucket of 1, the 3 above it.
         let (cumulative, sum) = attempts2.snapshot();
-        assert_eq!(&cumulative[..3], &[4, 4, 5]);
-        assert_eq!(sum, 7.0);
+        assert_eq!(&cumulative[..3], &[5, 5, 6]);
+        assert_eq!(sum, 8.0);
         // Histograms that do not share their bounds are not linked.
         let (ok3, attempt3, first_try3, _, attempts3) = series();
         assert!(AtOnce::link(&ok3, &attempt3, &first_try3, &attempts3, &attempts3).is_none());
