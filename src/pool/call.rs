@@ -248,6 +248,12 @@ impl<P, C> Pool<P, C> {
         E: std::fmt::Display,
         C: Classifier<E> + Sync,
     {
+        // The clock first: the counter's reading takes tens of cycles, and
+        // it overlaps the lookup and the snapshot's load instead of waiting
+        // behind the snapshot's locked write (a read-modify-write lets
+        // nothing after it start early), which then waits for the
+        // deposit's store into the slot this reading chose.
+        let start = self.clock.now();
         let Some(m) = self.model(model) else {
             return Err(self.unknown(model));
         };
@@ -256,7 +262,6 @@ impl<P, C> Pool<P, C> {
         self.note_version(&active);
         let resolved = active.for_model(m.name);
         let policy = resolved.policy();
-        let start = m.clock.now();
         let deadline = deadline_of(options, start, resolved);
         m.deposit(start, resolved);
         let shadow = ShadowCall::start(m, &active, resolved, start, deadline);

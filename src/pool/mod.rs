@@ -172,6 +172,9 @@ pub struct Pool<P, C = DefaultClassifier> {
     prefix: Arc<str>,
     /// The policy version last reported as in force.
     policy_seen: AtomicU64,
+    /// Where calls read the time: every model's clock (see
+    /// [`crate::clock`]), read first thing in a call.
+    clock: Clock,
 }
 
 impl<P, C> fmt::Debug for Pool<P, C> {
@@ -397,6 +400,7 @@ impl<P, C> PoolBuilder<P, C> {
             prefix,
             policy_seen: AtomicU64::new(active.version()),
             policy,
+            clock,
         })
     }
 }
