@@ -1,8 +1,12 @@
-//! `Pool::call`: one loop over rounds, each a queue of steps, with exact
-//! accounting.
+//! `Pool::call`: the first attempt from a few locals, then one loop over
+//! rounds, each a queue of steps, with exact accounting.
 //!
 //! ```text
-//! Call::start        snapshot, deadline, budget deposit, order (one Call)
+//! call_with          clock, model, snapshot, deadline, budget deposit,
+//!                    order; the first attempt when nothing else is in
+//!                    play (no probe, no shadow, a gate that admits at
+//!                    once): a success returns here
+//! Round1::go_on      the rest, one Call (its full state):
 //! for each round:
 //!   for each step (provider) in the round's queue:
 //!     wait           the round's delay (later rounds: schedule, budget)

@@ -3,8 +3,8 @@
 //!
 //! # The path of one request
 //!
-//! [`Pool::call`] looks up the model (an unknown model is a typed error and
-//! touches no state), loads **one** policy snapshot, reads the clock once,
+//! [`Pool::call`] reads the clock, looks up the model (an unknown model is
+//! a typed error and touches no state), loads **one** policy snapshot,
 //! deposits into the model's retry budget and plans the order (healthy
 //! providers round-robin, demoted ones last, a due probe first). Round 1
 //! tries every provider once with no wait between them. Each failure is
