@@ -882,8 +882,9 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
         if paid {
             m.budget.record_retry(ended, &policy.budget, false);
         }
-        let elapsed = ended.saturating_duration_since(now);
-        route.stats.record(ended, 0, Some(verdict.cause));
+        let took = ended.nanos_since(now);
+        let elapsed = Duration::from_nanos(took);
+        route.stats.record(ended, took, Some(verdict.cause));
         route.metrics.attempt(Some(verdict.cause), elapsed);
         route.record_recovery(policy, ended, Some(verdict.class));
         m.resolve_shadow(route, now, Some(verdict.class));
