@@ -399,16 +399,10 @@ impl<'a, P, E: std::fmt::Display> Round1<'a, P, E> {
         F: FnMut(&P) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        let mut call = Call::new(&self);
         let Round1 {
-            m,
-            classifier,
-            resolved,
-            start,
-            deadline,
-            first,
-            order,
+            m, first, order, ..
         } = self;
-        let mut call = Call::new(m, classifier, resolved, start, deadline, first);
         let mut steps = Steps::default();
         let mut carried = None;
         match resume {
@@ -586,26 +580,18 @@ impl<P, C> Pool<P, C> {
 }
 
 impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
-    /// The call's state from its start (`start`, `deadline`) with round 1
-    /// under way and nothing attempted yet: `first` is the provider its
-    /// order put first.
-    fn new(
-        m: &'a Model<P>,
-        classifier: &'a (dyn Classifier<E> + Sync),
-        resolved: &'a ModelPolicy,
-        start: Moment,
-        deadline: Moment,
-        first: u8,
-    ) -> Self {
+    /// The call's state at the start `r` describes, with round 1 under
+    /// way and nothing attempted yet.
+    fn new(r: &Round1<'a, P, E>) -> Self {
         Call {
-            m,
-            classifier,
-            resolved,
-            policy: resolved.policy(),
-            start,
-            deadline,
-            latest: start,
-            first,
+            m: r.m,
+            classifier: r.classifier,
+            resolved: r.resolved,
+            policy: r.resolved.policy(),
+            start: r.start,
+            deadline: r.deadline,
+            latest: r.start,
+            first: r.first,
             tried: 0,
             counted: 0,
             report: Report {
@@ -617,7 +603,7 @@ impl<'a, P, E: std::fmt::Display> Call<'a, P, E> {
             shadow: None,
             stopped: None,
             pending: SmallVec::new(),
-            round_end: start,
+            round_end: r.start,
         }
     }
 
